@@ -1,0 +1,52 @@
+"""A torch Dataset over a validated frame: image through the shared path, encoded metadata, label."""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from .encoder import MetadataEncoder
+from .images import ImageError, ImageLoader
+from .schema import CLASSES
+
+
+class LesionDataset(Dataset):
+    """Items are dicts: image, age, sex, site, label (-1 when unknown), index.
+
+    With `on_error="skip"` an unreadable image yields a zero image and `ok=False` so batch prediction can
+    report it by name and go on; training uses "raise".
+    """
+
+    def __init__(self, frame: pd.DataFrame, encoder: MetadataEncoder, loader: ImageLoader,
+                 transform: Callable[[np.ndarray], torch.Tensor], on_error: str = "raise"):
+        self.paths = frame["path"].tolist()
+        self.age, self.sex, self.site = encoder.transform(frame)
+        labels = frame["dx"].map({c: i for i, c in enumerate(CLASSES)}) if "dx" in frame else None
+        self.labels = (labels.fillna(-1).astype(int).to_numpy() if labels is not None
+                       else np.full(len(frame), -1, dtype=np.int64))
+        self.loader, self.transform, self.on_error = loader, transform, on_error
+        self._blank: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ok = True
+        try:
+            image = self.transform(self.loader(self.paths[i]))
+        except ImageError:
+            if self.on_error == "raise":
+                raise
+            ok, image = False, self._blank_like()
+        return {"image": image, "age": torch.tensor([self.age[i]]), "sex": torch.tensor(self.sex[i]),
+                "site": torch.tensor(self.site[i]), "label": torch.tensor(self.labels[i]),
+                "index": torch.tensor(i), "ok": torch.tensor(ok)}
+
+    def _blank_like(self) -> torch.Tensor:
+        if self._blank is None:
+            size = self.loader.short_side
+            self._blank = self.transform(np.zeros((size, size, 3), dtype=np.uint8))
+        return self._blank

@@ -1,0 +1,127 @@
+"""The HAM10000 metadata schema: reading, cleaning and validating the CSV before any work is done."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+CLASSES: tuple[str, ...] = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
+CLASS_NAMES: dict[str, str] = {
+    "akiec": "Actinic keratosis / intraepithelial carcinoma (Bowen's disease)",
+    "bcc": "Basal cell carcinoma",
+    "bkl": "Benign keratosis-like lesion",
+    "df": "Dermatofibroma",
+    "mel": "Melanoma",
+    "nv": "Melanocytic nevus",
+    "vasc": "Vascular lesion",
+}
+MALIGNANT: tuple[str, ...] = ("akiec", "bcc", "mel")
+META_COLUMNS: tuple[str, ...] = ("age", "sex", "localization")
+TRAIN_COLUMNS: tuple[str, ...] = ("lesion_id", "image_id", "dx")
+UNKNOWN = "unknown"
+MAX_AGE = 120.0
+
+
+class DataError(ValueError):
+    """Input data that cannot be used as it is; the message says what to fix."""
+
+
+def read_csv(path: str | Path) -> pd.DataFrame:
+    """Read a metadata CSV, accepting UTF-8 (with or without BOM) and latin-1."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: CSV file not found")
+    for encoding in ("utf-8-sig", "latin-1"):
+        try:
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding=encoding)
+            break
+        except UnicodeDecodeError:
+            continue
+        except pd.errors.EmptyDataError as exc:
+            raise DataError(f"{path}: the CSV is empty (no header row)") from exc
+    frame.columns = [str(c).strip().lower() for c in frame.columns]
+    if frame.empty:
+        raise DataError(f"{path}: the CSV has a header but no rows")
+    return frame
+
+
+def clean_metadata(frame: pd.DataFrame, source: str, require: tuple[str, ...] = TRAIN_COLUMNS) -> pd.DataFrame:
+    """Check required columns and normalise image_id, dx, age, sex and localization.
+
+    Never keeps `dx_type`: it records how the label was confirmed and so leaks it.
+    """
+    missing = [c for c in require if c not in frame.columns]
+    if missing:
+        raise DataError(f"{source}: missing required column(s) {', '.join(missing)}; "
+                        f"found {', '.join(frame.columns)}. Expected at least {', '.join(require)}")
+    out = pd.DataFrame({"image_id": frame["image_id"].astype(str).str.strip()})
+    out.index = frame.index
+    _check_image_ids(out["image_id"], source)
+    out["lesion_id"] = (frame["lesion_id"].astype(str).str.strip() if "lesion_id" in frame.columns
+                        else out["image_id"])
+    out.loc[out["lesion_id"] == "", "lesion_id"] = out["image_id"]
+    if "dx" in frame.columns:
+        out["dx"] = _clean_dx(frame["dx"], source)
+    out["age"] = _clean_age(frame.get("age"), source, len(out))
+    for col in ("sex", "localization"):
+        out[col] = _clean_category(frame.get(col), len(out), out.index)
+    return out.reset_index(drop=True)
+
+
+def _row(i: int) -> int:
+    return int(i) + 2  # 1-based, after the header line
+
+
+def _check_image_ids(ids: pd.Series, source: str) -> None:
+    empty = ids[ids == ""]
+    if len(empty):
+        raise DataError(f"{source}: empty image_id on row(s) {', '.join(str(_row(i)) for i in empty.index[:5])}")
+    bad = ids[ids.str.contains(r"[/\\]|^\.\.?$", regex=True)]
+    if len(bad):
+        raise DataError(f"{source}: image_id must be a file name, not a path: row {_row(bad.index[0])} "
+                        f"has {bad.iloc[0]!r}")
+    dup = ids[ids.duplicated(keep=False)]
+    if len(dup):
+        first = dup.iloc[0]
+        rows = ", ".join(str(_row(i)) for i in dup[dup == first].index)
+        raise DataError(f"{source}: duplicate image_id {first!r} on rows {rows} "
+                        f"({dup.nunique()} duplicated id(s) in all); each image must appear once")
+
+
+def _clean_dx(dx: pd.Series, source: str) -> pd.Series:
+    dx = dx.astype(str).str.strip().str.lower()
+    bad = dx[~dx.isin(CLASSES)]
+    if len(bad):
+        values = ", ".join(repr(v) for v in bad.unique()[:5])
+        raise DataError(f"{source}: unknown dx label(s) {values} (first on row {_row(bad.index[0])}, "
+                        f"{len(bad)} row(s)); allowed: {', '.join(CLASSES)}")
+    return dx
+
+
+def _clean_age(age: pd.Series | None, source: str, n: int) -> pd.Series:
+    if age is None:
+        return pd.Series(np.full(n, np.nan))
+    text = age.astype(str).str.strip()
+    values = pd.to_numeric(text.where(~text.str.lower().isin(["", "nan", "na", "none", UNKNOWN])),
+                           errors="coerce")
+    bad = text[values.isna() & ~text.str.lower().isin(["", "nan", "na", "none", UNKNOWN])]
+    if len(bad):
+        raise DataError(f"{source}: age must be a number of years: row {_row(bad.index[0])} has "
+                        f"{bad.iloc[0]!r} ({len(bad)} row(s)); leave it empty when unknown")
+    out_of_range = values[(values < 0) | (values > MAX_AGE)]
+    if len(out_of_range):
+        raise DataError(f"{source}: age must be between 0 and {MAX_AGE:g}: row "
+                        f"{_row(out_of_range.index[0])} has {out_of_range.iloc[0]:g} "
+                        f"({len(out_of_range)} row(s))")
+    return values.astype(float)
+
+
+def _clean_category(col: pd.Series | None, n: int, index: pd.Index) -> pd.Series:
+    if col is None:
+        return pd.Series([UNKNOWN] * n, index=index)
+    col = col.astype(str).str.strip().str.lower()
+    return col.where(~col.isin(["", "nan", "na", "none", "null"]), UNKNOWN)

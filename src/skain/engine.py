@@ -1,0 +1,173 @@
+"""The training/evaluation loop pieces: one epoch of training, evaluation, early stopping, weight EMA."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import time
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def cpu_supports_bf16() -> bool:
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:  # older/newer torch without the op
+        return False
+
+
+def amp_dtype(device: torch.device, amp: str = "auto") -> torch.dtype | None:
+    """bf16 where the hardware has it (CUDA Ampere+, AVX-512-BF16 CPUs), fp16 on older CUDA, else none."""
+    if amp == "off":
+        return None
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_supports_bf16() else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def to_device(batch: dict, device: torch.device, channels_last: bool = False) -> dict:
+    out = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    if channels_last:
+        out["image"] = out["image"].contiguous(memory_format=torch.channels_last)
+    return out
+
+
+def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
+                    criterion: nn.Module, device: torch.device, dtype: torch.dtype | None,
+                    scheduler: Callable[[], None] | None = None, ema: "ModelEma | None" = None,
+                    channels_last: bool = False, desc: str = "train", progress: bool = True) -> dict:
+    model.train()
+    scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
+    total, count, start = 0.0, 0, time.perf_counter()
+    bar = tqdm(loader, desc=desc, leave=False, disable=None if progress else True, dynamic_ncols=True)
+    for batch in bar:
+        batch = to_device(batch, device, channels_last)
+        with autocast(device, dtype):
+            logits = model(batch["image"], batch["age"], batch["sex"], batch["site"])
+        loss = criterion(logits.float(), batch["label"])
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss.item()}; lower the learning rate")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        if scheduler is not None:
+            scheduler()
+        if ema is not None:
+            ema.update(model)
+        n = batch["label"].shape[0]
+        total, count = total + loss.item() * n, count + n
+        bar.set_postfix(loss=f"{total / count:.3f}")
+    seconds = time.perf_counter() - start
+    return {"loss": total / max(count, 1), "images": count, "seconds": seconds,
+            "images_per_s": count / max(seconds, 1e-9)}
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, loader: Iterable, device: torch.device, dtype: torch.dtype | None,
+                   channels_last: bool = False, desc: str = "eval", progress: bool = True,
+                   views: Callable[[torch.Tensor], list[torch.Tensor]] | None = None) -> dict[str, np.ndarray]:
+    """Run the model over a loader -> logits (float32), labels, dataset indices, ok flags.
+
+    With `views`, logits are averaged in probability space over the views of each image (test-time
+    augmentation) and returned as log-probabilities.
+    """
+    model.eval()
+    out: dict[str, list] = {"logits": [], "label": [], "index": [], "ok": []}
+    for batch in tqdm(loader, desc=desc, leave=False, disable=None if progress else True, dynamic_ncols=True):
+        batch = to_device(batch, device, channels_last)
+        meta = (batch["age"], batch["sex"], batch["site"])
+        with autocast(device, dtype):
+            if views is None:
+                logits = model(batch["image"], *meta).float()
+            else:
+                probs = torch.stack([model(v, *meta).float().softmax(1) for v in views(batch["image"])]).mean(0)
+                logits = probs.clamp_min(1e-12).log()
+        for key, value in (("logits", logits), ("label", batch["label"]), ("index", batch["index"]),
+                           ("ok", batch["ok"])):
+            out[key].append(value.cpu())
+    return {k: torch.cat(v).numpy() if v else np.zeros((0,)) for k, v in out.items()}
+
+
+class EarlyStopping:
+    """step(metric) -> True when `patience` epochs passed without improving on the best (higher is better)."""
+
+    def __init__(self, patience: int = 5, min_delta: float = 0.0):
+        self.patience, self.min_delta = patience, min_delta
+        self.best: float = float("-inf")
+        self.bad_epochs = 0
+        self.improved = False
+
+    def step(self, metric: float) -> bool:
+        self.improved = metric > self.best + self.min_delta
+        if self.improved:
+            self.best, self.bad_epochs = metric, 0
+        else:
+            self.bad_epochs += 1
+        return self.bad_epochs >= self.patience
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.bad_epochs = float(state["best"]), int(state["bad_epochs"])
+
+
+class ModelEma:
+    """Exponential moving average of weights (and a copy of buffers): smoother validation curves."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.updates = 0
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """Warm-up (1 + n) / (10 + n) keeps early averages from being dominated by the initial weights."""
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        pairs = self._pairs(model)
+        floats = [(e, v) for e, v in pairs if e.dtype.is_floating_point]
+        torch._foreach_lerp_([e for e, _ in floats], [v for _, v in floats], 1.0 - decay)
+        for e, v in pairs:
+            if not e.dtype.is_floating_point:
+                e.copy_(v)
+
+    def _pairs(self, model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(ema tensor, model tensor) for parameters that train and all buffers, cached per trainable set."""
+        trainable = tuple(p.requires_grad for p in model.parameters())
+        if getattr(self, "_key", None) != (id(model), trainable):
+            ema_p, ema_b = dict(self.module.named_parameters()), dict(self.module.named_buffers())
+            self._cache = [(ema_p[n], p.detach()) for n, p in model.named_parameters() if p.requires_grad]
+            self._cache += [(ema_b[n], b) for n, b in model.named_buffers()]
+            self._key = (id(model), trainable)
+        return self._cache
+
+    def state_dict(self) -> dict:
+        return {"updates": self.updates, "weights": self.module.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.updates = int(state["updates"])
+        self.module.load_state_dict(state["weights"])

@@ -1,0 +1,416 @@
+"""fit(cfg): wiring only. Data -> split -> encoder -> model -> two training phases -> bundle and reports."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, WeightedRandomSampler
+
+from .bundle import BUNDLE_NAME, atomic_json, atomic_torch_save, atomic_write, make_bundle
+from .config import Config
+from .data.dataset import LesionDataset
+from .data.encoder import MetadataEncoder
+from .data.images import ImageError, ImageLoader, default_cache_dir
+from .data.layout import discover, load_table
+from .data.schema import CLASSES, DataError
+from .data.split import lesion_split, split_table
+from .data.transforms import eval_transform, resolve_preprocess, train_transform
+from .engine import (EarlyStopping, ModelEma, amp_dtype, predict_logits, resolve_device,
+                     train_one_epoch)
+from .metrics import classification_metrics, history_row
+from .model import SkainNet
+from .weights import load_pretrained
+
+log = logging.getLogger(__name__)
+LAST_NAME = "last.pt"
+MIN_FREE_BYTES = 300 * 2**20
+
+
+@dataclass
+class Prepared:
+    """The data side of a run, built once."""
+
+    frame: pd.DataFrame
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    encoder: MetadataEncoder
+    synthetic: bool
+    source: str
+    info: dict = field(default_factory=dict)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- output folder
+def check_output(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse before any work: unwritable folder, full disk, or someone else's run in the folder."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise DataError(f"output folder {out} is not writable ({exc.strerror or exc}); choose another with --output")
+    free = shutil.disk_usage(out).free
+    if free < MIN_FREE_BYTES:
+        raise DataError(f"only {free / 2**20:.0f} MiB free on the disk of {out}; need at least "
+                        f"{MIN_FREE_BYTES / 2**20:.0f} MiB for checkpoints")
+    existing = [n for n in (BUNDLE_NAME, LAST_NAME) if (out / n).exists()]
+    if existing and not (resume or overwrite):
+        raise DataError(f"{out} already holds a training run ({', '.join(existing)}); pass --resume to continue "
+                        "it, --overwrite to replace it, or choose another --output")
+
+
+class RunLock:
+    """A pid file that stops two trainings writing into one folder at the same time."""
+
+    def __init__(self, out: Path):
+        self.path = out / ".skain-train.lock"
+
+    def __enter__(self) -> "RunLock":
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            pid = self._pid()
+            if pid and _alive(pid):
+                raise DataError(f"another training (pid {pid}) is writing into {self.path.parent}; "
+                                "wait for it or choose another --output") from None
+            self.path.unlink(missing_ok=True)
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(str(os.getpid()))
+        return self
+
+    def _pid(self) -> int | None:
+        try:
+            return int(self.path.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def __exit__(self, *exc) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return pid != os.getpid()
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+# ----------------------------------------------------------------------------- data
+def prepare_data(cfg: Config) -> Prepared:
+    d = cfg.data
+    src = discover(d.data, d.csv, d.images)
+    frame = load_table(src, skip_missing=d.skip_missing)
+    train_idx, val_idx = lesion_split(frame, d.folds, d.fold, cfg.train.seed)
+    encoder = MetadataEncoder.fit(frame.iloc[train_idx])
+    synthetic = _is_synthetic(src.csv)
+    counts = frame["dx"].value_counts()
+    info = {"source": str(src.csv), "layout": src.layout, "synthetic": synthetic, "images": len(frame),
+            "lesions": int(frame["lesion_id"].nunique()), "train_images": len(train_idx),
+            "val_images": len(val_idx), "class_counts": {c: int(counts.get(c, 0)) for c in CLASSES},
+            "folds": d.folds, "fold": d.fold}
+    log.info("data: %d images, %d lesions (%s layout%s); train %d / val %d images, lesion-grouped",
+             len(frame), info["lesions"], src.layout, ", SYNTHETIC" if synthetic else "", len(train_idx), len(val_idx))
+    return Prepared(frame, train_idx, val_idx, encoder, synthetic, str(src.csv), info)
+
+
+def _is_synthetic(csv) -> bool:
+    try:
+        return "synthetic" in pd.read_csv(csv, nrows=5, dtype=str).get("dataset", pd.Series(dtype=str)).tolist()
+    except Exception:
+        return False
+
+
+def make_loader_fn(cfg: Config, pre: dict) -> ImageLoader:
+    cache = cfg.data.cache_dir
+    cache_dir = None if cache == "off" else Path(cache) if cache else default_cache_dir()
+    return ImageLoader(pre["resize"], cache_dir)
+
+
+def warm_images(frame: pd.DataFrame, loader: ImageLoader, progress: bool) -> None:
+    """Decode every image once before training: unreadable files stop the run now, and the cache fills."""
+    from tqdm.auto import tqdm
+    bad = []
+    for path in tqdm(frame["path"], desc="checking images", leave=False, disable=None if progress else True):
+        try:
+            loader(path)
+        except ImageError as exc:
+            bad.append(str(exc))
+    if bad:
+        raise DataError(f"{len(bad)} unreadable image(s); fix or remove them from the CSV:\n  " + "\n  ".join(bad[:10]))
+
+
+def workers(cfg: Config, device: torch.device) -> int:
+    if cfg.data.num_workers >= 0:
+        return cfg.data.num_workers
+    cores = os.cpu_count() or 1
+    # measured on 2 cores: loading in the main process beats a worker competing with the model for a core
+    return min(8, cores) if device.type == "cuda" else (0 if cores <= 2 else min(4, cores // 2))
+
+
+def build_loaders(cfg: Config, prep: Prepared, pre: dict, loader_fn: ImageLoader, device: torch.device):
+    tr = prep.frame.iloc[prep.train_idx].reset_index(drop=True)
+    va = prep.frame.iloc[prep.val_idx].reset_index(drop=True)
+    train_ds = LesionDataset(tr, prep.encoder, loader_fn, train_transform(pre))
+    val_ds = LesionDataset(va, prep.encoder, loader_fn, eval_transform(pre))
+    n_workers = workers(cfg, device)
+    common = {"num_workers": n_workers, "pin_memory": device.type == "cuda"}
+    sampler = None
+    if cfg.train.balance == "sampler":
+        counts = np.bincount(train_ds.labels, minlength=len(CLASSES)).astype(float)
+        weights = 1.0 / np.sqrt(np.maximum(counts[train_ds.labels], 1))
+        sampler = WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(train_ds))
+    bs = cfg.train.batch_size
+    train_dl = DataLoader(train_ds, bs, shuffle=sampler is None, sampler=sampler, drop_last=len(train_ds) > bs,
+                          **common)
+    val_dl = DataLoader(val_ds, bs * 2, shuffle=False, **common)
+    return train_dl, val_dl
+
+
+def class_weights(labels: np.ndarray, mode: str) -> torch.Tensor | None:
+    """Loss weights against class imbalance: inverse frequency, its square root, or none."""
+    if mode in ("none", "sampler"):
+        return None
+    counts = np.maximum(np.bincount(labels, minlength=len(CLASSES)), 1).astype(float)
+    w = (1.0 / counts) ** (0.5 if mode == "sqrt" else 1.0)
+    if mode not in ("sqrt", "inverse"):
+        raise ValueError(f"unknown --balance {mode!r}; choose none, sqrt, inverse or sampler")
+    return torch.tensor(w / (w * counts).sum() * counts.sum(), dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------- model
+def build_network(cfg: Config, encoder: MetadataEncoder) -> tuple[SkainNet, dict, dict, str]:
+    m = cfg.model
+    args = {"backbone": m.backbone, "n_sex": len(encoder.sex_vocab), "n_site": len(encoder.site_vocab),
+            "num_classes": m.num_classes, "image_only": m.image_only, "drop_rate": m.drop_rate}
+    model = SkainNet(**args)
+    weights = load_pretrained(model.backbone, m.backbone, m.pretrained)
+    pre = resolve_preprocess(model.backbone.pretrained_cfg, m.input_size, m.mean, m.std, m.crop_pct)
+    log.info("model: %s (%s), %s, input %d px, %.1fM parameters", m.backbone, weights,
+             "image only" if m.image_only else "image + metadata", pre["input_size"],
+             sum(p.numel() for p in model.parameters()) / 1e6)
+    return model, args, pre, weights
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, base_lr: float, steps: int, warmup: int, kind: str,
+                start: int = 0):
+    """A per-step closure: linear warm-up then constant or cosine decay to 1% of base_lr."""
+    state = {"step": start}
+
+    def lr_at(step: int) -> float:
+        if warmup and step < warmup:
+            return base_lr * (step + 1) / warmup
+        if kind == "cosine":
+            t = min(1.0, (step - warmup) / max(1, steps - warmup))
+            return base_lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t)))
+        return base_lr
+
+    def step() -> None:
+        state["step"] += 1
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(state["step"])
+
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(start)
+    return step
+
+
+# ----------------------------------------------------------------------------- the run
+@dataclass
+class Phase:
+    name: str
+    first: int      # first global epoch (1-based)
+    epochs: int
+    lr: float
+    fraction: float  # of the backbone trained
+    stops_early: bool
+
+
+def plan(t) -> list[Phase]:
+    p1 = Phase("frozen", 1, t.frozen_epochs, t.lr_frozen, 0.0, False)
+    p2 = Phase("finetune", 1 + t.frozen_epochs, t.epochs, t.lr, t.unfreeze_fraction, True)
+    return [p for p in (p1, p2) if p.epochs > 0]
+
+
+@dataclass
+class Run:
+    """Everything the loop mutates; saved to last.pt after every epoch."""
+
+    model: SkainNet
+    ema: ModelEma | None
+    stopper: EarlyStopping
+    history: list = field(default_factory=list)
+    next_epoch: int = 1
+    elapsed: float = 0.0
+    done: bool = False
+    optimizer_state: dict | None = None
+    optimizer_phase: str = ""
+
+    def scored(self) -> SkainNet:
+        return self.ema.module if self.ema is not None else self.model
+
+    def checkpoint(self, optimizer, phase: str) -> dict:
+        return {"model": self.model.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
+                "stopper": self.stopper.state_dict(), "history": self.history, "next_epoch": self.next_epoch,
+                "elapsed": self.elapsed, "done": self.done, "optimizer": optimizer.state_dict(),
+                "optimizer_phase": phase}
+
+    def restore(self, ck: dict) -> None:
+        self.model.load_state_dict(ck["model"])
+        if self.ema is not None and ck.get("ema"):
+            self.ema.load_state_dict(ck["ema"])
+        self.stopper.load_state_dict(ck["stopper"])
+        self.history, self.next_epoch = list(ck["history"]), int(ck["next_epoch"])
+        self.elapsed, self.done = float(ck["elapsed"]), bool(ck["done"])
+        self.optimizer_state, self.optimizer_phase = ck["optimizer"], ck["optimizer_phase"]
+
+
+def fit(cfg: Config) -> dict:
+    """Train as configured; returns the final metrics (also written to <output>/metrics.json)."""
+    out = Path(cfg.train.output)
+    check_output(out, cfg.train.resume, cfg.train.overwrite)
+    with RunLock(out):
+        return _fit(cfg, out)
+
+
+def _fit(cfg: Config, out: Path) -> dict:
+    t = cfg.train
+    seed_everything(t.seed)
+    device = resolve_device()
+    dtype = amp_dtype(device, t.amp)
+    prep = prepare_data(cfg)
+    model, args, pre, weights = build_network(cfg, prep.encoder)
+    loader_fn = make_loader_fn(cfg, pre)
+    warm_images(prep.frame, loader_fn, t.progress)
+    write_run_files(out, cfg, prep, pre)
+    train_dl, val_dl = build_loaders(cfg, prep, pre, loader_fn, device)
+    channels_last = t.channels_last and device.type in ("cuda", "cpu")
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    run = Run(model, ModelEma(model, t.ema_decay) if t.ema_decay > 0 else None, EarlyStopping(t.patience))
+    if t.resume and (out / LAST_NAME).exists():
+        run.restore(torch.load(out / LAST_NAME, map_location=device, weights_only=True))
+        log.info("resuming from %s at epoch %d", out / LAST_NAME, run.next_epoch)
+    labels = prep.frame["dx"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()[prep.train_idx]
+    weight = class_weights(labels, t.balance)
+    criterion = nn.CrossEntropyLoss(weight=weight.to(device) if weight is not None else None,
+                                    label_smoothing=t.label_smoothing)
+    bundle_extra = {"model_args": args, "preprocess": pre, "encoder": prep.encoder,
+                    "training": {**prep.info, "pretrained": weights, "preset": cfg.preset,
+                                 "config": cfg.to_dict(), "device": device.type,
+                                 "amp": str(dtype).replace("torch.", "") if dtype else "off"}}
+    ctx = {"device": device, "dtype": dtype, "channels_last": channels_last, "criterion": criterion,
+           "train_dl": train_dl, "val_dl": val_dl, "out": out, "bundle": bundle_extra}
+    for phase in plan(t):
+        if run.done:
+            break
+        run_phase(cfg, run, phase, ctx)
+    run.done = True
+    return finish(out, run, prep, bundle_extra)
+
+
+def run_phase(cfg: Config, run: Run, phase: Phase, ctx: dict) -> None:
+    t, model = cfg.train, run.model
+    end = phase.first + phase.epochs
+    if run.next_epoch >= end:
+        return
+    model.set_backbone_trainable(phase.fraction)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=phase.lr,
+                                  weight_decay=t.weight_decay)
+    if run.optimizer_state is not None and run.optimizer_phase == phase.name:
+        optimizer.load_state_dict(run.optimizer_state)
+    if run.next_epoch <= phase.first and phase.stops_early:
+        run.stopper.bad_epochs = 0
+    per_epoch = len(ctx["train_dl"])
+    start_epoch = max(run.next_epoch, phase.first)
+    sched = lr_schedule(optimizer, phase.lr, phase.epochs * per_epoch, int(t.warmup_epochs * per_epoch),
+                        t.schedule, start=(start_epoch - phase.first) * per_epoch)
+    for epoch in range(start_epoch, end):
+        stop = run_epoch(cfg, run, phase, epoch, optimizer, sched, ctx)
+        atomic_torch_save(run.checkpoint(optimizer, phase.name), ctx["out"] / LAST_NAME)
+        if stop:
+            break
+
+
+def run_epoch(cfg: Config, run: Run, phase: Phase, epoch: int, optimizer, sched, ctx: dict) -> bool:
+    """Train and validate one epoch, save the best bundle; returns True when training should stop."""
+    t, started = cfg.train, time.perf_counter()
+    seed_everything(t.seed * 1000 + epoch)  # each epoch's shuffling and augmentation replay exactly on --resume
+    total = t.frozen_epochs + t.epochs
+    stats = train_one_epoch(run.model, ctx["train_dl"], optimizer, ctx["criterion"], ctx["device"], ctx["dtype"],
+                            sched, run.ema, ctx["channels_last"], f"epoch {epoch}/{total} {phase.name}", t.progress)
+    res = predict_logits(run.scored(), ctx["val_dl"], ctx["device"], ctx["dtype"], ctx["channels_last"],
+                         "validate", t.progress)
+    probs = torch.from_numpy(res["logits"]).softmax(1).numpy()
+    metrics = classification_metrics(res["label"], probs, CLASSES)
+    val_loss = float(ctx["criterion"](torch.from_numpy(res["logits"]).to(ctx["device"]),
+                                      torch.from_numpy(res["label"]).long().to(ctx["device"])).item())
+    stop = run.stopper.step(metrics["balanced_accuracy"]) and phase.stops_early
+    run.elapsed += time.perf_counter() - started
+    run.history.append({"epoch": epoch, "phase": phase.name, "lr": optimizer.param_groups[0]["lr"],
+                        "train_loss": stats["loss"], "val_loss": val_loss, **history_row(metrics),
+                        "train_images_per_s": stats["images_per_s"], "elapsed_s": run.elapsed})
+    _write_history(ctx["out"], run.history)
+    if run.stopper.improved:
+        bundle = make_bundle(run.scored(), metrics={**metrics, "epoch": epoch, "val_loss": val_loss},
+                             classes=list(CLASSES), **ctx["bundle"])
+        atomic_torch_save(bundle, ctx["out"] / BUNDLE_NAME)
+    log.info("epoch %d/%d %-8s loss %.3f val_loss %.3f bal_acc %.3f acc %.3f f1 %.3f auc %.3f%s  %.0fs "
+             "(%.1f img/s)", epoch, total, phase.name, stats["loss"], val_loss, metrics["balanced_accuracy"],
+             metrics["accuracy"], metrics["macro_f1"], metrics["macro_auc"],
+             " *best*" if run.stopper.improved else "", time.perf_counter() - started, stats["images_per_s"])
+    run.next_epoch = epoch + 1
+    if stop:
+        log.info("early stopping: no balanced-accuracy gain for %d epochs", t.patience)
+        run.done = True
+    if t.max_minutes and run.elapsed + (time.perf_counter() - started) > t.max_minutes * 60:
+        log.info("time budget of %.1f min reached", t.max_minutes)
+        run.done = True
+    return run.done
+
+
+def _write_history(out: Path, history: list) -> None:
+    atomic_write(out / "train_history.csv", lambda fh: fh.write(pd.DataFrame(history).to_csv(index=False).encode()))
+
+
+def write_run_files(out: Path, cfg: Config, prep: Prepared, pre: dict) -> None:
+    """The seed's side files plus the resolved config and the split, before training starts."""
+    atomic_json({c: i for i, c in enumerate(CLASSES)}, out / "label_map.json")
+    atomic_json(prep.encoder.vocabularies(), out / "vocabularies.json")
+    atomic_json(prep.encoder.age_stats(), out / "age_stats.json")
+    atomic_json({**cfg.to_dict(), "preprocess": pre}, out / "config.json")
+    table = split_table(prep.frame, prep.train_idx, prep.val_idx)
+    atomic_write(out / "split.csv", lambda fh: fh.write(table.to_csv(index=False).encode()))
+
+
+def finish(out: Path, run: Run, prep: Prepared, bundle_extra: dict) -> dict:
+    """metrics.json from the best epoch's bundle (what predictions will use)."""
+    best = torch.load(out / BUNDLE_NAME, map_location="cpu", weights_only=True)
+    summary = {"validation": best["metrics"], "best_epoch": best["metrics"]["epoch"],
+               "epochs_trained": len(run.history), "train_minutes": run.elapsed / 60,
+               "data": prep.info, "pretrained": bundle_extra["training"]["pretrained"],
+               "note": "SYNTHETIC demo data: these numbers say nothing about real lesions" if prep.synthetic
+               else "validation = held-out lesions (lesion-grouped split); not an independent test set"}
+    atomic_json(summary, out / "metrics.json")
+    m = best["metrics"]
+    log.info("best epoch %d: balanced accuracy %.3f, macro AUC %.3f, accuracy %.3f -> %s",
+             summary["best_epoch"], m["balanced_accuracy"], m["macro_auc"], m["accuracy"], out / BUNDLE_NAME)
+    return summary
