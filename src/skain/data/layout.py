@@ -97,8 +97,8 @@ def attach_paths(frame: pd.DataFrame, index: dict[str, Path], source: str,
         if not skip_missing:
             raise DataError(msg + "; fix the paths, or pass --skip-missing to train on the rest")
         log.warning("%s; skipping them (--skip-missing)", msg)
-    out = frame.assign(path=paths.map(lambda p: str(p) if p is not None else None))
-    out = out[out["path"].notna()].reset_index(drop=True)
+    found = paths.notna()
+    out = frame[found].assign(path=paths[found].map(str)).reset_index(drop=True)
     if out.empty:
         raise DataError(f"{source}: none of the {len(frame)} images listed in the CSV were found")
     return out
