@@ -156,6 +156,54 @@ COMMANDS.update({
 })
 
 
+# --------------------------------------------------------------------------------------------- serve
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="outputs", help="output folder or .pt bundle (default outputs)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 = all; default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--max-mb", type=float, help="largest accepted upload in MB (default 10)")
+    p.add_argument("--cors", metavar="ORIGIN", help="allow browser calls to /api from ORIGIN ('*' = any); off by default")
+    p.add_argument("--threads", type=int, help="waitress worker threads (default 4)")
+
+
+def run_serve(ns: argparse.Namespace) -> int:
+    from .web import create_app
+    from .web.server import serve
+    config = {"MODEL": ns.model, "CORS_ORIGIN": ns.cors}
+    if ns.max_mb is not None:
+        if ns.max_mb <= 0:
+            raise ValueError("--max-mb must be positive")
+        config["MAX_CONTENT_LENGTH"] = int(ns.max_mb * 2**20)
+    app = create_app(config)
+    print(f"skAIn on http://{'localhost' if ns.host in ('127.0.0.1', '0.0.0.0') else ns.host}:{ns.port}  "
+          f"(model {app.extensions['skain'].model_id}; research and education only)", flush=True)
+    serve(app, ns.host, ns.port, ns.threads or 4)
+    return 0
+
+
+COMMANDS["serve"] = (add_serve_args, run_serve, "serve the web app and JSON API (waitress)")
+
+
+def add_calibrate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="a finished training output folder (config.json, split.csv)")
+    p.add_argument("--cache-dir", default=None, help="pre-resized image cache (as used in training)")
+    p.add_argument("--device", default="auto")
+
+
+def run_calibrate(ns: argparse.Namespace) -> int:
+    """Fit temperature, triage threshold and OOD check for a run trained before they existed."""
+    from .trust import fit_trust_folder
+    figures = fit_trust_folder(ns.model, ns.cache_dir, ns.device)
+    c = figures["calibration"]
+    print(f"T={c['temperature']:.3f}  ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f}; bundle, "
+          f"model_card.md and reliability.png updated in {ns.model}")
+    return 0
+
+
+COMMANDS["calibrate"] = (add_calibrate_args, run_calibrate,
+                         "fit calibration, OOD check, triage threshold and model card for an existing run")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     parser = argparse.ArgumentParser(prog="skain", description="Skin-lesion classification on HAM10000 "

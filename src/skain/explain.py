@@ -1,0 +1,96 @@
+"""Grad-CAM heatmaps: where in the image the model's evidence for a class comes from.
+
+The image goes through the Predictor's own preprocessing (`Predictor.image_tensor`) and the metadata through its
+encoder, so the map explains exactly the input a prediction saw. The feature map is taken at the input of the
+backbone's global pool (the last spatial features of any timm CNN), weighted by the pooled gradient of the class
+score (Selvaraju et al., 2017), rectified, upsampled to the model input and scaled to [0, 1].
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .predict import Predictor, metadata_frame
+
+log = logging.getLogger(__name__)
+
+
+class ExplainError(ValueError):
+    """The model cannot be explained this way (for example a backbone without spatial features)."""
+
+
+@dataclass
+class Explanation:
+    target: str            # the class explained
+    heat: np.ndarray       # HxW float32 in [0, 1], aligned with `image`
+    image: np.ndarray      # HxWx3 uint8: the centre crop the model saw, un-normalised
+
+
+class GradCam:
+    """One per Predictor: registers its hook once; safe to call from several threads at a time."""
+
+    def __init__(self, predictor: Predictor):
+        self.predictor = predictor
+        self._local = threading.local()
+        pool = _global_pool(predictor.model)
+        pool.register_forward_pre_hook(self._capture)
+
+    def _capture(self, module: torch.nn.Module, inputs: tuple) -> None:
+        if getattr(self._local, "active", False) and inputs and inputs[0].dim() == 4:
+            self._local.features = inputs[0]
+
+    def __call__(self, image: bytes | str | Path, age: float | None = None, sex: str | None = None,
+                 site: str | None = None, target: str | None = None) -> Explanation:
+        p = self.predictor
+        x = p.image_tensor(image)[None].to(p.device).requires_grad_(True)
+        meta = _meta_tensors(p, age, sex, site)
+        self._local.active, self._local.features = True, None
+        try:
+            with torch.enable_grad():
+                logits = p.model(x, *meta)
+                features = self._local.features
+                if features is None:
+                    raise ExplainError("the backbone's global pool saw no spatial feature map")
+                index = p.classes.index(target) if target else int(logits[0].argmax())
+                grad, = torch.autograd.grad(logits[0, index], features)
+        finally:
+            self._local.active, self._local.features = False, None
+        heat = _cam(features.detach(), grad, x.shape[-2:])
+        return Explanation(p.classes[index], heat, _display_image(x.detach()[0], p.preprocess))
+
+
+def _global_pool(model: torch.nn.Module) -> torch.nn.Module:
+    pool = getattr(getattr(model, "backbone", None), "global_pool", None)
+    if not isinstance(pool, torch.nn.Module):
+        raise ExplainError(f"{type(getattr(model, 'backbone', model)).__name__} has no global pool to take "
+                           "Grad-CAM features from; heatmaps need a CNN backbone")
+    return pool
+
+
+def _meta_tensors(p: Predictor, age: float | None, sex: str | None, site: str | None) -> tuple:
+    """The same metadata encoding `Predictor.predict_one` uses."""
+    a, s, l = p.encoder.transform(metadata_frame(age, sex, site))
+    return (torch.from_numpy(a)[:, None].to(p.device), torch.from_numpy(s).to(p.device),
+            torch.from_numpy(l).to(p.device))
+
+
+def _cam(features: torch.Tensor, grad: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    weights = grad.mean(dim=(2, 3), keepdim=True)
+    cam = F.relu((weights * features).sum(1, keepdim=True)).float()
+    cam = F.interpolate(cam, size=tuple(size), mode="bilinear", align_corners=False)[0, 0]
+    top = float(cam.max())
+    return (cam / top if top > 0 else torch.zeros_like(cam)).cpu().numpy().astype(np.float32)
+
+
+def _display_image(x: torch.Tensor, preprocess: dict) -> np.ndarray:
+    """Undo the normalisation: the exact crop the model saw, as uint8 RGB."""
+    mean = torch.tensor(preprocess["mean"], device=x.device)[:, None, None]
+    std = torch.tensor(preprocess["std"], device=x.device)[:, None, None]
+    rgb = (x.float() * std + mean).clamp(0, 1).mul(255).round().byte()
+    return rgb.permute(1, 2, 0).cpu().numpy()

@@ -1,0 +1,60 @@
+"""The web app: `create_app()` in the flaskr style. The Predictor is loaded once and kept in app.extensions.
+
+Configuration: defaults below < environment variables prefixed SKAIN_ (SKAIN_MODEL, SKAIN_CORS_ORIGIN,
+SKAIN_MAX_CONTENT_LENGTH, ...) < `config` passed in (what `skain serve` and the tests use).
+"""
+from __future__ import annotations
+
+import io
+from typing import IO, Any, Mapping
+
+from flask import Flask, Request, request
+
+from . import api, errors, pages
+from .service import EXTENSION, Service
+
+DEFAULTS = {
+    "MODEL": "outputs",              # an output folder or a .pt bundle
+    "DEVICE": "auto",
+    "MAX_CONTENT_LENGTH": 10 * 2**20,  # bytes; larger uploads get 413
+    "CORS_ORIGIN": None,             # e.g. "https://example.org" or "*"; None = no CORS headers
+}
+
+
+class InMemoryRequest(Request):
+    """Uploads stay in memory (bounded by MAX_CONTENT_LENGTH) instead of werkzeug's temporary files."""
+
+    def _get_file_stream(self, total_content_length: int | None, content_type: str | None,
+                         filename: str | None = None, content_length: int | None = None) -> IO[bytes]:
+        return io.BytesIO()
+
+
+def create_app(config: Mapping[str, Any] | None = None, service: Service | None = None) -> Flask:
+    app = Flask(__name__)
+    app.request_class = InMemoryRequest
+    app.config.from_mapping(DEFAULTS)
+    app.config.from_prefixed_env("SKAIN")
+    if config:
+        app.config.update(config)
+    app.json.sort_keys = False
+    app.extensions[EXTENSION] = service or Service.load(app.config["MODEL"], app.config["DEVICE"])
+    app.register_blueprint(pages.bp)
+    app.register_blueprint(api.bp)
+    errors.register(app)
+    app.after_request(_security_headers)
+    return app
+
+
+def _security_headers(response):
+    """CORS only where configured; uploads and answers are never cached."""
+    from flask import current_app
+    origin = current_app.config.get("CORS_ORIGIN")
+    if origin and request.path.startswith("/api/"):
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+        response.headers["Access-Control-Allow-Headers"] = "Content-Type"
+        response.headers.add("Vary", "Origin")
+    if request.path.startswith("/api/"):
+        response.headers["Cache-Control"] = "no-store"
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    return response

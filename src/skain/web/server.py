@@ -1,0 +1,16 @@
+"""Serve the app with waitress (a production WSGI server; no debug reloader, no stack traces)."""
+from __future__ import annotations
+
+import logging
+
+from flask import Flask
+
+log = logging.getLogger(__name__)
+
+
+def serve(app: Flask, host: str = "127.0.0.1", port: int = 5000, threads: int = 4) -> None:
+    from waitress import serve as waitress_serve
+    shown = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::") else host
+    log.info("skAIn web app on http://%s:%d (model %s; Ctrl+C stops it)", shown, port,
+             app.extensions["skain"].model_id)
+    waitress_serve(app, host=host, port=port, threads=threads, ident="skain")

@@ -1,0 +1,182 @@
+"""What the web layer holds between requests: the Predictor (loaded once), its model id and summary.
+
+Everything here is plumbing around `skain.predict.Predictor` and `skain.explain.GradCam`: checking form
+fields, calling them, and turning their results into JSON. No preprocessing and no model code.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from dataclasses import asdict, dataclass, is_dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from ..bundle import resolve_path
+from ..data.schema import MAX_AGE, UNKNOWN
+from ..explain import ExplainError, GradCam
+from ..predict import Prediction, Predictor
+from .content import describe
+
+log = logging.getLogger(__name__)
+EXTENSION = "skain"  # key in app.extensions
+EMPTY = ("", "none", "null", "nan", "na")
+
+
+class InputError(ValueError):
+    """A bad request the client can fix; `status` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Inputs:
+    image: bytes
+    age: float | None
+    sex: str
+    localization: str
+
+
+@dataclass
+class Service:
+    predictor: Predictor
+    model_id: str
+    explainer: GradCam | None = None
+
+    @classmethod
+    def load(cls, model: str | Path, device: str = "auto") -> "Service":
+        """Read the bundle once; the id is the first 12 hex digits of its SHA-256."""
+        path = resolve_path(model)
+        predictor = Predictor.from_bundle(path, device=device)
+        try:
+            explainer = GradCam(predictor)
+        except ExplainError as exc:
+            log.warning("heatmaps off: %s", exc)
+            explainer = None
+        return cls(predictor, file_id(path), explainer)
+
+    def predict(self, inputs: Inputs) -> Prediction:
+        return self.predictor.predict_one(inputs.image, inputs.age, inputs.sex, inputs.localization)
+
+    def explain(self, inputs: Inputs, target: str):
+        if self.explainer is None:
+            raise ExplainError("this model's backbone does not support heatmaps")
+        return self.explainer(inputs.image, inputs.age, inputs.sex, inputs.localization, target=target)
+
+    @property
+    def vocabularies(self) -> dict[str, list[str]]:
+        return self.predictor.info["vocabularies"]
+
+
+def file_id(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+# ------------------------------------------------------------------------------------------- inputs
+def parse_inputs(image: bytes | None, form: Mapping[str, str], vocabularies: dict[str, list[str]]) -> Inputs:
+    """Check the upload and the optional fields; every problem becomes an InputError with a clear message."""
+    if image is None:
+        raise InputError("no image: send the file as multipart/form-data field 'image'")
+    if not image:
+        raise InputError("the uploaded image is empty (0 bytes)")
+    return Inputs(image, parse_age(form.get("age")),
+                  parse_choice("sex", form.get("sex"), vocabularies["sex"]),
+                  parse_choice("localization", form.get("localization"), vocabularies["localization"]))
+
+
+def parse_age(raw: str | None) -> float | None:
+    if raw is None or raw.strip().lower() in EMPTY + (UNKNOWN,):
+        return None
+    try:
+        age = float(raw)
+    except ValueError:
+        raise InputError(f"age must be a number of years, got {raw[:40]!r}") from None
+    if not math.isfinite(age) or not 0 <= age <= MAX_AGE:
+        raise InputError(f"age must be between 0 and {MAX_AGE:g} years, got {raw[:40]!r}")
+    return age
+
+
+def parse_choice(field: str, raw: str | None, vocabulary: list[str]) -> str:
+    """Empty -> 'unknown'; otherwise one of the bundle's vocabulary (case-insensitive), else 400."""
+    value = (raw or "").strip().lower()
+    if value in EMPTY:
+        return UNKNOWN
+    if value not in vocabulary:
+        raise InputError(f"unknown {field} {raw[:40]!r}; this model knows: {', '.join(vocabulary)} "
+                         f"(leave it empty when not known)")
+    return value
+
+
+def flag(raw: str | None) -> bool:
+    return (raw or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+# ------------------------------------------------------------------------------------------- outputs
+def prediction_payload(pred: Any, model_id: str, inputs: Inputs) -> dict:
+    """The Prediction's own fields (all of them, so fields added later pass through) plus names for people."""
+    fields = asdict(pred) if is_dataclass(pred) else dict(vars(pred))
+    ranked = sorted(fields["probabilities"].items(), key=lambda kv: -kv[1])
+    return jsonable({
+        **fields,
+        **{k: v for k, v in describe(fields["diagnosis"]).items() if k != "code"},
+        "ranking": [{**describe(c), "probability": p} for c, p in ranked],
+        "model_id": model_id,
+        "inputs": {"age": inputs.age, "sex": inputs.sex, "localization": inputs.localization},
+    })
+
+
+def model_summary(service: Service) -> dict:
+    """GET /api/model: what the bundle says about itself, without local file paths or the full config."""
+    info = service.predictor.info
+    training = dict(info.get("training", {}))
+    source = training.pop("source", None)
+    training.pop("config", None)
+    metrics = info.get("metrics", {})
+    return jsonable({
+        "model_id": service.model_id, "backbone": info["backbone"], "image_only": info["image_only"],
+        "input_size": info["input_size"], "classes": [describe(c) for c in info["classes"]],
+        "vocabularies": info["vocabularies"], "skain_version": info.get("skain_version"),
+        "heatmaps": service.explainer is not None,
+        "training": {**training, "source": Path(source).name if source else None},
+        "validation": {k: metrics.get(k) for k in ("n", "balanced_accuracy", "accuracy", "macro_f1",
+                                                  "macro_auc", "epoch")}
+                      | {"recall": {c: v.get("recall") for c, v in metrics.get("per_class", {}).items()}},
+        # validated calibration/triage/OOD figures and the model card for the "about this model" panel;
+        # the card's data source is reduced to a file name like training.source above
+        "trust": info.get("trust"), "model_card": _public_card(info.get("model_card")),
+    })
+
+
+def _public_card(card: dict | None) -> dict | None:
+    if not card:
+        return None
+    data = dict(card.get("data", {}))
+    data["source"] = Path(data["source"]).name if data.get("source") else None
+    return {**card, "data": data}
+
+
+def jsonable(obj: Any) -> Any:
+    """Numpy scalars/arrays, dataclasses and paths -> JSON types; NaN and infinities -> null."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return jsonable(asdict(obj))
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj

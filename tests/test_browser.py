@@ -1,0 +1,125 @@
+"""End to end in real headless Chromium: the waitress server, the page, a dropped real HAM10000 image."""
+from __future__ import annotations
+
+import base64
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+from skain.web import create_app
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update"]
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not Path(CHROMIUM).exists() and not shutil.which("chromium"),
+                       reason="Chromium not installed (apt-get install chromium; .ci/run does this)"),
+]
+
+
+@pytest.fixture(scope="module")
+def server(trained):
+    """The real WSGI server on a free port, in a thread."""
+    from waitress import create_server
+    app = create_app({"MODEL": str(trained)})
+    srv = create_server(app, host="127.0.0.1", port=0, threads=2)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{srv.effective_port}", app
+    srv.close()
+    thread.join(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=shutil.which("chromium") or CHROMIUM, args=ARGS, headless=True)
+        yield b
+        b.close()
+
+
+def drop_file(page, selector: str, path: Path) -> None:
+    """A real `drop` event carrying the file, as a drag from the desktop delivers it."""
+    data = base64.b64encode(path.read_bytes()).decode()
+    transfer = page.evaluate_handle("""({data, name}) => {
+        const bytes = Uint8Array.from(atob(data), c => c.charCodeAt(0));
+        const dt = new DataTransfer();
+        dt.items.add(new File([bytes], name, {type: 'image/jpeg'}));
+        return dt;
+    }""", {"data": data, "name": path.name})
+    page.dispatch_event(selector, "dragenter", {"dataTransfer": transfer})
+    page.dispatch_event(selector, "drop", {"dataTransfer": transfer})
+
+
+def real_image(shared_data: Path) -> Path:
+    return sorted((shared_data / "images").glob("*.jpg"))[0]
+
+
+@pytest.mark.parametrize("viewport", [{"width": 1280, "height": 1000}, {"width": 390, "height": 844}],
+                         ids=["desktop", "phone"])
+def test_drop_image_fill_form_and_see_the_same_answer_as_the_api(server, browser, shared_data, tmp_path, viewport):
+    url, app = server
+    image = real_image(shared_data)
+    page = browser.new_page(viewport=viewport)
+    errors = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(url)
+    assert page.locator("#disclaimer").is_visible() and page.locator("#synthetic-warning").is_visible()
+    assert page.locator("#submit").is_disabled()
+
+    drop_file(page, "#dropzone", image)
+    page.wait_for_selector("#preview:not([hidden])")
+    assert page.locator("#file-name").inner_text().startswith(image.name)
+    page.fill("#age", "55")
+    page.select_option("#sex", "male")
+    page.select_option("#site", "back")
+    with page.expect_response(lambda r: r.url.endswith("/api/predict")) as answer:
+        page.click("#submit")
+    api = answer.value.json()
+    assert answer.value.status == 200, api
+    page.wait_for_selector('#results[data-state="done"]', timeout=20_000)
+
+    bars = page.locator("#bars .bar")
+    assert bars.count() == 7
+    assert page.locator("#placeholder").is_hidden()
+    assert all(bars.nth(i).evaluate("e => getComputedStyle(e).opacity") == "1" for i in range(7))
+    assert page.locator("#top-code").inner_text() == api["diagnosis"]
+    assert bars.first.get_attribute("data-class") == api["diagnosis"]
+    top_width = bars.first.locator(".fill").evaluate("e => e.getBoundingClientRect().width")
+    track_width = bars.first.locator(".track").evaluate("e => e.getBoundingClientRect().width")
+    assert top_width == pytest.approx(track_width * api["probability"], abs=3)  # the animation has finished
+
+    svc = app.extensions["skain"]
+    ref = svc.predictor.predict_one(image.read_bytes(), 55.0, "male", "back")
+    assert api["diagnosis"] == ref.diagnosis
+    assert api["probabilities"] == pytest.approx(ref.probabilities, abs=1e-6)
+    assert page.locator("#heat").is_visible()
+    page.screenshot(path=str(tmp_path / f"results-{viewport['width']}.png"), full_page=True)
+    page.click("#heat-toggle")
+    assert page.locator("#heat-toggle").get_attribute("aria-pressed") == "false"
+    assert errors == []
+    page.close()
+
+
+def test_keyboard_only_user_can_open_the_file_chooser_and_sees_api_errors(server, browser, tmp_path):
+    url, _ = server
+    page = browser.new_page()
+    page.goto(url)
+    page.keyboard.press("Tab")  # skip link
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "dropzone"
+    with page.expect_file_chooser() as chooser:
+        page.keyboard.press("Enter")
+    bad = tmp_path / "fake.png"
+    bad.write_bytes(b"not really a png" * 20)
+    chooser.value.set_files(str(bad))
+    page.fill("#age", "300")
+    page.click("#submit")
+    page.wait_for_selector("#status.error")
+    assert "age must be between 0 and 120" in page.locator("#status").inner_text()
+    page.close()
