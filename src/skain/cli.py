@@ -167,17 +167,17 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_serve(ns: argparse.Namespace) -> int:
-    from .web import create_app
-    from .web.server import serve
+    try:
+        from .web import create_app
+        from .web.server import serve
+    except ImportError as exc:
+        raise ValueError(f"the web app needs Flask and waitress ({exc}): pip install 'skain[web]'") from exc
     config = {"MODEL": ns.model, "CORS_ORIGIN": ns.cors}
     if ns.max_mb is not None:
         if ns.max_mb <= 0:
             raise ValueError("--max-mb must be positive")
         config["MAX_CONTENT_LENGTH"] = int(ns.max_mb * 2**20)
-    app = create_app(config)
-    print(f"skAIn on http://{'localhost' if ns.host in ('127.0.0.1', '0.0.0.0') else ns.host}:{ns.port}  "
-          f"(model {app.extensions['skain'].model_id}; research and education only)", flush=True)
-    serve(app, ns.host, ns.port, ns.threads or 4)
+    serve(create_app(config), ns.host, ns.port, ns.threads or 4)
     return 0
 
 
