@@ -148,6 +148,7 @@ def main() -> int:
         print(f"model {info['backbone']} @ {info['input_size']} px (id {info['model_id']}), server pid "
               f"{server.pid}, waitress threads {args.threads}, {args.requests} requests at concurrency "
               f"{args.concurrency}, {len(payloads)} distinct real images{', with heatmaps' if args.heatmap else ''}")
+        idle = rss_mb(server.pid)
         run_load(port, payloads, args.requests, args.concurrency)  # warm-up: same size as the measured run
         before = rss_mb(server.pid)
         lat, errors, wall = run_load(port, payloads, args.requests, args.concurrency)
@@ -160,7 +161,8 @@ def main() -> int:
     print(f"latency ms: p50 {np.percentile(ms, 50):.0f}  p90 {np.percentile(ms, 90):.0f}  "
           f"p99 {np.percentile(ms, 99):.0f}  max {ms.max():.0f}  mean {ms.mean():.0f}")
     print(f"throughput {len(ms) / wall:.2f} req/s ({wall:.1f} s wall); errors {len(errors)}")
-    print(f"server RSS MB: before {before:.0f}, after {after:.0f}, growth {after - before:+.1f}")
+    print(f"server RSS MB: idle {idle:.0f}; after warm-up {before:.0f}, after the measured run {after:.0f}, "
+          f"growth {after - before:+.1f}")
     for e in errors[:5]:
         print("  error:", e)
     ok = not errors and after - before <= args.max_growth_mb
