@@ -1,12 +1,15 @@
 """Metadata encoding fit on the training split only: age normalisation and category vocabularies."""
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pandas as pd
 
 from .schema import UNKNOWN
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -31,7 +34,8 @@ class MetadataEncoder:
         """-> (normalised age float32, sex index int64, site index int64); unseen values map to `unknown`."""
         age = pd.to_numeric(frame["age"], errors="coerce").fillna(self.age_median).to_numpy(np.float64)
         age = ((age - self.age_mean) / self.age_std).astype(np.float32)
-        return age, _lookup(self.sex_vocab, frame["sex"]), _lookup(self.site_vocab, frame["localization"])
+        return (age, _lookup(self.sex_vocab, frame["sex"], "sex"),
+                _lookup(self.site_vocab, frame["localization"], "localization"))
 
     def encode_one(self, age: float | None, sex: str | None, site: str | None) -> tuple[float, int, int]:
         frame = pd.DataFrame({"age": [age], "sex": [(sex or UNKNOWN).strip().lower()],
@@ -58,6 +62,14 @@ def _vocab(col: pd.Series) -> list[str]:
     return [UNKNOWN] + values
 
 
-def _lookup(vocab: list[str], col: pd.Series) -> np.ndarray:
+def _lookup(vocab: list[str], col: pd.Series, name: str) -> np.ndarray:
+    """Values -> vocabulary indices; a value never seen in training becomes `unknown` (0), with a warning
+    naming it so a typo or another dataset's spelling does not pass unnoticed."""
     index = {v: i for i, v in enumerate(vocab)}
-    return np.array([index.get(str(v), 0) for v in col], dtype=np.int64)
+    codes = np.array([index.get(str(v), -1) for v in col], dtype=np.int64)
+    if (codes < 0).any():
+        unseen = pd.Series(np.asarray(col, dtype=str)[codes < 0]).value_counts()
+        shown = ", ".join(f"{v!r} ({n} row(s))" for v, n in unseen.head(5).items())
+        log.warning("%s value(s) not seen in training, used as %r: %s; known: %s", name, UNKNOWN, shown,
+                    ", ".join(vocab))
+    return np.maximum(codes, 0)

@@ -38,11 +38,15 @@ def open_image(source: str | Path | bytes, name: str | None = None) -> Image.Ima
             with fp, Image.open(fp) as img:
                 if img.format not in SUPPORTED_FORMATS:
                     raise ImageError(f"{label}: unsupported image format {img.format}; use JPEG or PNG")
+                if img.width * img.height > MAX_PIXELS:  # also when another library relaxed Pillow's global
+                    raise Image.DecompressionBombError(f"{img.width}x{img.height} pixels")
                 img.load()
                 return to_rgb(ImageOps.exif_transpose(img))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"{label}: image too large (over {MAX_PIXELS:,} pixels)") from exc
     except UnidentifiedImageError as exc:
+        if not isinstance(source, bytes) and _size_note(source):
+            raise ImageError(f"{label}: empty file (0 bytes)") from exc
         raise ImageError(f"{label}: not an image (or an unsupported format); use JPEG or PNG") from exc
     except FileNotFoundError as exc:
         raise ImageError(f"{label}: file not found") from exc
@@ -59,11 +63,14 @@ def _size_note(path: str | Path) -> str:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Grayscale, 16-bit, palette, CMYK and alpha images -> 8-bit RGB (alpha composited on black)."""
+    """Grayscale, 16-bit, palette, CMYK and alpha images -> 8-bit RGB (alpha composited on black).
+
+    16-bit grayscale keeps its brightness (65535 -> 255), as Pillow does for 16-bit colour PNGs, rather
+    than being stretched to its own maximum: the same scene saved at 8 or 16 bits gives the same pixels.
+    """
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float64)
-        hi = arr.max() if arr.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(arr * (255.0 / hi), 0, 255).astype(np.uint8), "L")
+        img = Image.fromarray(np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8), "L")
     if img.mode == "P":
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA"):

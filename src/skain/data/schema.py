@@ -1,6 +1,9 @@
 """The HAM10000 metadata schema: reading, cleaning and validating the CSV before any work is done."""
 from __future__ import annotations
 
+import codecs
+import csv
+import io
 import logging
 from pathlib import Path
 
@@ -31,22 +34,58 @@ class DataError(ValueError):
 
 
 def read_csv(path: str | Path) -> pd.DataFrame:
-    """Read a metadata CSV, accepting UTF-8 (with or without BOM) and latin-1."""
+    """Read a metadata CSV: UTF-8 (with or without BOM), UTF-16 (Excel "Unicode text") or latin-1, with
+    comma, semicolon (European Excel) or tab separators. Rows with more fields than the header stop here."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: CSV file not found")
-    for encoding in ("utf-8-sig", "latin-1"):
-        try:
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding=encoding)
-            break
-        except UnicodeDecodeError:
-            continue
-        except pd.errors.EmptyDataError as exc:
-            raise DataError(f"{path}: the CSV is empty (no header row)") from exc
+    text = _decode(path.read_bytes(), path)
+    if not text.strip():
+        raise DataError(f"{path}: the CSV is empty (no header row)")
+    sep = _separator(text)
+    try:
+        frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, sep=sep)
+    except pd.errors.EmptyDataError as exc:
+        raise DataError(f"{path}: the CSV is empty (no header row)") from exc
+    except pd.errors.ParserError as exc:
+        raise DataError(_ragged_message(path, text, sep) or f"{path}: not a readable CSV "
+                        f"({str(exc).strip().splitlines()[0]})") from exc
+    if not isinstance(frame.index, pd.RangeIndex):  # pandas turns surplus leading fields into an index
+        raise DataError(_ragged_message(path, text, sep) or f"{path}: rows do not match the header")
     frame.columns = [str(c).strip().lower() for c in frame.columns]
     if frame.empty:
         raise DataError(f"{path}: the CSV has a header but no rows")
     return frame
+
+
+def _decode(raw: bytes, path: Path) -> str:
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return raw.decode("utf-16")
+    if b"\0" in raw:
+        raise DataError(f"{path}: not a text CSV (it contains binary data; an Excel .xlsx file?). "
+                        "Save it as CSV (comma-separated, UTF-8)")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        log.info("%s is not UTF-8; reading it as latin-1", path)
+        return raw.decode("latin-1")
+
+
+def _separator(text: str) -> str:
+    header = text.lstrip().splitlines()[0]
+    counts = {sep: header.count(sep) for sep in (",", ";", "\t")}
+    best = max(counts, key=counts.get)
+    return best if counts[best] else ","
+
+
+def _ragged_message(path: Path, text: str, sep: str) -> str | None:
+    rows = csv.reader(io.StringIO(text), delimiter=sep)
+    header = next(rows, [])
+    for n, row in enumerate(rows, start=2):
+        if len(row) > len(header):
+            return (f"{path}: row {n} has {len(row)} fields but the header has {len(header)}; "
+                    "quote fields that contain the separator, or remove the extra fields")
+    return None
 
 
 def clean_metadata(frame: pd.DataFrame, source: str, require: tuple[str, ...] = TRAIN_COLUMNS) -> pd.DataFrame:
@@ -64,8 +103,8 @@ def clean_metadata(frame: pd.DataFrame, source: str, require: tuple[str, ...] = 
     out["lesion_id"] = (frame["lesion_id"].astype(str).str.strip() if "lesion_id" in frame.columns
                         else out["image_id"])
     out.loc[out["lesion_id"] == "", "lesion_id"] = out["image_id"]
-    if "dx" in frame.columns:
-        out["dx"] = _clean_dx(frame["dx"], source)
+    if "dx" in frame.columns and ("dx" in require or frame["dx"].astype(str).str.strip().ne("").any()):
+        out["dx"] = _clean_dx(frame["dx"], source)  # an all-empty dx column in a prediction CSV means unlabelled
     out["age"] = _clean_age(frame.get("age"), source, len(out))
     for col in ("sex", "localization"):
         out[col] = _clean_category(frame.get(col), len(out), out.index)
@@ -84,7 +123,8 @@ def _check_image_ids(ids: pd.Series, source: str) -> None:
     if len(bad):
         raise DataError(f"{source}: image_id must be a file name, not a path: row {_row(bad.index[0])} "
                         f"has {bad.iloc[0]!r}")
-    dup = ids[ids.duplicated(keep=False)]
+    stems = ids.str.replace(r"\.(jpe?g|png)$", "", case=False, regex=True)  # ISIC_1 and ISIC_1.jpg: one file
+    dup = stems[stems.duplicated(keep=False)]
     if len(dup):
         first = dup.iloc[0]
         rows = ", ".join(str(_row(i)) for i in dup[dup == first].index)
