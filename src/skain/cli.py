@@ -204,6 +204,26 @@ COMMANDS["calibrate"] = (add_calibrate_args, run_calibrate,
                          "fit calibration, OOD check, triage threshold and model card for an existing run")
 
 
+def add_calibrate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="a finished training output folder (config.json, split.csv)")
+    p.add_argument("--cache-dir", default=None, help="pre-resized image cache (as used in training)")
+    p.add_argument("--device", default="auto")
+
+
+def run_calibrate(ns: argparse.Namespace) -> int:
+    """Fit temperature, triage threshold and OOD check for a run trained before they existed."""
+    from .trust import fit_trust_folder
+    figures = fit_trust_folder(ns.model, ns.cache_dir, ns.device)
+    c = figures["calibration"]
+    print(f"T={c['temperature']:.3f}  ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f}; bundle, "
+          f"model_card.md and reliability.png updated in {ns.model}")
+    return 0
+
+
+COMMANDS["calibrate"] = (add_calibrate_args, run_calibrate,
+                         "fit calibration, OOD check, triage threshold and model card for an existing run")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     parser = argparse.ArgumentParser(prog="skain", description="Skin-lesion classification on HAM10000 "

@@ -1,0 +1,159 @@
+"""Fit and measure the trust layer (temperature, malignancy triage, OOD rejection) on a finished run.
+
+    python benchmarks/trust_eval.py --model /tmp/bench/out/multimodal [--cache-dir /tmp/skcache] [--out benchmarks/out/trust]
+
+Uses the run's own split.csv: the OOD Gaussians are fit on its training rows, everything else on its
+validation rows; "held-out" figures are cross-fitted over two lesion-grouped halves of validation.
+Non-dermoscopic images: real photos shipped with scikit-image (pip install scikit-image), split into a
+TUNING set (chooses the feature normalisation) and a disjoint REPORT set (the reported detection rate),
+plus blank frames, noise and text screenshots generated with different seeds for each set. The report set
+goes through the real Predictor (decode -> resize -> crop -> model -> trust layer), as uploads would.
+The run folder is not modified: the bundle copy with the trust block, reliability.png, model_card.md and
+trust_eval.json go to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from skain.bundle import BUNDLE_NAME, atomic_torch_save, load_model, read_bundle
+from skain.data.images import ImageLoader
+from skain.engine import resolve_device
+from skain.predict import Predictor
+from skain.trust.fitting import (Outputs, TrustSettings, assemble, extract, folder_split, halves, image_features,
+                                 write_reports)
+from skain.trust.ood import MahalanobisScorer, threshold_for_false_rejection
+from skain.trust.probes import probe_set, to_png
+
+TUNING_PHOTOS = ("astronaut", "camera", "brick", "coins", "moon", "colorwheel", "immunohistochemistry",
+                 "checkerboard", "stereo_motorcycle")
+REPORT_PHOTOS = ("chelsea", "coffee", "rocket", "hubble_deep_field", "retina", "grass", "gravel", "clock",
+                 "cell", "page", "text", "horse", "logo", "microaneurysms")
+
+
+def photo_variants(names: tuple[str, ...], seed: int, crops: int = 4) -> dict[str, list[bytes]]:
+    """Each scikit-image sample photo whole plus `crops` random crops (40-80 % of each side)."""
+    import skimage.data as sk
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name in names:
+        arr = getattr(sk, name)()
+        arr = arr[0] if isinstance(arr, tuple) else arr
+        arr = (arr.astype(np.uint8) * (255 if arr.dtype == bool else 1))[..., :3]
+        h, w = arr.shape[:2]
+        views = [arr]
+        for _ in range(crops):
+            ch, cw = int(h * rng.uniform(0.4, 0.8)), int(w * rng.uniform(0.4, 0.8))
+            y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+            views.append(arr[y:y + ch, x:x + cw])
+        out[name] = [to_png(v) for v in views]
+    return out
+
+
+def cached_outputs(path: Path, run: Path, compute, train_idx, val_idx) -> tuple[Outputs, Outputs]:
+    """Logits/labels/features of both splits, reused while the bundle file is unchanged (reruns are cheap)."""
+    stamp = f"{(run / BUNDLE_NAME).resolve()}|{(run / BUNDLE_NAME).stat().st_mtime_ns}"
+    if path.exists():
+        z = np.load(path, allow_pickle=False)
+        if str(z["stamp"]) == stamp:
+            return tuple(Outputs(z[f"{s}_logits"], z[f"{s}_labels"], z[f"{s}_features"]) for s in ("tr", "va"))
+    tr, va = compute(train_idx), compute(val_idx)
+    np.savez(path, stamp=stamp, **{f"{s}_{k}": getattr(o, k) for s, o in (("tr", tr), ("va", va))
+                                   for k in ("logits", "labels", "features")})
+    return tr, va
+
+
+def tune(tr, va, tuning: dict[str, np.ndarray], rate: float) -> tuple[bool, dict]:
+    """Pick the L2-normalisation choice by detection on the TUNING images at the stated false-rejection rate."""
+    rows = {}
+    for normalize in (True, False):
+        scorer = MahalanobisScorer.fit(tr.features, tr.labels, normalize)
+        thr = threshold_for_false_rejection(scorer.score(va.features), rate)
+        rows[f"normalize={normalize}"] = {k: float((scorer.score(f) > thr).mean()) for k, f in tuning.items()}
+    score = {k: np.mean(list(v.values())) for k, v in rows.items()}
+    return bool(score["normalize=True"] >= score["normalize=False"]), rows
+
+
+def report_detection(predictor: Predictor, images: dict[str, list[bytes]]) -> dict[str, dict]:
+    """Share of each group the shipped Predictor flags as not dermoscopic."""
+    out = {}
+    for name, blobs in images.items():
+        flags = [predictor.predict_one(b).in_distribution is False for b in blobs]
+        out[name] = {"n": len(flags), "rejected": int(sum(flags))}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="/tmp/bench/out/multimodal", help="a finished training output folder")
+    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--out", default="benchmarks/out/trust")
+    ap.add_argument("--false-rejection", type=float, default=TrustSettings.false_rejection)
+    ap.add_argument("--target-sensitivity", type=float, default=TrustSettings.target_sensitivity)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    run, out = Path(args.model), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    frame, train_idx, val_idx, cfg = folder_split(run)
+    bundle, device = read_bundle(run), resolve_device(args.device)
+    model = load_model(bundle).to(device)
+    loader = ImageLoader(cfg["preprocess"]["resize"], args.cache_dir)
+    tr, va = cached_outputs(out / "features.npz", run, lambda idx: extract(model, bundle, frame.iloc[idx], loader,
+                                                                          device), train_idx, val_idx)
+    settings = TrustSettings(target_sensitivity=args.target_sensitivity, false_rejection=args.false_rejection)
+
+    tuning_imgs = {**photo_variants(TUNING_PHOTOS, seed=1), **probe_set(seed=11)}
+    tuning = {k: image_features(model, bundle, v, device) for k, v in tuning_imgs.items()}
+    normalize, tuning_rows = tune(tr, va, tuning, settings.false_rejection)
+    settings = replace(settings, ood_normalize=normalize)
+    probes = {k: image_features(model, bundle, v, device) for k, v in probe_set(seed=settings.seed).items()}
+    figures = assemble(bundle, tr, va, halves(frame.iloc[val_idx], settings.seed), probes, settings)
+    atomic_torch_save(bundle, out / BUNDLE_NAME)
+    write_reports(out, va, bundle["trust"]["temperature"], bundle["model_card"], settings.ece_bins)
+
+    report_imgs = {**photo_variants(REPORT_PHOTOS, seed=2), **probe_set(seed=22)}
+    detection = report_detection(Predictor(bundle, device=args.device), report_imgs)
+    photos = [d for k, d in detection.items() if k in REPORT_PHOTOS]
+    totals = {"photos": sum(d["rejected"] for d in photos) / sum(d["n"] for d in photos),
+              "all": sum(d["rejected"] for d in detection.values()) / sum(d["n"] for d in detection.values())}
+    result = {"model": str(run), "figures": figures, "tuning": {"chosen_normalize": normalize, "rows": tuning_rows,
+              "photos": list(TUNING_PHOTOS)}, "report_detection": detection, "report_detection_rate": totals,
+              "report_photos": list(REPORT_PHOTOS), "seconds": time.perf_counter() - started}
+    (out / "trust_eval.json").write_text(json.dumps(result, indent=2))
+    print_summary(result)
+
+
+def print_summary(r: dict) -> None:
+    f = r["figures"]
+    c, t, o = f["calibration"], f["triage"], f["ood"]
+    hc, ht = c.get("held_out", {}), t.get("held_out", {})
+    print(f"\nmodel {r['model']}: {f['train_images']} train / {f['validation_images']} validation images")
+    print(f"calibration  T={c['temperature']:.3f}  ECE(15) {c['ece_before']:.4f} -> {c['ece_after']:.4f}  "
+          f"NLL {c['nll_before']:.4f} -> {c['nll_after']:.4f}  (validation, in-sample)")
+    print(f"             held-out ECE {hc.get('ece_before', float('nan')):.4f} -> {hc.get('ece_after', float('nan')):.4f}"
+          f"  NLL {hc.get('nll_before', float('nan')):.4f} -> {hc.get('nll_after', float('nan')):.4f}")
+    if t.get("threshold") is not None:
+        mel = t["melanoma_sensitivity_at_specificity"]
+        print(f"triage       threshold {t['threshold']:.4f}: sens {t['sensitivity']:.3f} spec {t['specificity']:.3f} "
+              f"(validation); held-out sens {ht.get('sensitivity', float('nan')):.3f} spec {ht.get('specificity', float('nan')):.3f}")
+        print(f"             melanoma sens at 80%/90% spec: {mel['0.80']:.3f} / {mel['0.90']:.3f}; at triage "
+              f"threshold {t['melanoma_sensitivity_at_threshold']:.3f}")
+    print(f"OOD          target false rejection {o['target_false_rejection']:.3f}: validation {o['val_false_rejection']:.3f}, "
+          f"held-out {o.get('held_out_false_rejection', float('nan')):.3f}  (normalize={r['tuning']['chosen_normalize']})")
+    print("             tuning detection: " + "; ".join(f"{k}: " + ", ".join(f"{g} {v:.2f}" for g, v in row.items())
+                                                         for k, row in r["tuning"]["rows"].items()))
+    print("             REPORT detection: " + ", ".join(f"{k} {d['rejected']}/{d['n']}" for k, d in r["report_detection"].items()))
+    print(f"             REPORT detection rate: photos {r['report_detection_rate']['photos']:.3f}, "
+          f"all non-dermoscopic {r['report_detection_rate']['all']:.3f}   ({r['seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

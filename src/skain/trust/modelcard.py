@@ -1,0 +1,118 @@
+"""The model card: what the model was trained on, how well it does, how far to trust it, what it is not for.
+
+Built from the bundle and the trust figures at training time, stored as a plain dict inside the bundle
+(the web app's "about this model" panel reads it through `Predictor.info["model_card"]`) and rendered to
+Markdown in the output folder.
+"""
+from __future__ import annotations
+
+import math
+from datetime import datetime, timezone
+
+INTENDED_USE = ("Research and education: a second opinion on dermoscopic images of single skin lesions, "
+                "for comparing models and studying calibration and triage. Not a medical device.")
+LIMITATIONS = [
+    "Knows 7 diagnoses only (akiec, bcc, bkl, df, mel, nv, vasc); any other condition is forced into one of them.",
+    "HAM10000 comes from two centres (Vienna, Queensland) and mostly light skin types: accuracy on darker skin "
+    "is unknown and likely lower.",
+    "Dermoscopic images only: clinical close-ups, phone photos and histology are out of scope (the OOD check "
+    "rejects many of them, not all).",
+    "Validation figures come from held-out lesions of the same data source, not from an independent test set "
+    "or a prospective study.",
+]
+DISCLAIMER = ("This model does not diagnose. Its outputs are not medical advice; a suspicious or changing "
+              "lesion needs a dermatologist, whatever the model says.")
+
+
+def build_card(bundle: dict, figures: dict) -> dict:
+    """A JSON-safe dict of the facts; numbers are copied from the bundle and the trust figures, not typed."""
+    training, metrics = bundle.get("training", {}), bundle.get("metrics", {})
+    return {
+        "model": {"backbone": bundle["model_args"]["backbone"], "image_only": bool(bundle["model_args"].get("image_only")),
+                  "input_size": bundle["preprocess"]["input_size"], "classes": list(bundle["classes"]),
+                  "skain_version": bundle.get("skain_version"), "pretrained": training.get("pretrained"),
+                  "preset": training.get("preset"), "created": datetime.now(timezone.utc).strftime("%Y-%m-%d")},
+        "data": {k: training.get(k) for k in ("source", "synthetic", "images", "lesions", "train_images",
+                                               "val_images", "class_counts", "folds", "fold")}
+        | {"split": "lesion-grouped, class-stratified: no lesion in both training and validation"},
+        "metrics": {"validation": {k: metrics.get(k) for k in ("n", "balanced_accuracy", "accuracy", "macro_f1",
+                                                               "macro_auc", "nll", "epoch")},
+                    "per_class": metrics.get("per_class", {})},
+        "calibration": figures.get("calibration", {}), "triage": figures.get("triage", {}),
+        "ood": figures.get("ood", {}), "held_out_method": figures.get("held_out_method"),
+        "intended_use": INTENDED_USE, "limitations": list(LIMITATIONS), "disclaimer": DISCLAIMER,
+    }
+
+
+def _n(x, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
+
+
+def to_markdown(card: dict) -> str:
+    m, d = card["model"], card["data"]
+    lines = [f"# Model card: skAIn {m['backbone']}", "", f"> {card['disclaimer']}", ""]
+    if d.get("synthetic"):
+        lines += ["**Trained on SYNTHETIC demo data: every number below says nothing about real lesions.**", ""]
+    lines += ["## Intended use", card["intended_use"], "",
+              "## Model", f"- backbone `{m['backbone']}` ({'image only' if m['image_only'] else 'image + age/sex/site'}), "
+              f"input {m['input_size']} px, pretrained weights: {m['pretrained']}, preset: {m['preset']}",
+              f"- skAIn {m['skain_version']}, card written {m['created']}", ""]
+    lines += _data_section(d) + _metrics_section(card["metrics"]) + _trust_sections(card)
+    lines += ["## Known limitations"] + [f"- {x}" for x in card["limitations"]] + [""]
+    return "\n".join(lines)
+
+
+def _data_section(d: dict) -> list[str]:
+    counts = d.get("class_counts") or {}
+    out = ["## Data", f"- source: `{d.get('source')}`", f"- {d.get('images')} images of {d.get('lesions')} lesions; "
+           f"training {d.get('train_images')} / validation {d.get('val_images')} images "
+           f"(fold {d.get('fold')} of {d.get('folds')}, {d['split']})", "",
+           "| class | images |", "|---|---|"]
+    return out + [f"| {c} | {n} |" for c, n in counts.items()] + [""]
+
+
+def _metrics_section(metrics: dict) -> list[str]:
+    v = metrics.get("validation", {})
+    out = ["## Validation metrics (held-out lesions, best epoch)",
+           f"- balanced accuracy {_n(v.get('balanced_accuracy'))}, accuracy {_n(v.get('accuracy'))}, "
+           f"macro F1 {_n(v.get('macro_f1'))}, macro AUC {_n(v.get('macro_auc'))} on {v.get('n')} images", "",
+           "| class | recall | precision | AUC | support |", "|---|---|---|---|---|"]
+    for c, r in metrics.get("per_class", {}).items():
+        out.append(f"| {c} | {_n(r.get('recall'))} | {_n(r.get('precision'))} | {_n(r.get('auc'))} | {r.get('support')} |")
+    return out + [""]
+
+
+def _trust_sections(card: dict) -> list[str]:
+    c, t, o = card["calibration"], card["triage"], card["ood"]
+    ho_c, ho_t = c.get("held_out", {}), t.get("held_out", {})
+    out = ["## Calibration (temperature scaling, fit on validation)",
+           f"- temperature T = {_n(c.get('temperature'))}; ECE ({c.get('ece_bins')} bins) {_n(c.get('ece_before'))} -> "
+           f"{_n(c.get('ece_after'))}, NLL {_n(c.get('nll_before'))} -> {_n(c.get('nll_after'))} (validation)",
+           f"- held-out ({card.get('held_out_method')}): ECE {_n(ho_c.get('ece_before'))} -> "
+           f"{_n(ho_c.get('ece_after'))}, NLL {_n(ho_c.get('nll_before'))} -> {_n(ho_c.get('nll_after'))}", "",
+           "## Malignancy triage", "P(malignant) = P(mel) + P(bcc) + P(akiec); 'investigate further' at or above the threshold."]
+    if t.get("threshold") is None:
+        out.append(f"- not available: {t.get('reason')}")
+    else:
+        mel = t.get("melanoma_sensitivity_at_specificity", {})
+        out += [f"- threshold {_n(t['threshold'], 4)} chosen for >= {_pct(t['target_sensitivity'])} malignant sensitivity "
+                f"on validation: sensitivity {_pct(t['sensitivity'])}, specificity {_pct(t['specificity'])} "
+                f"({t['positives']} malignant / {t['negatives']} benign)",
+                f"- held-out (threshold chosen on the other half): sensitivity {_pct(ho_t.get('sensitivity'))}, "
+                f"specificity {_pct(ho_t.get('specificity'))}",
+                f"- melanoma sensitivity: {_pct(t.get('melanoma_sensitivity_at_threshold'))} at the triage threshold, "
+                f"{_pct(mel.get('0.80'))} at 80% and {_pct(mel.get('0.90'))} at 90% specificity (P(mel), validation)"]
+    probes = o.get("probe_detection", {})
+    out += ["", "## Out-of-distribution check",
+            f"- {o.get('method')} distance on {o.get('features')} features; threshold set for "
+            f"{_pct(o.get('target_false_rejection'))} false rejections of validation lesions",
+            f"- false rejections: {_pct(o.get('val_false_rejection'))} on validation, "
+            f"{_pct(o.get('held_out_false_rejection'))} held-out",
+            "- non-dermoscopic probes rejected: " + ", ".join(f"{k} {_pct(v)}" for k, v in probes.items()), ""]
+    return out

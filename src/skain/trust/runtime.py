@@ -1,0 +1,97 @@
+"""What prediction does with the bundle's trust block: temperature, OOD score, triage.
+
+Bundles written before the trust block existed (or by runs too small to fit it) still load: every piece
+is optional, and a missing piece yields T = 1, no OOD verdict (None) and no triage.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .ood import BackboneTap, MahalanobisScorer
+from .triage import malignant_columns, triage_labels
+
+NOT_DERMOSCOPIC = "this does not look like a dermoscopic image"
+
+
+@dataclass
+class TrustLayer:
+    classes: list[str]
+    temperature: float = 1.0
+    ood: MahalanobisScorer | None = None
+    ood_threshold: float | None = None
+    triage_threshold: float | None = None
+    figures: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_bundle(cls, bundle: dict) -> "TrustLayer":
+        trust, classes = bundle.get("trust") or {}, list(bundle["classes"])
+        ood = trust.get("ood") or {}
+        triage = trust.get("triage") or {}
+        has_triage = triage.get("threshold") is not None and malignant_columns(classes) is not None
+        return cls(classes, float(trust.get("temperature", 1.0)),
+                   MahalanobisScorer.from_state(ood) if ood.get("means") is not None else None,
+                   float(ood["threshold"]) if ood.get("threshold") is not None else None,
+                   float(triage["threshold"]) if has_triage else None,
+                   {"triage": {k: v for k, v in triage.items()}, "ood": {k: v for k, v in ood.items()
+                                                                       if k not in ("means", "whitener")}})
+
+    @property
+    def has_ood(self) -> bool:
+        return self.ood is not None and self.ood_threshold is not None
+
+    def calibrate(self, logits: np.ndarray) -> np.ndarray:
+        """Logits (or TTA log-probabilities) -> calibrated probabilities softmax(logits / T)."""
+        logits = torch.from_numpy(np.asarray(logits))
+        return (logits / self.temperature if self.temperature != 1.0 else logits).softmax(1).numpy()
+
+    def tap(self, model: torch.nn.Module, views: int = 1) -> "BackboneTap | NoTap":
+        """Feature capture for the OOD score around one inference loop; a no-op when the bundle has no OOD
+        scorer or the model exposes no backbone (the ONNX backend)."""
+        if self.has_ood and isinstance(getattr(model, "backbone", None), torch.nn.Module):
+            return BackboneTap(model, views)
+        return NoTap()
+
+    def ood_scores(self, features: np.ndarray) -> np.ndarray | None:
+        """Distance relative to the rejection threshold: above 1.0 means 'not a dermoscopic image'."""
+        if not self.has_ood or features is None or len(features) == 0:
+            return None
+        return self.ood.score(features) / max(self.ood_threshold, 1e-12)
+
+    def annotate(self, probs: np.ndarray, features: np.ndarray | None) -> pd.DataFrame:
+        """Per image: p_malignant, triage, ood_score, ood (True = rejected). NaN/None where unavailable."""
+        n = len(probs)
+        cols = malignant_columns(self.classes)
+        p_mal = np.asarray(probs, dtype=np.float64)[:, cols].sum(1) if cols is not None else np.full(n, np.nan)
+        triage = (triage_labels(p_mal, self.triage_threshold) if self.triage_threshold is not None
+                  else np.full(n, None, dtype=object))
+        scores = self.ood_scores(features)
+        ood = scores > 1.0 if scores is not None else np.full(n, None, dtype=object)
+        return pd.DataFrame({"p_malignant": p_mal, "triage": triage,
+                             "ood_score": scores if scores is not None else np.full(n, np.nan), "ood": ood})
+
+    def columns(self, probs: np.ndarray, features: np.ndarray | None, ok: np.ndarray) -> pd.DataFrame:
+        """Batch-prediction columns ood, ood_score, p_malignant, triage; blank for unreadable images."""
+        cols = self.annotate(probs, features)[["ood", "ood_score", "p_malignant", "triage"]]
+        cols = cols.astype({"ood": object, "triage": object})
+        cols.loc[~np.asarray(ok, dtype=bool), :] = [None, np.nan, np.nan, None]
+        return cols
+
+    def summary(self) -> dict:
+        """Validated figures for display next to a triage result or an OOD rejection."""
+        return {"temperature": self.temperature, "triage": self.figures.get("triage", {}),
+                "ood": self.figures.get("ood", {}), "not_dermoscopic_message": NOT_DERMOSCOPIC}
+
+
+class NoTap(contextlib.AbstractContextManager):
+    """Stands in for BackboneTap when there is nothing to score."""
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def features(self) -> None:
+        return None

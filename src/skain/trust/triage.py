@@ -1,0 +1,71 @@
+"""Sensitivity-first malignancy triage: P(malignant) = P(mel) + P(bcc) + P(akiec) against one threshold.
+
+The threshold is the highest one that still flags the requested share of malignant validation lesions,
+so a miss costs more than a false alarm, as it does in the clinic.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+from sklearn.metrics import roc_curve
+
+MALIGNANT = ("mel", "bcc", "akiec")
+INVESTIGATE, ROUTINE = "investigate further", "routine"
+
+
+def malignant_columns(classes: Sequence[str]) -> list[int] | None:
+    """Indices of the malignant classes, or None when the model lacks one of them (no triage then)."""
+    if not all(c in classes for c in MALIGNANT):
+        return None
+    return [list(classes).index(c) for c in MALIGNANT]
+
+
+def p_malignant(probs: np.ndarray, classes: Sequence[str]) -> np.ndarray:
+    cols = malignant_columns(classes)
+    if cols is None:
+        raise ValueError(f"triage needs the classes {', '.join(MALIGNANT)}; this model has {', '.join(classes)}")
+    return np.asarray(probs, dtype=np.float64)[:, cols].sum(1)
+
+
+def threshold_for_sensitivity(scores: np.ndarray, positive: np.ndarray, target: float = 0.95) -> float:
+    """A threshold flagging at least `target` of the positives with as few negatives as possible.
+
+    It lies halfway between the k-th highest positive score (k = ceil(target * positives)) and the next
+    lower score of any image: validation decisions are those of the tightest threshold, while new
+    borderline lesions get the margin instead of falling just below it."""
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"target sensitivity must be in (0, 1], got {target}")
+    scores, positive = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
+    pos = np.sort(scores[positive])[::-1]
+    if len(pos) == 0:
+        raise ValueError("no malignant lesions in the validation split: cannot choose a triage threshold")
+    kth = pos[max(1, math.ceil(target * len(pos) - 1e-9)) - 1]
+    below = scores[scores < kth]
+    return float((kth + below.max()) / 2) if len(below) else float(kth)
+
+
+def operating_point(scores: np.ndarray, positive: np.ndarray, threshold: float) -> dict:
+    """Sensitivity and specificity of `scores >= threshold`, with the counts behind them."""
+    scores, positive = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
+    flagged = scores >= threshold
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    tp, tn = int((flagged & positive).sum()), int((~flagged & ~positive).sum())
+    return {"threshold": float(threshold), "sensitivity": tp / n_pos if n_pos else float("nan"),
+            "specificity": tn / n_neg if n_neg else float("nan"), "positives": n_pos, "negatives": n_neg,
+            "flagged_share": float(flagged.mean()) if len(flagged) else float("nan")}
+
+
+def sensitivity_at_specificity(scores: np.ndarray, positive: np.ndarray, specificity: float) -> float:
+    """Best sensitivity among ROC operating points whose specificity is at least `specificity`."""
+    positive = np.asarray(positive, dtype=bool)
+    if positive.all() or not positive.any():
+        return float("nan")
+    fpr, tpr, _ = roc_curve(positive.astype(int), np.asarray(scores, dtype=np.float64))
+    ok = (1.0 - fpr) >= specificity - 1e-12
+    return float(tpr[ok].max()) if ok.any() else 0.0
+
+
+def triage_labels(p_mal: np.ndarray, threshold: float) -> np.ndarray:
+    return np.where(np.asarray(p_mal) >= threshold, INVESTIGATE, ROUTINE)

@@ -1,0 +1,188 @@
+"""Trust layer: temperature scaling, ECE, triage thresholds, OOD rejection, model card, Predictor fields."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy.special import softmax
+
+from conftest import tiny_config
+from skain.bundle import load_model
+from skain.metrics import expected_calibration_error
+from skain.predict import Predictor
+from skain.trust.calibration import calibration_report, fit_temperature, nll
+from skain.trust.ood import MahalanobisScorer, threshold_for_false_rejection
+from skain.trust.probes import probe_set
+from skain.trust.triage import (INVESTIGATE, ROUTINE, operating_point, p_malignant, sensitivity_at_specificity,
+                                threshold_for_sensitivity)
+
+CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+
+
+# ----------------------------------------------------------------------------- calibration
+def overconfident(n: int = 3000, scale: float = 3.0, seed: int = 0):
+    """Labels drawn from softmax(z); the 'model' reports scale * z, i.e. is overconfident by `scale`."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0, 1.5, (n, 7))
+    labels = np.array([rng.choice(7, p=p) for p in softmax(z, axis=1)])
+    return scale * z, labels
+
+
+def test_temperature_fit_lowers_nll_and_ece_on_overconfident_logits():
+    logits, labels = overconfident()
+    t = fit_temperature(logits, labels)
+    report = calibration_report(logits, labels, t)
+    assert report["nll_after"] < report["nll_before"] - 0.1
+    assert report["ece_after"] < 0.03 < report["ece_before"]
+    assert t == pytest.approx(3.0, rel=0.12)  # recovers the scale the logits were inflated by
+
+
+def test_temperature_fit_leaves_calibrated_logits_alone():
+    logits, labels = overconfident(scale=1.0, seed=1)
+    t = fit_temperature(logits, labels)
+    assert t == pytest.approx(1.0, rel=0.1)
+    assert nll(logits, labels, t) <= nll(logits, labels, 1.0) + 1e-9
+
+
+def test_ece_matches_a_hand_computed_example():
+    probs = np.array([[0.90, 0.05, 0.05],   # conf 0.90, correct    } one bin: acc 0.5, conf 0.9
+                      [0.90, 0.05, 0.05],   # conf 0.90, wrong      }  -> 2/5 * 0.40 = 0.16
+                      [0.65, 0.20, 0.15],   # conf 0.65, correct    -> 1/5 * 0.35 = 0.07
+                      [0.45, 0.35, 0.20],   # conf 0.45, wrong      -> 1/5 * 0.45 = 0.09
+                      [0.03, 0.95, 0.02]])  # conf 0.95, correct    -> 1/5 * 0.05 = 0.01
+    labels = np.array([0, 1, 0, 2, 1])
+    assert expected_calibration_error(probs, labels, n_bins=15) == pytest.approx(0.33)
+
+
+# ----------------------------------------------------------------------------- triage
+@pytest.mark.parametrize("target", [0.80, 0.95, 0.99])
+def test_triage_threshold_meets_the_requested_sensitivity_on_validation(target):
+    rng = np.random.default_rng(3)
+    positive = rng.random(1000) < 0.2
+    scores = np.clip(rng.normal(np.where(positive, 0.6, 0.3), 0.15), 0, 1)
+    thr = threshold_for_sensitivity(scores, positive, target)
+    point = operating_point(scores, positive, thr)
+    assert point["sensitivity"] >= target
+    tighter = np.sort(scores[positive & (scores >= thr)])[0] + 1e-9  # drop one more positive
+    assert operating_point(scores, positive, tighter)["sensitivity"] < target
+    assert point["specificity"] > 0.3
+
+
+def test_triage_threshold_refuses_a_split_without_malignant_lesions():
+    with pytest.raises(ValueError, match="no malignant"):
+        threshold_for_sensitivity(np.array([0.1, 0.2]), np.array([False, False]))
+
+
+def test_p_malignant_sums_melanoma_bcc_and_akiec():
+    probs = np.array([[0.1, 0.2, 0.05, 0.05, 0.3, 0.25, 0.05]])
+    assert p_malignant(probs, CLASSES)[0] == pytest.approx(0.6)
+
+
+def test_sensitivity_at_specificity_on_a_small_roc():
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05])
+    positive = np.array([1, 1, 0, 1, 0, 0, 0, 0, 1, 0], dtype=bool)
+    assert sensitivity_at_specificity(scores, positive, 5 / 6) == pytest.approx(0.75)  # one false alarm allowed
+    assert sensitivity_at_specificity(scores, positive, 1.0) == pytest.approx(0.5)
+
+
+# ----------------------------------------------------------------------------- OOD scorer
+def test_mahalanobis_threshold_keeps_the_stated_false_rejection_rate_on_new_samples():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 3, (4, 16))
+
+    def draw(n):
+        labels = rng.integers(0, 4, n)
+        return centres[labels] + rng.normal(0, 1, (n, 16)), labels
+
+    scorer = MahalanobisScorer.fit(*draw(2000), normalize=False)
+    thr = threshold_for_false_rejection(scorer.score(draw(1000)[0]), 0.05)
+    rejected = (scorer.score(draw(4000)[0]) > thr).mean()
+    assert 0.03 < rejected < 0.07
+    far = rng.normal(0, 1, (200, 16)) + 15.0
+    assert (scorer.score(far) > thr).all()
+    restored = MahalanobisScorer.from_state(scorer.state_dict())
+    assert np.allclose(restored.score(far[:5]), scorer.score(far[:5]), rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- training outputs (tiny model)
+def test_training_stores_trust_in_a_weights_only_bundle_and_metrics(trained):
+    bundle = torch.load(trained / "best_model.pt", weights_only=True)
+    trust = bundle["trust"]
+    assert 0.05 <= trust["temperature"] <= 20
+    assert trust["ood"]["threshold"] > 0 and trust["ood"]["whitener"].ndim == 2
+    calib = json.loads((trained / "metrics.json").read_text())["trust"]["calibration"]
+    assert calib["ece_bins"] == 15
+    assert {"ece_before", "ece_after", "nll_before", "nll_after"} <= set(calib)
+    assert calib["nll_after"] <= calib["nll_before"] + 1e-9  # T minimises validation NLL
+    assert (trained / "reliability.png").stat().st_size > 10_000
+
+
+def test_model_card_contains_the_real_numbers(trained):
+    metrics = json.loads((trained / "metrics.json").read_text())
+    card = (trained / "model_card.md").read_text()
+    v, t = metrics["validation"], metrics["trust"]
+    assert f"balanced accuracy {v['balanced_accuracy']:.3f}" in card
+    assert f"| mel | {v['per_class']['mel']['recall']:.3f} |" in card
+    assert f"ECE (15 bins) {t['calibration']['ece_before']:.3f} -> {t['calibration']['ece_after']:.3f}" in card
+    assert f"threshold {t['triage']['threshold']:.4f}" in card
+    assert "SYNTHETIC" in card and "light skin" in card and "does not diagnose" in card
+    bundle_card = torch.load(trained / "best_model.pt", weights_only=True)["model_card"]
+    assert bundle_card["metrics"]["validation"]["balanced_accuracy"] == v["balanced_accuracy"]
+    assert Predictor.from_bundle(trained).info["model_card"] == bundle_card
+
+
+def test_predictions_use_the_temperature_and_carry_triage_and_ood(trained, synth_root):
+    pred = Predictor.from_bundle(trained)
+    images = sorted((synth_root / "dataset_test" / "image").iterdir())[:4]
+    one = pred.predict_one(images[0], 50, "male", "back")
+    t = pred.trust.temperature
+    with torch.no_grad():
+        b = pred._batch(pred.image_tensor(images[0])[None], pd.DataFrame({"age": [50], "sex": ["male"],
+                                                                          "localization": ["back"]}))
+        logits = load_model(pred.bundle)(b["image"], b["age"], b["sex"], b["site"]).numpy()
+    assert one.probability == pytest.approx(float(softmax(logits / t, axis=1).max()), abs=1e-5)
+    assert one.triage in (INVESTIGATE, ROUTINE) and one.in_distribution is not None
+    assert one.p_malignant == pytest.approx(one.probabilities["mel"] + one.probabilities["bcc"]
+                                            + one.probabilities["akiec"], abs=1e-5)
+    table = pred.predict_frame(pd.DataFrame({"image_id": [p.stem for p in images], "path": [str(p) for p in images]}),
+                               progress=False)
+    assert {"ood", "ood_score", "p_malignant", "triage"} <= set(table.columns)
+    assert table["ood_score"].iloc[0] == pytest.approx(one.ood_score, rel=1e-3)
+
+
+def test_bundles_without_trust_still_predict(trained, synth_root):
+    bundle = torch.load(trained / "best_model.pt", weights_only=True)
+    del bundle["trust"], bundle["model_card"]
+    pred = Predictor(bundle)
+    image = sorted((synth_root / "dataset_test" / "image").iterdir())[0]
+    one = pred.predict_one(image)
+    assert one.triage is None and one.in_distribution is None and one.ood_score is None
+    assert sum(one.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+    assert pred.info["model_card"] is None
+
+
+# ----------------------------------------------------------------------------- real dermoscopy (slow)
+@pytest.mark.slow
+def test_ood_rejects_blank_and_noise_but_accepts_held_out_real_dermoscopy(shared_data, tmp_path):
+    """A frozen-backbone Lite0 (ImageNet weights) trained briefly on ~240 real HAM10000 images: the OOD
+    check built at the end of training must pass unseen real lesions and reject blank frames and noise."""
+    from skain.train import fit
+    meta = pd.read_csv(shared_data / "metadata.csv")
+    lesions = meta["lesion_id"].drop_duplicates().sample(frac=1.0, random_state=0)
+    used = meta[meta["lesion_id"].isin(lesions.iloc[:180])]
+    unseen = meta[meta["lesion_id"].isin(lesions.iloc[-60:])]
+    csv = tmp_path / "subset.csv"
+    used.to_csv(csv, index=False)
+    cfg = tiny_config(tmp_path, tmp_path / "out", tmp_path / "cache", frozen_epochs=2, epochs=0, lr_frozen=1e-3)
+    cfg.data.data, cfg.data.csv, cfg.data.images = None, str(csv), [str(shared_data / "images")]
+    cfg.model.backbone, cfg.model.pretrained, cfg.model.input_size = "tf_efficientnet_lite0", "offline", 128
+    fit(cfg)
+    pred = Predictor.from_bundle(tmp_path / "out")
+    probes = probe_set(seed=5)
+    for kind in ("blank", "noise"):
+        verdicts = [pred.predict_one(b).in_distribution for b in probes[kind]]
+        assert verdicts == [False] * len(verdicts), (kind, verdicts)
+    table = pred.predict_frame(unseen.assign(path=[str(shared_data / "images" / f"{i}.jpg") for i in unseen["image_id"]]),
+                               progress=False)
+    assert table["ood"].astype(bool).mean() <= 0.10, table["ood_score"].describe()
