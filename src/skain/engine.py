@@ -146,6 +146,7 @@ class ModelEma:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """Warm-up (1 + n) / (10 + n) keeps early averages from being dominated by the initial weights."""
+        model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
         pairs = self._pairs(model)

@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, WeightedRandomSampler
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 
 from .bundle import BUNDLE_NAME, atomic_json, atomic_torch_save, atomic_write, make_bundle
 from .config import Config
@@ -25,10 +26,13 @@ from .data.layout import discover, load_table
 from .data.schema import CLASSES, DataError
 from .data.split import lesion_split, split_table
 from .data.transforms import eval_transform, resolve_preprocess, train_transform
+from .distributed import (DistInfo, EpochSampler, ShardSampler, barrier, broadcast, cleanup, device_for,
+                          gather_predictions, init_distributed, reduce_mean, sync_buffers)
 from .engine import (EarlyStopping, ModelEma, amp_dtype, predict_logits, resolve_device,
                      train_one_epoch)
 from .metrics import classification_metrics, history_row
 from .model import SkainNet
+from .trust import after_training
 from .weights import load_pretrained
 
 log = logging.getLogger(__name__)
@@ -167,22 +171,22 @@ def workers(cfg: Config, device: torch.device) -> int:
     return min(8, cores) if device.type == "cuda" else (0 if cores <= 2 else min(4, cores // 2))
 
 
-def build_loaders(cfg: Config, prep: Prepared, pre: dict, loader_fn: ImageLoader, device: torch.device):
+def build_loaders(cfg: Config, prep: Prepared, pre: dict, loader_fn: ImageLoader, device: torch.device,
+                  info: DistInfo = DistInfo()):
+    """Training order from a seeded per-epoch sampler (sharded across ranks); validation sharded without padding."""
     tr = prep.frame.iloc[prep.train_idx].reset_index(drop=True)
     va = prep.frame.iloc[prep.val_idx].reset_index(drop=True)
     train_ds = LesionDataset(tr, prep.encoder, loader_fn, train_transform(pre))
     val_ds = LesionDataset(va, prep.encoder, loader_fn, eval_transform(pre))
-    n_workers = workers(cfg, device)
-    common = {"num_workers": n_workers, "pin_memory": device.type == "cuda"}
-    sampler = None
-    if cfg.train.balance == "sampler":
+    common = {"num_workers": workers(cfg, device), "pin_memory": device.type == "cuda"}
+    weights = None
+    if cfg.train.balance == "sampler":  # draw rare classes more often (square-root inverse frequency)
         counts = np.bincount(train_ds.labels, minlength=len(CLASSES)).astype(float)
         weights = 1.0 / np.sqrt(np.maximum(counts[train_ds.labels], 1))
-        sampler = WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(train_ds))
+    sampler = EpochSampler(len(train_ds), info, cfg.train.seed, weights)
     bs = cfg.train.batch_size
-    train_dl = DataLoader(train_ds, bs, shuffle=sampler is None, sampler=sampler, drop_last=len(train_ds) > bs,
-                          **common)
-    val_dl = DataLoader(val_ds, bs * 2, shuffle=False, **common)
+    train_dl = DataLoader(train_ds, bs, sampler=sampler, drop_last=len(sampler) > bs, **common)
+    val_dl = DataLoader(val_ds, bs * 2, sampler=ShardSampler(len(val_ds), info), **common)
     return train_dl, val_dl
 
 
@@ -212,8 +216,13 @@ def build_network(cfg: Config, encoder: MetadataEncoder) -> tuple[SkainNet, dict
 
 
 def lr_schedule(optimizer: torch.optim.Optimizer, base_lr: float, steps: int, warmup: int, kind: str,
-                start: int = 0):
-    """A per-step closure: linear warm-up then constant or cosine decay to 1% of base_lr."""
+                start: int = 0, time_fraction=None):
+    """A per-step closure: linear warm-up then constant or cosine decay to 1% of base_lr.
+
+    With `time_fraction` (a callable giving the used share of a wall-clock budget) the cosine follows
+    whichever is further along, steps or time, so a run with --max-minutes always ends annealed even on a
+    busy machine.
+    """
     state = {"step": start}
 
     def lr_at(step: int) -> float:
@@ -221,6 +230,8 @@ def lr_schedule(optimizer: torch.optim.Optimizer, base_lr: float, steps: int, wa
             return base_lr * (step + 1) / warmup
         if kind == "cosine":
             t = min(1.0, (step - warmup) / max(1, steps - warmup))
+            if time_fraction is not None:
+                t = max(t, min(1.0, time_fraction()))
             return base_lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t)))
         return base_lr
 
@@ -285,24 +296,43 @@ class Run:
 
 
 def fit(cfg: Config) -> dict:
-    """Train as configured; returns the final metrics (also written to <output>/metrics.json)."""
+    """Train as configured; returns the final metrics (also written to <output>/metrics.json).
+
+    Under torchrun every rank calls this; rank 0 alone checks and locks the output folder and writes files.
+    """
     out = Path(cfg.train.output)
-    check_output(out, cfg.train.resume, cfg.train.overwrite)
-    with RunLock(out):
-        return _fit(cfg, out)
+    info = init_distributed()
+    try:
+        error = None
+        if info.main:
+            try:
+                check_output(out, cfg.train.resume, cfg.train.overwrite)
+            except DataError as exc:
+                error = str(exc)
+        error = broadcast(info, error)
+        if error:
+            raise DataError(error)
+        if not info.main:
+            return _fit(cfg, out, info)
+        with RunLock(out):
+            return _fit(cfg, out, info)
+    finally:
+        cleanup(info)
 
 
-def _fit(cfg: Config, out: Path) -> dict:
+def _fit(cfg: Config, out: Path, info: DistInfo) -> dict:
     t = cfg.train
     seed_everything(t.seed)
-    device = resolve_device()
+    device = device_for(info, resolve_device())
     dtype = amp_dtype(device, t.amp)
     prep = prepare_data(cfg)
     model, args, pre, weights = build_network(cfg, prep.encoder)
     loader_fn = make_loader_fn(cfg, pre)
-    warm_images(prep.frame, loader_fn, t.progress)
-    write_run_files(out, cfg, prep, pre)
-    train_dl, val_dl = build_loaders(cfg, prep, pre, loader_fn, device)
+    if info.main:  # one rank decodes and caches; the others wait, then read the cache
+        warm_images(prep.frame, loader_fn, t.progress)
+        write_run_files(out, cfg, prep, pre)
+    barrier(info)
+    train_dl, val_dl = build_loaders(cfg, prep, pre, loader_fn, device, info)
     channels_last = t.channels_last and device.type in ("cuda", "cpu")
     model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     run = Run(model, ModelEma(model, t.ema_decay) if t.ema_decay > 0 else None, EarlyStopping(t.patience))
@@ -318,13 +348,18 @@ def _fit(cfg: Config, out: Path) -> dict:
                                  "config": cfg.to_dict(), "device": device.type,
                                  "amp": str(dtype).replace("torch.", "") if dtype else "off"}}
     ctx = {"device": device, "dtype": dtype, "channels_last": channels_last, "criterion": criterion,
-           "train_dl": train_dl, "val_dl": val_dl, "out": out, "bundle": bundle_extra}
+           "train_dl": train_dl, "val_dl": val_dl, "out": out, "bundle": bundle_extra, "info": info}
     for phase in plan(t):
         if run.done:
             break
         run_phase(cfg, run, phase, ctx)
     run.done = True
-    return finish(out, run, prep, bundle_extra)
+    summary = None
+    if info.main:
+        trust = after_training(out / BUNDLE_NAME, prep.frame, prep.train_idx, prep.val_idx, loader_fn, device,
+                               t.progress)
+        summary = finish(out, run, prep, bundle_extra, trust)
+    return broadcast(info, summary)
 
 
 def run_phase(cfg: Config, run: Run, phase: Phase, ctx: dict) -> None:
@@ -342,23 +377,42 @@ def run_phase(cfg: Config, run: Run, phase: Phase, ctx: dict) -> None:
     per_epoch = len(ctx["train_dl"])
     start_epoch = max(run.next_epoch, phase.first)
     sched = lr_schedule(optimizer, phase.lr, phase.epochs * per_epoch, int(t.warmup_epochs * per_epoch),
-                        t.schedule, start=(start_epoch - phase.first) * per_epoch)
+                        t.schedule, start=(start_epoch - phase.first) * per_epoch,
+                        time_fraction=_budget_fraction(run, t.max_minutes) if phase.stops_early else None)
+    info: DistInfo = ctx["info"]
+    # DDP registers the parameters that train when it is built, so it is rebuilt for each phase
+    ctx["net"] = (DistributedDataParallel(model, device_ids=[ctx["device"].index] if ctx["device"].type == "cuda"
+                                          else None) if info.enabled else model)
     for epoch in range(start_epoch, end):
         stop = run_epoch(cfg, run, phase, epoch, optimizer, sched, ctx)
-        atomic_torch_save(run.checkpoint(optimizer, phase.name), ctx["out"] / LAST_NAME)
+        if info.main:
+            atomic_torch_save(run.checkpoint(optimizer, phase.name), ctx["out"] / LAST_NAME)
         if stop:
             break
 
 
+def _budget_fraction(run: Run, max_minutes: float | None):
+    """Share of the --max-minutes budget used so far (None without a budget)."""
+    if not max_minutes:
+        return None
+    base = time.perf_counter() - run.elapsed
+    return lambda: (time.perf_counter() - base) / (max_minutes * 60)
+
+
 def run_epoch(cfg: Config, run: Run, phase: Phase, epoch: int, optimizer, sched, ctx: dict) -> bool:
     """Train and validate one epoch, save the best bundle; returns True when training should stop."""
-    t, started = cfg.train, time.perf_counter()
-    seed_everything(t.seed * 1000 + epoch)  # each epoch's shuffling and augmentation replay exactly on --resume
-    total = t.frozen_epochs + t.epochs
-    stats = train_one_epoch(run.model, ctx["train_dl"], optimizer, ctx["criterion"], ctx["device"], ctx["dtype"],
-                            sched, run.ema, ctx["channels_last"], f"epoch {epoch}/{total} {phase.name}", t.progress)
-    res = predict_logits(run.scored(), ctx["val_dl"], ctx["device"], ctx["dtype"], ctx["channels_last"],
-                         "validate", t.progress)
+    t, started, info = cfg.train, time.perf_counter(), ctx["info"]
+    # each epoch's order and augmentation depend only on (seed, epoch, rank): --resume replays them exactly
+    seed_everything(t.seed * 1000 + epoch + 100_003 * info.rank)
+    ctx["train_dl"].sampler.set_epoch(epoch)
+    total, progress = t.frozen_epochs + t.epochs, t.progress and info.main
+    stats = train_one_epoch(ctx["net"], ctx["train_dl"], optimizer, ctx["criterion"], ctx["device"], ctx["dtype"],
+                            sched, run.ema, ctx["channels_last"], f"epoch {epoch}/{total} {phase.name}", progress)
+    stats["loss"] = reduce_mean(info, stats["loss"] * stats["images"], stats["images"])
+    stats["images_per_s"] *= info.world
+    sync_buffers(info, run.scored())
+    res = gather_predictions(info, predict_logits(run.scored(), ctx["val_dl"], ctx["device"], ctx["dtype"],
+                                                  ctx["channels_last"], "validate", progress))
     probs = torch.from_numpy(res["logits"]).softmax(1).numpy()
     metrics = classification_metrics(res["label"], probs, CLASSES)
     val_loss = float(ctx["criterion"](torch.from_numpy(res["logits"]).to(ctx["device"]),
@@ -368,8 +422,9 @@ def run_epoch(cfg: Config, run: Run, phase: Phase, epoch: int, optimizer, sched,
     run.history.append({"epoch": epoch, "phase": phase.name, "lr": optimizer.param_groups[0]["lr"],
                         "train_loss": stats["loss"], "val_loss": val_loss, **history_row(metrics),
                         "train_images_per_s": stats["images_per_s"], "elapsed_s": run.elapsed})
-    _write_history(ctx["out"], run.history)
-    if run.stopper.improved:
+    if info.main:
+        _write_history(ctx["out"], run.history)
+    if run.stopper.improved and info.main:
         bundle = make_bundle(run.scored(), metrics={**metrics, "epoch": epoch, "val_loss": val_loss},
                              classes=list(CLASSES), **ctx["bundle"])
         atomic_torch_save(bundle, ctx["out"] / BUNDLE_NAME)
@@ -381,9 +436,10 @@ def run_epoch(cfg: Config, run: Run, phase: Phase, epoch: int, optimizer, sched,
     if stop:
         log.info("early stopping: no balanced-accuracy gain for %d epochs", t.patience)
         run.done = True
-    if t.max_minutes and run.elapsed + (time.perf_counter() - started) > t.max_minutes * 60:
+    if t.max_minutes and run.elapsed + (time.perf_counter() - started) > t.max_minutes * 60:  # next epoch would overrun
         log.info("time budget of %.1f min reached", t.max_minutes)
         run.done = True
+    run.done = broadcast(info, run.done)  # decided once, on rank 0, so all ranks stop together
     return run.done
 
 
@@ -401,14 +457,15 @@ def write_run_files(out: Path, cfg: Config, prep: Prepared, pre: dict) -> None:
     atomic_write(out / "split.csv", lambda fh: fh.write(table.to_csv(index=False).encode()))
 
 
-def finish(out: Path, run: Run, prep: Prepared, bundle_extra: dict) -> dict:
-    """metrics.json from the best epoch's bundle (what predictions will use)."""
+def finish(out: Path, run: Run, prep: Prepared, bundle_extra: dict, trust: dict | None = None) -> dict:
+    """metrics.json from the best epoch's bundle (what predictions will use), with the trust figures."""
     best = torch.load(out / BUNDLE_NAME, map_location="cpu", weights_only=True)
     summary = {"validation": best["metrics"], "best_epoch": best["metrics"]["epoch"],
                "epochs_trained": len(run.history), "train_minutes": run.elapsed / 60,
                "data": prep.info, "pretrained": bundle_extra["training"]["pretrained"],
                "note": "SYNTHETIC demo data: these numbers say nothing about real lesions" if prep.synthetic
-               else "validation = held-out lesions (lesion-grouped split); not an independent test set"}
+               else "validation = held-out lesions (lesion-grouped split); not an independent test set",
+               "trust": trust or {}}
     atomic_json(summary, out / "metrics.json")
     m = best["metrics"]
     log.info("best epoch %d: balanced accuracy %.3f, macro AUC %.3f, accuracy %.3f -> %s",

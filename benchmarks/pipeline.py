@@ -1,0 +1,123 @@
+"""Input pipeline and training throughput, measured as ratios within one run.
+
+    python benchmarks/pipeline.py [--data-root ../shared/ham10000] [--images 400] [--presets cpu gpu]
+
+1. Input pipeline images/s on real HAM10000 JPEGs: naive (decode the 600x450 JPEG, augment at full size,
+   every time) vs skAIn's (pre-resized uint8 cache + the same augmentation at 1.14x the input size).
+2. Training images/s per preset on this device: the real data pipeline in the loop vs synthetic tensors already
+   in memory (the model's own limit). Target: the pipeline reaches >= 90% of the model's limit.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from skain.config import build_config
+from skain.data.dataset import LesionDataset
+from skain.data.encoder import MetadataEncoder
+from skain.data.images import ImageLoader, open_image
+from skain.data.layout import discover, load_table
+from skain.data.transforms import resolve_preprocess, train_transform
+from skain.engine import amp_dtype, resolve_device, train_one_epoch
+from skain.model import SkainNet
+from skain.train import workers
+
+
+def naive_item(path: str, pre: dict, aug) -> torch.Tensor:
+    """What a notebook does: decode the full JPEG and augment it at full size, every epoch."""
+    return aug(np.asarray(open_image(path)))
+
+
+def time_pipeline(paths: list[str], fn) -> float:
+    start = time.perf_counter()
+    for p in paths:
+        fn(p)
+    return len(paths) / (time.perf_counter() - start)
+
+
+def pipeline_ratio(paths: list[str], pre: dict, cache_dir: Path) -> dict:
+    aug = train_transform(pre)
+    loader = ImageLoader(pre["resize"], cache_dir)
+    for p in paths:  # fill the cache once (what `skain train` does before epoch 1)
+        loader(p)
+    naive = time_pipeline(paths, lambda p: naive_item(p, pre, aug))
+    ours = time_pipeline(paths, lambda p: aug(loader(p)))
+    return {"naive_img_s": naive, "skain_img_s": ours, "ratio": ours / naive}
+
+
+class Synthetic(torch.utils.data.Dataset):
+    def __init__(self, n: int, size: int):
+        self.n, self.size = n, size
+        self.image = torch.randn(3, size, size)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.image, "age": torch.zeros(1), "sex": torch.tensor(0), "site": torch.tensor(0),
+                "label": torch.tensor(i % 7), "index": torch.tensor(i), "ok": torch.tensor(True)}
+
+
+def train_speed(preset: str, frame: pd.DataFrame, steps: int, cache_dir: Path) -> dict:
+    cfg = build_config(preset, flags={"model": {"pretrained": "none"}})
+    device = resolve_device()
+    dtype = amp_dtype(device, "auto")
+    model = SkainNet(cfg.model.backbone, n_sex=3, n_site=15).to(device, memory_format=torch.channels_last)
+    model.set_backbone_trainable(cfg.train.unfreeze_fraction)
+    pre = resolve_preprocess(model.backbone.pretrained_cfg, cfg.model.input_size)
+    bs = cfg.train.batch_size
+    n = bs * steps
+    enc = MetadataEncoder.fit(frame)
+    real = LesionDataset(frame.iloc[:n].reset_index(drop=True), enc, ImageLoader(pre["resize"], cache_dir),
+                         train_transform(pre))
+    for i in range(len(real)):  # warm the cache, as training does before its first epoch
+        real.loader(real.paths[i])
+    n_workers = workers(cfg, device)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 1e-5)
+    loss = torch.nn.CrossEntropyLoss()
+    out = {}
+    for name, ds in (("synthetic", Synthetic(n, pre["input_size"])), ("pipeline", real)):
+        dl = DataLoader(ds, bs, shuffle=False, num_workers=n_workers, pin_memory=device.type == "cuda")
+        train_one_epoch(model, [next(iter(dl))], opt, loss, device, dtype, channels_last=True, progress=False)
+        out[name] = train_one_epoch(model, dl, opt, loss, device, dtype, channels_last=True,
+                                    progress=False)["images_per_s"]
+    out["pipeline_share"] = out["pipeline"] / out["synthetic"]
+    out.update({"preset": preset, "device": str(device), "amp": str(dtype), "batch": bs,
+                "input": pre["input_size"], "workers": n_workers})
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-root", default=str(Path(__file__).resolve().parents[1] / ".." / "shared" / "ham10000"))
+    ap.add_argument("--images", type=int, default=400)
+    ap.add_argument("--steps", type=int, default=6, help="training steps per measurement")
+    ap.add_argument("--presets", nargs="+", default=["cpu", "gpu"])
+    args = ap.parse_args()
+    root = Path(args.data_root)
+    frame = load_table(discover(csv=root / "metadata.csv", images=[root / "images"]))
+    frame = frame.sample(frac=1.0, random_state=0).reset_index(drop=True)
+    paths = frame["path"].tolist()[: args.images]
+    with tempfile.TemporaryDirectory() as tmp:
+        for preset in args.presets:
+            cfg = build_config(preset)
+            pre = resolve_preprocess({}, cfg.model.input_size)
+            r = pipeline_ratio(paths, pre, Path(tmp) / preset)
+            print(f"input pipeline {preset} ({pre['input_size']} px): naive {r['naive_img_s']:.0f} img/s, "
+                  f"skAIn {r['skain_img_s']:.0f} img/s -> {r['ratio']:.1f}x")
+        for preset in args.presets:
+            s = train_speed(preset, frame, args.steps, Path(tmp) / preset)
+            print(f"training {preset} ({s['input']} px, batch {s['batch']}, {s['device']}, {s['amp']}, "
+                  f"{s['workers']} workers): synthetic tensors {s['synthetic']:.1f} img/s, with the data pipeline "
+                  f"{s['pipeline']:.1f} img/s -> {100 * s['pipeline_share']:.0f}% of the model's limit")
+
+
+if __name__ == "__main__":
+    main()
