@@ -78,7 +78,7 @@ def read_bundle(model: str | Path) -> dict:
         bundle = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise BundleError(f"{path}: not a loadable skAIn bundle (refused by torch.load(weights_only=True): "
-                          f"{str(exc).splitlines()[0][:200]})") from exc
+                          f"{(str(exc).splitlines() or [type(exc).__name__])[0][:200]})") from exc
     check_bundle(bundle, str(path))
     return bundle
 
@@ -90,6 +90,7 @@ def check_bundle(bundle: Any, origin: str) -> None:
         raise BundleError(f"{origin}: bundle format {bundle.get('format_version')} written by skAIn "
                           f"{bundle.get('skain_version')}; this skAIn ({__version__}) reads format "
                           f"{FORMAT_VERSION}. Retrain, or use the matching skAIn version")
+    _check_parts(bundle, origin)
     state, args, enc = bundle["state_dict"], bundle["model_args"], bundle["encoder"]
     head = [k for k in state if k.startswith("head.") and k.endswith(".weight")]
     n_out = state[sorted(head, key=lambda k: int(k.split(".")[1]))[-1]].shape[0] if head else -1
@@ -99,6 +100,21 @@ def check_bundle(bundle: Any, origin: str) -> None:
         for key, vocab in (("meta.sex.weight", "sex_vocab"), ("meta.site.weight", "site_vocab")):
             if key not in state or state[key].shape[0] != len(enc[vocab]):
                 raise BundleError(f"{origin}: the {vocab} vocabulary does not match the weights ({key})")
+
+
+PARTS = {"state_dict": dict, "model_args": dict, "encoder": dict, "classes": list, "preprocess": dict}
+
+
+def _check_parts(bundle: dict, origin: str) -> None:
+    """Every part a prediction needs is there and has the right type, so later checks cannot crash."""
+    missing = [k for k, kind in PARTS.items() if not isinstance(bundle.get(k), kind)]
+    if missing:
+        raise BundleError(f"{origin}: bundle is missing or has malformed part(s) {', '.join(missing)}; "
+                          "it was not written by `skain train`")
+    if not all(isinstance(v, torch.Tensor) for v in bundle["state_dict"].values()):
+        raise BundleError(f"{origin}: bundle state_dict holds values that are not tensors")
+    if not all(isinstance(bundle["encoder"].get(v), list) for v in ("sex_vocab", "site_vocab")):
+        raise BundleError(f"{origin}: bundle encoder is missing its sex/site vocabularies")
 
 
 def load_model(bundle: dict) -> SkainNet:
