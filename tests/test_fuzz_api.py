@@ -191,6 +191,7 @@ FIELD_VALUES = {
 }
 
 
+@pytest.mark.slow  # 600 predictions: ~750 s on a saturated 2-core box, far less when idle
 def test_fuzz_600_random_and_mutated_uploads_never_give_a_5xx(app, synth_root):
     rng = random.Random(20240611)
     real = sorted((synth_root / "dataset_test" / "image").glob("*.jpg"))[:3]
