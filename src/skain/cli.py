@@ -156,6 +156,104 @@ COMMANDS.update({
 })
 
 
+# --------------------------------------------------------------------------------------------- predict / evaluate / export
+PARTIAL_FAILURE = 3  # exit code: predictions written, but some images could not be read
+
+
+def add_predict_args(p: argparse.ArgumentParser) -> None:
+    add_data_args(p, "./dataset_test")
+    p.add_argument("--model", default="outputs", help="trained output folder or .pt bundle (default outputs)")
+    p.add_argument("--output", default="outputs/test_predictions.csv", help="predictions CSV to write")
+    p.add_argument("--format", choices=["skain", "isic2018"], default="skain",
+                   help="skain: image_id,pred,prob,p_<class>,error; isic2018: image,MEL,NV,BCC,AKIEC,BKL,DF,VASC")
+    p.add_argument("--report", help="evaluation report folder when the CSV has dx (default: <output dir>/report)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--tta", type=int, default=1, help="test-time augmentation views, 1-8 (flips, 90-degree turns)")
+    p.add_argument("--precision", choices=["fp32", "fast", "channels_last", "bf16", "bf16_channels_last"],
+                   default="fp32", help="fp32 (reference); fast: the fastest variant measured to agree with fp32 "
+                   "(ONNX Runtime on CPU, channels_last on GPU); bf16 variants are faster but less exact")
+    p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                   help="onnx: run <bundle>.onnx (from `skain export`) in ONNX Runtime")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=True)
+
+
+def run_predict(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .predict import Predictor, default_workers, prediction_table
+    from .report import write_predictions
+    frame, src = prediction_table(ns.data, ns.csv, ns.images, bool(ns.skip_missing))
+    predictor = Predictor.from_bundle(ns.model, device=ns.device, precision=ns.precision, tta=ns.tta,
+                                      backend=ns.backend)
+    workers = ns.num_workers if ns.num_workers is not None else default_workers(predictor.device)
+    cache = None if ns.cache_dir in (None, "off") else ns.cache_dir
+    pred = predictor.predict_frame(frame, ns.batch_size, workers, cache, ns.progress)
+    out = write_predictions(pred, ns.output, ns.format)
+    failed = pred[pred["error"] != ""]
+    print(f"wrote {len(pred) - len(failed)} prediction(s) for {len(pred)} image(s) ({src.layout} layout) to {out}")
+    for image_id, error in zip(failed["image_id"], failed["error"]):
+        print(f"failed: {image_id}: {error}", file=sys.stderr)
+    if "dx" in frame and len(failed) < len(pred):
+        _report(pred, frame[["image_id", "dx"]], Path(ns.report or Path(ns.output).parent / "report"),
+                {"model": str(ns.model), "data": str(src.csv or src.image_dirs[0]), **_inference_context(predictor)})
+    if len(failed):
+        print(f"{len(failed)} image(s) could not be read; see the error column", file=sys.stderr)
+        return PARTIAL_FAILURE
+    return 0
+
+
+def _inference_context(predictor) -> dict:
+    info = predictor.info
+    return {"backbone": info["backbone"], **info["inference"]}
+
+
+def _report(pred, truth, folder, context: dict) -> None:
+    from .evaluate import align, evaluate, headline
+    from .report import write_report
+    labels, probs, info = align(pred, truth)
+    metrics = evaluate(labels, probs)
+    write_report(metrics, labels, probs, folder, {**context, **info})
+    print(headline(metrics))
+    print(f"report: {folder}/report.md")
+
+
+def add_evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--predictions", required=True, help="predictions CSV (skAIn or ISIC 2018 format)")
+    p.add_argument("--csv", required=True, help="ground truth: CSV with image_id,dx (or ISIC 2018 one-hot)")
+    p.add_argument("--report", help="report folder (default: <predictions dir>/report)")
+
+
+def run_evaluate(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .evaluate import read_predictions, read_truth
+    pred = read_predictions(ns.predictions)
+    folder = Path(ns.report or Path(ns.predictions).parent / "report")
+    _report(pred, read_truth(ns.csv), folder, {"predictions": ns.predictions, "ground_truth": ns.csv})
+    return 0
+
+
+def add_export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="outputs", help="trained output folder or .pt bundle (default outputs)")
+    p.add_argument("--output", help="ONNX file to write (default: beside the bundle, <bundle>.onnx)")
+    p.add_argument("--opset", type=int, default=17)
+
+
+def run_export(ns: argparse.Namespace) -> int:
+    from .export import export_onnx
+    path = export_onnx(ns.model, ns.output, ns.opset)
+    print(f"wrote {path}; use it with `skain predict --backend onnx --model {ns.model}`")
+    return 0
+
+
+COMMANDS.update({
+    "predict": (add_predict_args, run_predict, "predict a folder/CSV of images; evaluate when it has dx"),
+    "evaluate": (add_evaluate_args, run_evaluate, "score a predictions CSV against ground truth; write a report"),
+    "export": (add_export_args, run_export, "write the bundle's network as ONNX (image + metadata inputs)"),
+})
+
+
 # --------------------------------------------------------------------------------------------- serve
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="outputs", help="output folder or .pt bundle (default outputs)")
@@ -182,26 +280,6 @@ def run_serve(ns: argparse.Namespace) -> int:
 
 
 COMMANDS["serve"] = (add_serve_args, run_serve, "serve the web app and JSON API (waitress)")
-
-
-def add_calibrate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="a finished training output folder (config.json, split.csv)")
-    p.add_argument("--cache-dir", default=None, help="pre-resized image cache (as used in training)")
-    p.add_argument("--device", default="auto")
-
-
-def run_calibrate(ns: argparse.Namespace) -> int:
-    """Fit temperature, triage threshold and OOD check for a run trained before they existed."""
-    from .trust import fit_trust_folder
-    figures = fit_trust_folder(ns.model, ns.cache_dir, ns.device)
-    c = figures["calibration"]
-    print(f"T={c['temperature']:.3f}  ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f}; bundle, "
-          f"model_card.md and reliability.png updated in {ns.model}")
-    return 0
-
-
-COMMANDS["calibrate"] = (add_calibrate_args, run_calibrate,
-                         "fit calibration, OOD check, triage threshold and model card for an existing run")
 
 
 def add_calibrate_args(p: argparse.ArgumentParser) -> None:

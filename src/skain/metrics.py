@@ -63,3 +63,13 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: in
         if in_bin.any():
             ece += in_bin.mean() * abs(correct[in_bin].mean() - conf[in_bin].mean())
     return float(ece)
+
+
+def one_vs_rest_rates(labels: np.ndarray, pred: np.ndarray, positive: int) -> dict:
+    """Sensitivity and specificity of the decision "predicted class == positive" (e.g. melanoma)."""
+    labels, pred = np.asarray(labels), np.asarray(pred)
+    pos, neg = labels == positive, labels != positive
+    tp, tn = int((pos & (pred == positive)).sum()), int((neg & (pred != positive)).sum())
+    return {"sensitivity": tp / int(pos.sum()) if pos.any() else float("nan"),
+            "specificity": tn / int(neg.sum()) if neg.any() else float("nan"),
+            "positives": int(pos.sum()), "negatives": int(neg.sum())}

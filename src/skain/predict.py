@@ -2,10 +2,16 @@
 
 It rebuilds the model, the metadata encoder and the preprocessing from the bundle alone, and runs every
 image through the same decode -> resize -> centre-crop path that validation used during training.
+Single images (`predict_one`) and batches (`predict_frame`) share the metadata cleaning
+(`clean_metadata`), the tensor transform and `engine.predict_logits`, so the same input gives the same
+probabilities bit for bit whichever entry point, as long as the batch holds the same images: CPU kernels
+pick different blockings for different batch sizes, which moves logits by ~1e-7 (see tests/test_predict.py).
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,14 +21,36 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from .bundle import load_model, read_bundle
+from .bundle import load_model, read_bundle, resolve_path
 from .data.dataset import LesionDataset
 from .data.encoder import MetadataEncoder
 from .data.images import ImageLoader, open_image, resize_shorter
+from .data.layout import Source, discover, load_table
+from .data.schema import clean_metadata
 from .data.transforms import eval_transform, tta_views
-from .engine import amp_dtype, autocast, predict_logits, resolve_device
+from .engine import predict_logits, resolve_device
+from .trust import TrustLayer
 
 log = logging.getLogger(__name__)
+
+# precision -> (autocast dtype, channels_last).
+PRECISIONS: dict[str, tuple[torch.dtype | None, bool]] = {
+    "fp32": (None, False),
+    "channels_last": (None, True),
+    "bf16": (torch.bfloat16, False),
+    "bf16_channels_last": (torch.bfloat16, True),
+}
+BACKENDS = ("torch", "onnx")
+
+
+def fast_choice(device: torch.device) -> tuple[str, str]:
+    """(backend, precision) that `precision="fast"` means: the fastest variant that still agrees with fp32
+    (benchmarks/infer_speed.py, >= 500 real images: top-1 agreement >= 99.5%, max probability difference
+    <= 0.02). On CPU that is ONNX Runtime in fp32; bf16 autocast was faster than fp32 eager but moved
+    probabilities by up to ~0.07, so it is only used when asked for by name."""
+    if device.type == "cpu" and importlib.util.find_spec("onnxruntime") is not None:
+        return "onnx", "fp32"
+    return "torch", "channels_last"
 
 
 @dataclass
@@ -30,28 +58,58 @@ class Prediction:
     diagnosis: str
     probability: float
     probabilities: dict[str, float]
+    p_malignant: float | None = None       # P(mel) + P(bcc) + P(akiec), calibrated
+    triage: str | None = None              # "investigate further" / "routine"; None without a threshold
+    ood_score: float | None = None         # > 1.0: farther from the training lesions than the threshold
+    in_distribution: bool | None = None    # False: "this does not look like a dermoscopic image"
 
 
 class Predictor:
-    """Bundle -> probabilities. `precision="fp32"` is the reference; "fast" adds bf16 autocast and
-    channels_last where the device supports them."""
+    """Bundle -> probabilities. `precision="fp32"` is the reference; "fast" picks the fastest variant that
+    stays within the measured agreement bounds (see `fast_choice`); `backend="onnx"` runs the exported
+    network in ONNX Runtime (from `onnx_path`, or exported in memory when none is given)."""
 
-    def __init__(self, bundle: dict, device: str = "auto", precision: str = "fp32", tta: int = 1):
+    def __init__(self, bundle: dict, device: str = "auto", precision: str = "fp32", tta: int = 1,
+                 backend: str = "torch", onnx_path: str | Path | None = None):
         self.bundle = bundle
         self.classes: list[str] = list(bundle["classes"])
         self.encoder = MetadataEncoder.from_state(bundle["encoder"])
         self.preprocess: dict = dict(bundle["preprocess"])
         self.transform = eval_transform(self.preprocess)
+        self.trust = TrustLayer.from_bundle(bundle)  # temperature, OOD scorer, triage threshold (all optional)
         self.device = resolve_device(device)
-        self.dtype = amp_dtype(self.device, "auto") if precision == "fast" else None
-        self.channels_last = precision == "fast"
-        self.tta = max(1, min(int(tta), 8))
-        model = load_model(bundle).to(self.device)
-        self.model = model.to(memory_format=torch.channels_last) if self.channels_last else model
+        self.tta = _check_tta(tta)
+        if precision == "fast" and backend == "torch":
+            backend, precision = fast_choice(self.device)
+        self.backend = _check_choice("backend", backend, BACKENDS)
+        self.precision = "fp32" if precision == "fast" else precision
+        self.dtype, self.channels_last = PRECISIONS[_check_choice("precision", self.precision, PRECISIONS)]
+        if self.backend == "onnx":
+            self.model = self._onnx_model(onnx_path)
+            self.dtype, self.channels_last, self.precision = None, False, "fp32"
+        else:
+            model = load_model(bundle).to(self.device)
+            self.model = model.to(memory_format=torch.channels_last) if self.channels_last else model
 
     @classmethod
     def from_bundle(cls, model: str | Path, **kwargs: Any) -> "Predictor":
+        """`model` is an output folder or a bundle file; an ONNX backend finds `<bundle>.onnx` beside it."""
+        beside = resolve_path(model).with_suffix(".onnx")
+        if kwargs.get("onnx_path") is None and (kwargs.get("backend") == "onnx" or
+                                                 (kwargs.get("precision") == "fast" and beside.is_file())):
+            kwargs["onnx_path"] = beside
         return cls(read_bundle(model), **kwargs)
+
+    def _onnx_model(self, path: str | Path | None) -> torch.nn.Module:
+        """The exported graph from `path`, or (no file) exported in memory from the bundle now."""
+        from .export import export_bytes
+        from .onnx_runtime import OnnxModel
+        if self.device.type != "cpu":
+            log.info("ONNX backend runs on the CPU execution provider")
+        if path is None:
+            log.info("exporting the network to ONNX in memory (`skain export` saves it beside the bundle)")
+            return OnnxModel(export_bytes(self.bundle), self.bundle)
+        return OnnxModel(path, self.bundle)
 
     @property
     def info(self) -> dict:
@@ -61,7 +119,10 @@ class Predictor:
                 "image_only": bool(self.bundle["model_args"].get("image_only")),
                 "input_size": self.preprocess["input_size"], "vocabularies": self.encoder.vocabularies(),
                 "metrics": self.bundle.get("metrics", {}), "training": training,
-                "skain_version": self.bundle.get("skain_version")}
+                "skain_version": self.bundle.get("skain_version"),
+                "model_card": self.bundle.get("model_card"), "trust": self.trust.summary(),
+                "inference": {"backend": self.backend, "precision": self.precision, "tta": self.tta,
+                              "device": self.device.type}}
 
     # ------------------------------------------------------------------ single images (web app)
     def image_tensor(self, image: bytes | str | Path) -> torch.Tensor:
@@ -70,24 +131,38 @@ class Predictor:
 
     def predict_one(self, image: bytes | str | Path, age: float | None = None, sex: str | None = None,
                     site: str | None = None) -> Prediction:
-        frame = pd.DataFrame({"age": [age], "sex": [sex or "unknown"], "localization": [site or "unknown"]})
-        probs = self.probabilities(self.image_tensor(image)[None], frame)[0]
-        return self._prediction(probs)
+        frame = metadata_frame(age, sex, site)
+        res = self._run([self._batch(self.image_tensor(image)[None], frame)], progress=False)
+        return self._prediction(res["probs"][0], self.trust.annotate(res["probs"], res["features"]).iloc[0])
 
-    def _prediction(self, probs: np.ndarray) -> Prediction:
+    def _prediction(self, probs: np.ndarray, trust: pd.Series | None = None) -> Prediction:
         i = int(probs.argmax())
-        return Prediction(self.classes[i], float(probs[i]), {c: float(p) for c, p in zip(self.classes, probs)})
+        pred = Prediction(self.classes[i], float(probs[i]), {c: float(p) for c, p in zip(self.classes, probs)})
+        if trust is not None:
+            pred.p_malignant = None if np.isnan(trust["p_malignant"]) else float(trust["p_malignant"])
+            pred.triage = trust["triage"]
+            pred.ood_score = None if np.isnan(trust["ood_score"]) else float(trust["ood_score"])
+            pred.in_distribution = None if trust["ood"] is None else not bool(trust["ood"])
+        return pred
 
     @torch.no_grad()
     def probabilities(self, images: torch.Tensor, frame: pd.DataFrame) -> np.ndarray:
-        """Preprocessed images + raw metadata columns (age, sex, localization) -> probabilities."""
+        """Preprocessed images + raw metadata columns (age, sex, localization) -> calibrated probabilities."""
+        return self._run([self._batch(images, frame)], progress=False)["probs"]
+
+    def _batch(self, images: torch.Tensor, frame: pd.DataFrame) -> dict[str, torch.Tensor]:
         age, sex, site = self.encoder.transform(_with_meta_columns(frame))
-        batch = {"image": images, "age": torch.from_numpy(age)[:, None], "sex": torch.from_numpy(sex),
-                 "site": torch.from_numpy(site), "label": torch.full((len(frame),), -1),
-                 "index": torch.arange(len(frame)), "ok": torch.ones(len(frame), dtype=torch.bool)}
-        res = predict_logits(self.model, [batch], self.device, self.dtype, self.channels_last, progress=False,
-                             views=self._views())
-        return torch.from_numpy(res["logits"]).softmax(1).numpy()
+        return {"image": images, "age": torch.from_numpy(age)[:, None], "sex": torch.from_numpy(sex),
+                "site": torch.from_numpy(site), "label": torch.full((len(frame),), -1),
+                "index": torch.arange(len(frame)), "ok": torch.ones(len(frame), dtype=torch.bool)}
+
+    def _run(self, batches, progress: bool) -> dict[str, np.ndarray]:
+        with self.trust.tap(self.model, self.tta) as tap:  # backbone features for the OOD score, same pass
+            res = predict_logits(self.model, batches, self.device, self.dtype, self.channels_last, "predict",
+                                 progress, self._views())
+        res["probs"] = self.trust.calibrate(res["logits"])  # temperature scaling (T = 1 for older bundles)
+        res["features"] = tap.features()
+        return res
 
     def _views(self):
         return (lambda x: tta_views(x, self.tta)) if self.tta > 1 else None
@@ -95,23 +170,71 @@ class Predictor:
     # ------------------------------------------------------------------ batches (CLI)
     def predict_frame(self, frame: pd.DataFrame, batch_size: int = 32, num_workers: int = 0,
                       cache_dir: str | Path | None = None, progress: bool = True) -> pd.DataFrame:
-        """A validated frame with `path` -> one row per image: image_id, pred, prob, p_<class>..., error."""
+        """A validated frame with `path` -> one row per image: image_id, pred, prob, p_<class>..., error.
+
+        An unreadable image gets an empty prediction and its decoding error; the rest are still predicted.
+        """
         frame = _with_meta_columns(frame)
         dataset = LesionDataset(frame, self.encoder, ImageLoader(self.preprocess["resize"], cache_dir),
                                 self.transform, on_error="skip")
         loader = DataLoader(dataset, batch_size, shuffle=False, num_workers=num_workers)
-        res = predict_logits(self.model, loader, self.device, self.dtype, self.channels_last, "predict",
-                             progress, self._views())
-        probs = torch.from_numpy(res["logits"]).softmax(1).numpy()
+        res = self._run(loader, progress)
         order = np.argsort(res["index"])
-        probs, ok = probs[order], res["ok"][order].astype(bool)
+        probs, ok = res["probs"][order], res["ok"][order].astype(bool)
+        features = res["features"][order] if res["features"] is not None else None
         out = pd.DataFrame({"image_id": frame["image_id"].to_numpy()})
         out["pred"] = np.where(ok, np.array(self.classes)[probs.argmax(1)], "")
         out["prob"] = np.where(ok, probs.max(1), np.nan)
         for j, c in enumerate(self.classes):
             out[f"p_{c}"] = np.where(ok, probs[:, j], np.nan)
+        for name, column in self.trust.columns(probs, features, ok).items():  # ood, ood_score, p_malignant, triage
+            out[name] = column.to_numpy()
         out["error"] = [_error_for(p, dataset.loader) if not k else "" for p, k in zip(frame["path"], ok)]
         return out
+
+
+def metadata_frame(age: float | str | None, sex: str | None, site: str | None) -> pd.DataFrame:
+    """One row of raw metadata cleaned exactly like a CSV row (case, blanks, age range)."""
+    raw = pd.DataFrame({"image_id": ["upload"], "age": [age], "sex": [sex], "localization": [site]}, dtype=object)
+    raw = raw.fillna("")
+    return clean_metadata(raw.astype(str), "metadata", require=("image_id",))
+
+
+def prediction_table(data: str | Path | None = None, csv: str | Path | None = None,
+                     images: list[str] | None = None, skip_missing: bool = False,
+                     default: str = "dataset_test") -> tuple[pd.DataFrame, Source]:
+    """Any supported layout -> a validated frame with `path`; only image_id is required, metadata and dx
+    are used when present. A seed-layout folder with `image/` but no CSV in `text/` predicts the images alone."""
+    root = Path(data if data is not None else default)
+    if csv is None and not images and _seed_without_csv(root):
+        src = Source(None, [root / "image"], "seed")
+    else:
+        src = discover(data, csv, images, default=default)
+    return load_table(src, require=("image_id",), skip_missing=skip_missing), src
+
+
+def _seed_without_csv(root: Path) -> bool:
+    text = root / "text"
+    return (root / "image").is_dir() and not (text.is_dir() and any(text.glob("*.csv")))
+
+
+def default_workers(device: torch.device) -> int:
+    """Measured on 2 cores: decoding in the main process beats a worker competing with the model for a core."""
+    cores = os.cpu_count() or 1
+    return min(8, cores) if device.type == "cuda" else (0 if cores <= 2 else min(4, cores // 2))
+
+
+def _check_choice(name: str, value: str, allowed) -> str:
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}"
+                         + (", fast" if name == "precision" else ""))
+    return value
+
+
+def _check_tta(tta: int) -> int:
+    if not 1 <= int(tta) <= 8:
+        raise ValueError(f"tta must be between 1 and 8 views (got {tta})")
+    return int(tta)
 
 
 def _with_meta_columns(frame: pd.DataFrame) -> pd.DataFrame:

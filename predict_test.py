@@ -1,0 +1,11 @@
+"""The seed's prediction command, kept working: same as `skain predict` (flags pass through).
+
+    python predict_test.py                      # ./dataset_test with ./outputs -> outputs/test_predictions.csv
+    python predict_test.py --data DIR --model outputs --format isic2018
+"""
+import sys
+
+from skain.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["predict", *sys.argv[1:]]))

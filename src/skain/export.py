@@ -1,0 +1,110 @@
+"""`skain export`: the bundle's network as an ONNX graph (image + metadata inputs, dynamic batch).
+
+The graph is written beside the bundle (`best_model.pt` -> `best_model.onnx`) and carries a fingerprint of the
+bundle's weights, so a Predictor never pairs an ONNX file with a different (retrained) bundle. Preprocessing
+and the metadata encoder stay in the bundle: the ONNX file replaces only the network.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .bundle import atomic_write, load_model, read_bundle, resolve_path
+
+log = logging.getLogger(__name__)
+
+INPUTS = ("image", "age", "sex", "site")
+OUTPUTS = ("logits", "features")
+OPSET = 17
+FINGERPRINT_KEY = "skain_bundle_fingerprint"
+
+
+def bundle_fingerprint(bundle: dict) -> str:
+    """sha256 over the model description and every weight tensor, independent of file layout."""
+    h = hashlib.sha256(json.dumps([bundle["model_args"], bundle["preprocess"], bundle["classes"]],
+                                  sort_keys=True).encode())
+    for name in sorted(bundle["state_dict"]):
+        tensor = bundle["state_dict"][name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def example_inputs(bundle: dict, batch: int = 2) -> tuple[torch.Tensor, ...]:
+    size = bundle["preprocess"]["input_size"]
+    gen = torch.Generator().manual_seed(0)
+    n_sex, n_site = len(bundle["encoder"]["sex_vocab"]), len(bundle["encoder"]["site_vocab"])
+    return (torch.randn(batch, 3, size, size, generator=gen), torch.randn(batch, 1, generator=gen),
+            torch.randint(0, n_sex, (batch,), generator=gen), torch.randint(0, n_site, (batch,), generator=gen))
+
+
+def export_onnx(model: str | Path, output: str | Path | None = None, opset: int = OPSET,
+                check: bool = True) -> Path:
+    """Bundle (folder or .pt) -> ONNX file; returns its path. With `check`, ONNX Runtime must reproduce
+    PyTorch's probabilities within 1e-4 on random inputs before the file is written."""
+    bundle_path = resolve_path(model)
+    bundle = read_bundle(bundle_path)
+    out = Path(output) if output else bundle_path.with_suffix(".onnx")
+    graph = export_bytes(bundle, opset)
+    if check:
+        _check_parity(graph, bundle)
+    atomic_write(out, lambda fh: fh.write(graph))
+    log.info("wrote %s (%.1f MB, opset %d)", out, len(graph) / 1e6, opset)
+    return out
+
+
+class _WithFeatures(torch.nn.Module):
+    """The network plus its backbone's pooled features as a second output (what the OOD scorer reads),
+    taken with a forward hook so nothing of SkainNet.forward is written twice."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, image, age, sex, site):
+        seen: list[torch.Tensor] = []
+        handle = self.net.backbone.register_forward_hook(lambda _m, _i, out: seen.append(out))
+        try:
+            logits = self.net(image, age, sex, site)
+        finally:
+            handle.remove()
+        return logits, seen[0]
+
+
+def export_bytes(bundle: dict, opset: int = OPSET) -> bytes:
+    """Bundle -> serialized ONNX graph (outputs: logits, features). TorchScript-based exporter: the
+    torch.export one needs onnxscript, which is not a dependency."""
+    import onnx
+    net = _WithFeatures(load_model(bundle)).eval()
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, example_inputs(bundle), buf, input_names=list(INPUTS),
+                          output_names=list(OUTPUTS), opset_version=opset, dynamo=False,
+                          dynamic_axes={k: {0: "batch"} for k in (*INPUTS, *OUTPUTS)})
+    proto = onnx.load_from_string(buf.getvalue())
+    meta = {FINGERPRINT_KEY: bundle_fingerprint(bundle), "skain_classes": json.dumps(bundle["classes"]),
+            "skain_backbone": bundle["model_args"]["backbone"]}
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    return proto.SerializeToString()
+
+
+def _check_parity(graph: bytes, bundle: dict, atol: float = 1e-4) -> None:
+    from .onnx_runtime import make_session, run_session
+    inputs = example_inputs(bundle, batch=3)
+    with torch.no_grad():
+        ref = load_model(bundle)(*inputs).softmax(1).numpy()
+    got = torch.from_numpy(run_session(make_session(graph), inputs)).softmax(1).numpy()
+    diff = float(np.abs(ref - got).max())
+    if diff > atol:
+        raise RuntimeError(f"ONNX export does not reproduce PyTorch: max probability difference {diff:.2e} > {atol}")
+    log.info("ONNX Runtime matches PyTorch (max probability difference %.1e)", diff)

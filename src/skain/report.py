@@ -1,0 +1,119 @@
+"""Files a user keeps: the predictions CSV (skAIn or ISIC 2018 format) and an evaluation report folder
+(metrics.json, confusion-matrix and ROC PNGs, report.md)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .bundle import atomic_json, atomic_write
+from .evaluate import ISIC2018_COLUMNS
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("skain", "isic2018")
+
+
+def isic2018_table(pred: pd.DataFrame) -> pd.DataFrame:
+    """ISIC 2018 Task 3 submission: image,MEL,NV,BCC,AKIEC,BKL,DF,VASC; images that failed are left out
+    (the challenge format has no way to say "no prediction")."""
+    ok = pred[[f"p_{c.lower()}" for c in ISIC2018_COLUMNS]].notna().all(axis=1)
+    out = pd.DataFrame({"image": pred.loc[ok, "image_id"].to_numpy()})
+    for col in ISIC2018_COLUMNS:
+        out[col] = pred.loc[ok, f"p_{col.lower()}"].to_numpy()
+    return out
+
+
+def write_predictions(pred: pd.DataFrame, path: str | Path, fmt: str = "skain") -> Path:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    table = isic2018_table(pred) if fmt == "isic2018" else pred
+    path = Path(path)
+    atomic_write(path, lambda fh: fh.write(table.to_csv(index=False).encode("utf-8")))
+    return path
+
+
+def write_report(metrics: dict, labels: np.ndarray, probs: np.ndarray, folder: str | Path,
+                 context: dict | None = None) -> Path:
+    """metrics.json + confusion_matrix.png + roc_curves.png + report.md into `folder`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    classes = list(metrics["classes"])
+    atomic_json({**metrics, "context": context or {}}, folder / "metrics.json")
+    plot_confusion(np.asarray(metrics["confusion_matrix"]), classes, folder / "confusion_matrix.png")
+    plot_roc(labels, probs, classes, folder / "roc_curves.png")
+    text = report_markdown(metrics, context or {})
+    atomic_write(folder / "report.md", lambda fh: fh.write(text.encode("utf-8")))
+    log.info("wrote the evaluation report to %s", folder)
+    return folder
+
+
+def _figure():
+    import matplotlib
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> None:
+    """Row-normalised colours (recall per true class) with raw counts written in each cell."""
+    plt = _figure()
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, f"{cm[i, j]}\n{norm[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if norm[i, j] > 0.5 else "black")
+    ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xticklabels=classes, yticklabels=classes,
+           xlabel="predicted", ylabel="true", title="Confusion matrix (count, row fraction)")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_roc(labels: np.ndarray, probs: np.ndarray, classes: list[str], path: Path) -> None:
+    """One-vs-rest ROC per class present in the labels, AUC in the legend."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(6, 5.5))
+    for i, c in enumerate(classes):
+        y = (np.asarray(labels) == i).astype(int)
+        if 0 < y.sum() < len(y):
+            fpr, tpr, _ = roc_curve(y, probs[:, i])
+            ax.plot(fpr, tpr, lw=1.5, label=f"{c} (AUC {roc_auc_score(y, probs[:, i]):.3f})")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC curves (one vs rest)",
+           xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _f(x: float) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.4f}"
+
+
+def report_markdown(metrics: dict, context: dict) -> str:
+    mel = metrics.get("melanoma", {})
+    lines = ["# skAIn evaluation report", "",
+             "Research and education only; not a medical device.", ""]
+    lines += [f"- {k}: {v}" for k, v in context.items()] + ([""] if context else [])
+    lines += ["| metric | value |", "|---|---|",
+              f"| **balanced accuracy** | **{_f(metrics['balanced_accuracy'])}** |",
+              f"| accuracy | {_f(metrics['accuracy'])} |", f"| macro F1 | {_f(metrics['macro_f1'])} |",
+              f"| macro AUC (one vs rest) | {_f(metrics['macro_auc'])} |",
+              f"| melanoma sensitivity | {_f(mel.get('sensitivity'))} |",
+              f"| melanoma specificity | {_f(mel.get('specificity'))} |", f"| images scored | {metrics['n']} |", "",
+              "| class | precision | recall | F1 | AUC | support |", "|---|---|---|---|---|---|"]
+    for c, m in metrics["per_class"].items():
+        lines.append(f"| {c} | {_f(m['precision'])} | {_f(m['recall'])} | {_f(m['f1'])} | {_f(m['auc'])} | "
+                     f"{m['support']} |")
+    lines += ["", "Balanced accuracy is the mean per-class recall (HAM10000 is ~67% nevi, so plain accuracy "
+              "flatters a model that favours nevi). Melanoma sensitivity/specificity use the argmax decision.",
+              "", "![confusion matrix](confusion_matrix.png)", "", "![ROC curves](roc_curves.png)", ""]
+    return "\n".join(lines)

@@ -1,0 +1,75 @@
+"""ONNX export: the graph reproduces PyTorch on real images, has a dynamic batch, and refuses a bundle
+it was not exported from."""
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from skain.bundle import BundleError, atomic_torch_save, read_bundle
+from skain.cli import main
+from skain.data.schema import CLASSES
+from skain.predict import Predictor, prediction_table
+
+P_COLS = [f"p_{c}" for c in CLASSES]
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx")
+    bundle = out / "best_model.pt"
+    bundle.write_bytes((trained / "best_model.pt").read_bytes())
+    assert main(["export", "--model", str(out)]) == 0
+    return out
+
+
+def test_onnx_runtime_matches_pytorch_on_real_images(exported, shared_data, tmp_path):
+    meta = pd.read_csv(shared_data / "metadata.csv").head(24)
+    meta.loc[::3, "sex"] = ""  # some unknown metadata too
+    meta.to_csv(tmp_path / "real.csv", index=False)
+    frame, _ = prediction_table(csv=tmp_path / "real.csv", images=[shared_data / "images"])
+    ref = Predictor.from_bundle(exported).predict_frame(frame, batch_size=10, progress=False)
+    onnx = Predictor.from_bundle(exported, backend="onnx").predict_frame(frame, batch_size=10, progress=False)
+    diff = np.abs(ref[P_COLS].to_numpy() - onnx[P_COLS].to_numpy()).max()
+    assert diff <= 1e-4, diff
+    assert (ref["pred"] == onnx["pred"]).all()
+    one = Predictor.from_bundle(exported, backend="onnx").predict_one(frame["path"][0], 50, "female", "back")
+    assert one.diagnosis in CLASSES and Predictor.from_bundle(exported, backend="onnx").info["inference"][
+        "backend"] == "onnx"
+
+
+def test_cli_predicts_with_the_onnx_backend(exported, synth_root, tmp_path):
+    out = tmp_path / "p.csv"
+    assert main(["predict", "--data", str(synth_root / "dataset_test"), "--model", str(exported),
+                 "--backend", "onnx", "--output", str(out), "--no-progress"]) == 0
+    assert pd.read_csv(out)["pred"].isin(CLASSES).all()
+
+
+def test_onnx_file_from_another_bundle_is_refused(exported, tmp_path):
+    bundle = read_bundle(exported)
+    bundle["state_dict"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in bundle["state_dict"].items()}
+    atomic_torch_save(bundle, tmp_path / "retrained.pt")
+    with pytest.raises(BundleError, match="different bundle"):
+        Predictor.from_bundle(tmp_path / "retrained.pt", backend="onnx", onnx_path=exported / "best_model.onnx")
+
+
+def test_missing_onnx_file_says_how_to_make_one(trained):
+    with pytest.raises(BundleError, match="skain export"):
+        Predictor.from_bundle(trained, backend="onnx")
+
+
+def test_fast_precision_runs_onnx_with_the_same_probabilities_and_features(trained, synth_root):
+    """precision="fast" on CPU exports in memory; the OOD feature tap still sees backbone features."""
+    frame, _ = prediction_table(synth_root / "dataset_test")
+    frame = frame.head(12)
+    ref = Predictor.from_bundle(trained)
+    fast = Predictor.from_bundle(trained, precision="fast")
+    assert fast.info["inference"]["backend"] == "onnx"
+    diff = np.abs(ref.predict_frame(frame, progress=False)[P_COLS].to_numpy()
+                  - fast.predict_frame(frame, progress=False)[P_COLS].to_numpy()).max()
+    assert diff <= 1e-4, diff
+    seen = {}
+    for name, p in (("torch", ref), ("onnx", fast)):
+        handle = p.model.backbone.register_forward_hook(lambda _m, _i, out, name=name: seen.setdefault(name, out))
+        p.predict_one(frame["path"][0], 40, "male", "back")
+        handle.remove()
+    np.testing.assert_allclose(seen["onnx"].numpy(), seen["torch"].numpy(), atol=1e-4)
