@@ -52,7 +52,7 @@ def photo_variants(names: tuple[str, ...], seed: int, crops: int = 4) -> dict[st
             ch, cw = int(h * rng.uniform(0.4, 0.8)), int(w * rng.uniform(0.4, 0.8))
             y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
             views.append(arr[y:y + ch, x:x + cw])
-        out[name] = [to_png(v) for v in views]
+        out[f"photo:{name}"] = [to_png(v) for v in views]  # prefixed: skimage's "text" photo vs the text probes
     return out
 
 
@@ -97,10 +97,15 @@ def main() -> None:
     ap.add_argument("--false-rejection", type=float, default=TrustSettings.false_rejection)
     ap.add_argument("--target-sensitivity", type=float, default=TrustSettings.target_sensitivity)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--detect-only", action="store_true",
+                    help="use the trust block training already stored in the bundle; only measure OOD detection "
+                         "on the photo sets (no feature pass over the data, no tuning)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     run, out = Path(args.model), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.detect_only:
+        return detect_only(run, out, args.device)
     started = time.perf_counter()
     frame, train_idx, val_idx, cfg = folder_split(run)
     bundle, device = read_bundle(run), resolve_device(args.device)
@@ -121,13 +126,35 @@ def main() -> None:
 
     report_imgs = {**photo_variants(REPORT_PHOTOS, seed=2), **probe_set(seed=22)}
     detection = report_detection(Predictor(bundle, device=args.device), report_imgs)
-    photos = [d for k, d in detection.items() if k in REPORT_PHOTOS]
+    photos = [d for k, d in detection.items() if k.startswith("photo:")]
     totals = {"photos": sum(d["rejected"] for d in photos) / sum(d["n"] for d in photos),
               "all": sum(d["rejected"] for d in detection.values()) / sum(d["n"] for d in detection.values())}
     result = {"model": str(run), "figures": figures, "tuning": {"chosen_normalize": normalize, "rows": tuning_rows,
               "photos": list(TUNING_PHOTOS)}, "report_detection": detection, "report_detection_rate": totals,
               "report_photos": list(REPORT_PHOTOS), "seconds": time.perf_counter() - started}
     (out / "trust_eval.json").write_text(json.dumps(result, indent=2))
+    print_summary(result)
+
+
+def detect_only(run: Path, out: Path, device: str) -> None:
+    """Figures from the bundle's own trust block (fit at training time) + photo detection, no refit."""
+    started = time.perf_counter()
+    bundle = read_bundle(run)
+    if "trust" not in bundle:
+        raise SystemExit(f"{run}: bundle has no trust block; run without --detect-only (or `skain calibrate`)")
+    predictor = Predictor(bundle, device=device)
+    tuning = report_detection(predictor, {**photo_variants(TUNING_PHOTOS, seed=1), **probe_set(seed=11)})
+    detection = report_detection(predictor, {**photo_variants(REPORT_PHOTOS, seed=2), **probe_set(seed=22)})
+    photos = [d for k, d in detection.items() if k.startswith("photo:")]
+    totals = {"photos": sum(d["rejected"] for d in photos) / sum(d["n"] for d in photos),
+              "all": sum(d["rejected"] for d in detection.values()) / sum(d["n"] for d in detection.values())}
+    figures = bundle["trust"]["figures"]
+    rows = {f"normalize={figures['ood'].get('normalize')} (not tuned)": {k: d["rejected"] / d["n"] for k, d in tuning.items()}}
+    result = {"model": str(run), "figures": figures, "tuning": {"chosen_normalize": figures["ood"].get("normalize"),
+              "rows": rows, "photos": list(TUNING_PHOTOS)}, "report_detection": detection,
+              "report_detection_rate": totals, "report_photos": list(REPORT_PHOTOS),
+              "seconds": time.perf_counter() - started}
+    (out / "trust_eval.json").write_text(json.dumps(result, indent=2, default=float))
     print_summary(result)
 
 
