@@ -129,9 +129,16 @@ def cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
+# `skain train` with every image load slowed by 50 ms: on an idle machine the tiny model would finish a
+# whole run before a signal could land mid-epoch. The delay touches no random state, so results are unchanged.
+SLOW_MAIN = ("import sys, time; from skain.data import dataset as d; get = d.LesionDataset.__getitem__; "
+             "d.LesionDataset.__getitem__ = lambda self, i: (time.sleep(0.05), get(self, i))[1]; "
+             "from skain.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
 def command(data: Path, out: Path, cache: Path, *extra: str) -> list[str]:
-    """`python -m skain train` with the tiny model, fixed seed, 2 epochs of ~6 small steps."""
-    return [sys.executable, "-m", "skain", "train", "--data", str(data), "--output", str(out),
+    """`skain train` (slowed, see SLOW_MAIN) with the tiny model, fixed seed, 2 epochs of ~6 small steps."""
+    return [sys.executable, "-c", SLOW_MAIN, "train", "--data", str(data), "--output", str(out),
             "--backbone", "test_efficientnet", "--pretrained", "none", "--input-size", "64", "--epochs", "2",
             "--frozen-epochs", "0", "--batch-size", "8", "--seed", "11", "--cache-dir", str(cache),
             "--workers", "0", "--no-progress", *extra]
