@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +130,34 @@ def test_predict_passes_through_extra_prediction_fields(app, service, image_byte
     body = post(app.test_client(), image_bytes).json
     assert body["future_score"] == pytest.approx(0.25) and body["future_note"] == "routine"
     assert set(vars(service.predictor.predict_one(image_bytes))) <= set(body)
+
+
+def test_out_of_distribution_image_gets_no_diagnosis_unless_probabilities_are_asked_for(app, service, image_bytes,
+                                                                                         monkeypatch):
+    def predict(inputs):
+        p = service.predictor.predict_one(inputs.image)
+        return replace(p, ood_score=3.5, in_distribution=False, triage="routine", p_malignant=0.01)
+
+    monkeypatch.setattr(service, "predict", predict)
+    body = post(app.test_client(), image_bytes, heatmap="1").json
+    assert body["rejected"] is True and "does not look like a dermoscopic image" in body["message"]
+    assert "diagnosis" not in body and "probabilities" not in body and "heatmap" not in body
+    assert body["ood_score"] == pytest.approx(3.5)
+    anyway = post(app.test_client(), image_bytes, probabilities="1").json
+    assert anyway["rejected"] is False and anyway["in_distribution"] is False
+    assert anyway["probabilities"] == pytest.approx(service.predictor.predict_one(image_bytes).probabilities)
+
+
+def test_triage_answer_carries_its_validated_figures(app, service, image_bytes, monkeypatch):
+    monkeypatch.setattr(service, "predict", lambda inputs: replace(service.predictor.predict_one(inputs.image),
+                                                                   triage="investigate further", p_malignant=0.4))
+    trust = {"triage": {"threshold": 0.07, "sensitivity": 0.95, "specificity": 0.6, "target_sensitivity": 0.95}}
+    real = type(service.predictor).info
+    monkeypatch.setattr(type(service.predictor), "info", property(lambda self: {**real.fget(self), "trust": trust}))
+    body = post(app.test_client(), image_bytes).json
+    assert body["triage"] == "investigate further"
+    assert body["triage_figures"] == {"threshold": 0.07, "sensitivity": 0.95, "specificity": 0.6,
+                                      "target_sensitivity": 0.95}
 
 
 def test_predict_heatmap_returns_png_layers_for_the_top_class(client, service, image_bytes):

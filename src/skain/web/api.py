@@ -8,7 +8,8 @@ from flask import Blueprint, current_app, jsonify, request
 from ..data.images import ImageError
 from ..explain import ExplainError
 from .render import heatmap_payload
-from .service import EXTENSION, InputError, Service, flag, model_summary, parse_inputs, prediction_payload
+from .service import (EXTENSION, InputError, Service, flag, model_summary, parse_inputs, prediction_payload,
+                      rejected_payload)
 
 log = logging.getLogger(__name__)
 bp = Blueprint("api", __name__, url_prefix="/api")
@@ -30,7 +31,11 @@ def model():
 
 @bp.post("/predict")
 def predict():
-    """multipart/form-data: image (required), age, sex, localization, heatmap=1 (all optional)."""
+    """multipart/form-data: image (required), age, sex, localization, heatmap=1, probabilities=1 (optional).
+
+    An image the out-of-distribution check rejects gets `rejected: true` and a message instead of a diagnosis;
+    `probabilities=1` asks for the full prediction anyway.
+    """
     svc = service()
     upload = request.files.get("image")
     image = upload.read() if upload is not None else None  # in memory only; never written anywhere
@@ -39,8 +44,11 @@ def predict():
         pred = svc.predict(inputs)
     except ImageError as exc:
         raise InputError(image_error_message(exc), image_error_status(exc)) from exc
-    payload = prediction_payload(pred, svc.model_id, inputs)
-    if flag(request.form.get("heatmap") or request.args.get("heatmap")):
+    wants = lambda name: flag(request.form.get(name) or request.args.get(name))  # noqa: E731
+    if getattr(pred, "in_distribution", None) is False and not wants("probabilities"):
+        return jsonify(rejected_payload(pred, svc.model_id, inputs))
+    payload = prediction_payload(pred, svc.model_id, inputs, svc.predictor.info.get("trust"))
+    if wants("heatmap"):
         payload["heatmap"] = heatmap(svc, inputs, pred.diagnosis)
     return jsonify(payload)
 

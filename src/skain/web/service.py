@@ -120,12 +120,33 @@ def flag(raw: str | None) -> bool:
 
 
 # ------------------------------------------------------------------------------------------- outputs
-def prediction_payload(pred: Any, model_id: str, inputs: Inputs) -> dict:
+NOT_DERMOSCOPIC = ("This does not look like a dermoscopic image of a skin lesion, so the model gives no diagnosis. "
+                   "It was trained on dermoscopy only.")
+
+
+def rejected_payload(pred: Any, model_id: str, inputs: Inputs) -> dict:
+    """The answer for an out-of-distribution image: no diagnosis (probabilities only when asked for)."""
+    return jsonable({"rejected": True, "in_distribution": False, "message": NOT_DERMOSCOPIC,
+                     "ood_score": getattr(pred, "ood_score", None), "model_id": model_id,
+                     "inputs": {"age": inputs.age, "sex": inputs.sex, "localization": inputs.localization}})
+
+
+def triage_figures(trust: dict | None) -> dict | None:
+    """The validated sensitivity/specificity behind the triage threshold, to show beside the triage result."""
+    t = (trust or {}).get("triage") or {}
+    if "threshold" not in t:
+        return None
+    return {k: t.get(k) for k in ("threshold", "sensitivity", "specificity", "target_sensitivity")}
+
+
+def prediction_payload(pred: Any, model_id: str, inputs: Inputs, trust: dict | None = None) -> dict:
     """The Prediction's own fields (all of them, so fields added later pass through) plus names for people."""
     fields = asdict(pred) if is_dataclass(pred) else dict(vars(pred))
     ranked = sorted(fields["probabilities"].items(), key=lambda kv: -kv[1])
     return jsonable({
         **fields,
+        "rejected": False,
+        "triage_figures": triage_figures(trust) if fields.get("triage") else None,
         **{k: v for k, v in describe(fields["diagnosis"]).items() if k != "code"},
         "ranking": [{**describe(c), "probability": p} for c, p in ranked],
         "model_id": model_id,

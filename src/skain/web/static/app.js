@@ -6,7 +6,7 @@
   const names = Object.fromEntries(model.classes.map((c) => [c.code, c]));
   // Fields the page renders itself; any other field of the prediction is listed under "More outputs".
   const KNOWN = new Set(["diagnosis", "probability", "probabilities", "name", "description", "malignant",
-    "ranking", "model_id", "inputs", "heatmap"]);
+    "ranking", "model_id", "inputs", "heatmap", "rejected", "triage", "triage_figures", "in_distribution"]);
   const TYPES = ["image/jpeg", "image/png"];
   let file = null;
   let previewUrl = null;
@@ -60,10 +60,13 @@
     e.target.setAttribute("aria-invalid", String(v !== "" && !(Number(v) >= 0 && Number(v) <= 120)));
   });
 
-  form.addEventListener("submit", async (e) => {
-    e.preventDefault();
+  form.addEventListener("submit", (e) => { e.preventDefault(); analyse(false); });
+  $("show-anyway").addEventListener("click", () => analyse(true));
+
+  async function analyse(anyway) {
     if (!file) return;
     const data = new FormData();
+    if (anyway) data.append("probabilities", "1");
     data.append("image", file, file.name);
     data.append("age", $("age").value);
     data.append("sex", $("sex").value);
@@ -74,15 +77,41 @@
       const res = await fetch("api/predict", { method: "POST", body: data });
       const body = await res.json().catch(() => ({ error: `server answered ${res.status}` }));
       if (!res.ok) throw new Error(body.error || `server answered ${res.status}`);
-      render(body);
-      say(`Done: ${body.name} (${pct(body.probability)}).`);
+      if (body.rejected) {
+        renderRejected(body);
+        say("No diagnosis: this does not look like a dermoscopic image.");
+      } else {
+        render(body);
+        say(`Done: ${body.name} (${pct(body.probability)}).`);
+      }
     } catch (err) {
       $("results").dataset.state = "error";
       say(err.message || String(err), true);
     } finally {
       busy(false);
     }
-  });
+  }
+
+  function renderRejected(r) {
+    $("placeholder").hidden = true;
+    $("result").hidden = true;
+    $("rejected").hidden = false;
+    $("rejected-message").textContent = r.message;
+    $("results").dataset.state = "done";
+  }
+
+  function renderTriage(r) {
+    const box = $("triage");
+    box.hidden = !r.triage;
+    if (box.hidden) return;
+    const urgent = r.triage === "investigate further";
+    box.classList.toggle("urgent", urgent);
+    $("triage-label").textContent = urgent ? "Investigate further" : "Routine";
+    const f = r.triage_figures;
+    $("triage-detail").textContent = `P(malignant) ${pct(r.p_malignant)}` + (f ? ` · threshold ${pct(f.threshold)}, `
+      + `chosen on validation lesions for ${pct(f.sensitivity)} malignant sensitivity at ${pct(f.specificity)} `
+      + `specificity` : "");
+  }
 
   function busy(on) {
     submit.disabled = on || !file;
@@ -96,7 +125,9 @@
   function render(r) {
     const results = $("results");
     $("placeholder").hidden = true;
+    $("rejected").hidden = true;
     $("result").hidden = false;
+    renderTriage(r);
     $("top-name").textContent = r.name;
     $("top-code").textContent = r.diagnosis;
     $("top-tag").hidden = !r.malignant;
