@@ -131,7 +131,10 @@ def cache(tmp_path_factory) -> Path:
 
 # `skain train` with every image load slowed by 50 ms: on an idle machine the tiny model would finish a
 # whole run before a signal could land mid-epoch. The delay touches no random state, so results are unchanged.
-SLOW_MAIN = ("import sys, time; from skain.data import dataset as d; get = d.LesionDataset.__getitem__; "
+# SIGINT gets Python's usual handler even when the test runner was started in the background (where the
+# shell marks SIGINT ignored and children inherit that), as it is for a user pressing Ctrl-C in a terminal.
+SLOW_MAIN = ("import signal, sys, time; signal.signal(signal.SIGINT, signal.default_int_handler); "
+             "from skain.data import dataset as d; get = d.LesionDataset.__getitem__; "
              "d.LesionDataset.__getitem__ = lambda self, i: (time.sleep(0.05), get(self, i))[1]; "
              "from skain.cli import main; sys.exit(main(sys.argv[1:]))")
 

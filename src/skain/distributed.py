@@ -97,8 +97,12 @@ def reduce_mean(info: DistInfo, total: float, count: int) -> float:
 
 
 def cleanup(info: DistInfo) -> None:
+    """Leave the group together: a rank that tears gloo down while another still talks to it aborts."""
     if info.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 class ShardSampler(Sampler[int]):
