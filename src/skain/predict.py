@@ -24,10 +24,10 @@ from torch.utils.data import DataLoader
 from .bundle import load_model, read_bundle, resolve_path
 from .data.dataset import LesionDataset
 from .data.encoder import MetadataEncoder
-from .data.images import ImageLoader, open_image, resize_shorter
+from .data.images import ImageLoader
 from .data.layout import Source, discover, load_table
 from .data.schema import clean_metadata
-from .data.transforms import eval_transform, tta_views
+from .data.transforms import eval_transform, image_to_tensor, tta_views
 from .engine import predict_logits, resolve_device
 from .trust import TrustLayer
 
@@ -127,7 +127,7 @@ class Predictor:
     # ------------------------------------------------------------------ single images (web app)
     def image_tensor(self, image: bytes | str | Path) -> torch.Tensor:
         """Decode and preprocess one image exactly as batch prediction does."""
-        return self.transform(resize_shorter(open_image(image), self.preprocess["resize"]))
+        return image_to_tensor(image, self.preprocess)
 
     def predict_one(self, image: bytes | str | Path, age: float | None = None, sex: str | None = None,
                     site: str | None = None) -> Prediction:

@@ -27,6 +27,14 @@ def resolve_preprocess(pretrained_cfg: dict[str, Any], input_size: int | None = 
     }
 
 
+def image_to_tensor(image, pre: dict[str, Any]) -> torch.Tensor:
+    """One image (path or bytes) -> the model's input tensor: decode, resize, centre crop, normalise.
+
+    The single-image form of the path every batch takes (ImageLoader + eval_transform)."""
+    from .images import open_image, resize_shorter
+    return eval_transform(pre)(resize_shorter(open_image(image), pre["resize"]))
+
+
 def _to_tensor(arr: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
 

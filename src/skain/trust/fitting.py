@@ -21,8 +21,8 @@ from torch.utils.data import DataLoader
 from ..bundle import BUNDLE_NAME, atomic_torch_save, atomic_write, load_model, read_bundle
 from ..data.dataset import LesionDataset
 from ..data.encoder import MetadataEncoder
-from ..data.images import ImageLoader, open_image, resize_shorter
-from ..data.transforms import eval_transform
+from ..data.images import ImageLoader
+from ..data.transforms import eval_transform, image_to_tensor
 from ..engine import predict_logits, resolve_device
 from ..metrics import expected_calibration_error
 from .calibration import apply_temperature, calibration_report, fit_temperature, nll, plot_reliability
@@ -68,8 +68,7 @@ def extract(model: torch.nn.Module, bundle: dict, frame: pd.DataFrame, loader_fn
 @torch.no_grad()
 def image_features(model: torch.nn.Module, bundle: dict, images: list[bytes], device: torch.device) -> np.ndarray:
     """Backbone features of raw image bytes through the shared decode -> resize -> crop path."""
-    pre, tf = bundle["preprocess"], eval_transform(bundle["preprocess"])
-    batch = torch.stack([tf(resize_shorter(open_image(b), pre["resize"])) for b in images]).to(device)
+    batch = torch.stack([image_to_tensor(b, bundle["preprocess"]) for b in images]).to(device)
     return model.eval().backbone(batch).float().cpu().numpy()
 
 
