@@ -4,7 +4,7 @@
                                      [--images 512] [--batch 16] [--rounds 2] [--v2s-images 32]
 
 Baseline: a plain eager fp32 loop (Predictor precision="fp32", what the seed does). Compared: channels_last,
-bf16 autocast, both, and ONNX Runtime (fp32), for
+bf16 autocast, both, and the exported graph in ONNX Runtime and in OpenVINO (both fp32), for
   * the `cpu` preset (tf_efficientnet_lite0 @224): the trained bundle if given (else random init),
   * EfficientNetV2-S @384 (random init; speed only).
 Model throughput feeds pre-decoded tensors through `Predictor.probabilities`; end to end runs
@@ -35,7 +35,8 @@ from skain.export import export_onnx
 from skain.model import SkainNet
 from skain.predict import Predictor, fast_choice, prediction_table
 
-VARIANTS = ("fp32", "channels_last", "bf16", "bf16_channels_last", "onnx")
+VARIANTS = ("fp32", "channels_last", "bf16", "bf16_channels_last", "onnx", "openvino")
+GRAPH_BACKENDS = ("onnx", "openvino")  # the exported ONNX graph in ONNX Runtime / OpenVINO
 log = logging.getLogger("infer_speed")
 
 
@@ -53,8 +54,9 @@ def predictors(bundle: dict, work: Path, name: str) -> dict[str, Predictor]:
     path = work / f"{name}.pt"
     atomic_torch_save(bundle, path)
     onnx = export_onnx(path, work / f"{name}.onnx")
-    out = {v: Predictor(bundle, device="cpu", precision=v) for v in VARIANTS if v != "onnx"}
-    out["onnx"] = Predictor(bundle, device="cpu", backend="onnx", onnx_path=onnx)
+    out = {v: Predictor(bundle, device="cpu", precision=v) for v in VARIANTS if v not in GRAPH_BACKENDS}
+    for v in GRAPH_BACKENDS:
+        out[v] = Predictor(bundle, device="cpu", backend=v, onnx_path=onnx)
     return out
 
 
@@ -148,6 +150,7 @@ def main() -> None:
     ap.add_argument("--e2e-images", type=int, default=256, help="images for the end-to-end comparison")
     ap.add_argument("--latency-images", type=int, default=60)
     ap.add_argument("--skip-v2s", action="store_true")
+    ap.add_argument("--skip-lite0", action="store_true", help="only the EfficientNetV2-S speed comparison")
     ap.add_argument("--out", default="benchmarks/out/infer_speed.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -162,22 +165,24 @@ def main() -> None:
     print(f"{len(frame)} real images; cpu model: {result['cpu_model']}; torch threads {result['threads']}; "
           f"load average {result['load_before'][0]:.2f}")
     with tempfile.TemporaryDirectory() as tmp:
-        preds = predictors(bundle, Path(tmp), "lite0")
-        images = torch.stack([preds["fp32"].image_tensor(p) for p in frame["path"]])
-        result["lite0_model"] = throughput(preds, images, frame, args.batch, args.rounds)
-        show("cpu preset (Lite0 @224) model throughput, batch %d" % args.batch, result["lite0_model"],
-             ("images_per_s", "speedup", "top1_agreement", "max_prob_diff"))
-        result["gate"] = gate(result["lite0_model"])
-        print(f"fastest variant passing the correctness gate: {result['gate']}; "
-              f"Predictor precision='fast' uses {result['fast_choice']}")
-        e2e = ("fp32", "channels_last", "bf16_channels_last", "onnx", "onnx+1worker")
-        result["lite0_end_to_end"] = end_to_end(preds, frame.head(args.e2e_images), args.batch, 1, e2e)
-        show("cpu preset end to end (decode + resize + metadata + model)", result["lite0_end_to_end"],
-             ("images_per_s", "speedup"))
-        result["lite0_latency"] = latency(preds, frame["path"].tolist()[:args.latency_images],
-                                          ("fp32", "channels_last", "onnx"))
-        show("cpu preset single-image latency (predict_one on JPEG bytes)", result["lite0_latency"],
-             ("p50_ms", "p90_ms"))
+        if not args.skip_lite0:
+            preds = predictors(bundle, Path(tmp), "lite0")
+            images = torch.stack([preds["fp32"].image_tensor(p) for p in frame["path"]])
+            result["lite0_model"] = throughput(preds, images, frame, args.batch, args.rounds)
+            show("cpu preset (Lite0 @224) model throughput, batch %d" % args.batch, result["lite0_model"],
+                 ("images_per_s", "speedup", "top1_agreement", "max_prob_diff"))
+            result["gate"] = gate(result["lite0_model"])
+            print(f"fastest variant passing the correctness gate: {result['gate']}; "
+                  f"Predictor precision='fast' uses {result['fast_choice']}")
+            e2e = ("fp32", "channels_last", "bf16_channels_last", "onnx", "openvino", "openvino+1worker")
+            result["lite0_end_to_end"] = end_to_end(preds, frame.head(args.e2e_images), args.batch, args.rounds,
+                                                     e2e)
+            show("cpu preset end to end (decode + resize + metadata + model)", result["lite0_end_to_end"],
+                 ("images_per_s", "speedup"))
+            result["lite0_latency"] = latency(preds, frame["path"].tolist()[:args.latency_images],
+                                              ("fp32", "channels_last", "onnx", "openvino"))
+            show("cpu preset single-image latency (predict_one on JPEG bytes)", result["lite0_latency"],
+                 ("p50_ms", "p90_ms"))
         if not args.skip_v2s:
             v2 = predictors(random_bundle("tf_efficientnetv2_s", 384), Path(tmp), "v2s")
             sub = frame.head(args.v2s_images)

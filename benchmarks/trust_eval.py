@@ -5,7 +5,7 @@
 Uses the run's own split.csv: the OOD Gaussians are fit on its training rows, everything else on its
 validation rows; "held-out" figures are cross-fitted over two lesion-grouped halves of validation.
 Non-dermoscopic images: real photos shipped with scikit-image (pip install scikit-image), split into a
-TUNING set (chooses the feature normalisation) and a disjoint REPORT set (the reported detection rate),
+TUNING set (chooses the OOD scorer: normalised + raw features, or one of them) and a disjoint REPORT set (the reported detection rate),
 plus blank frames, noise and text screenshots generated with different seeds for each set. The report set
 goes through the real Predictor (decode -> resize -> crop -> model -> trust layer), as uploads would.
 The run folder is not modified: the bundle copy with the trust block, reliability.png, model_card.md and
@@ -28,7 +28,7 @@ from skain.engine import resolve_device
 from skain.predict import Predictor
 from skain.trust.fitting import (Outputs, TrustSettings, assemble, extract, folder_split, halves, image_features,
                                  write_reports)
-from skain.trust.ood import MahalanobisScorer, threshold_for_false_rejection
+from skain.trust.ood import MahalanobisScorer, MaxScorer, threshold_for_false_rejection
 from skain.trust.probes import probe_set, to_png
 
 TUNING_PHOTOS = ("astronaut", "camera", "brick", "coins", "moon", "colorwheel", "immunohistochemistry",
@@ -69,15 +69,23 @@ def cached_outputs(path: Path, run: Path, compute, train_idx, val_idx) -> tuple[
     return tr, va
 
 
-def tune(tr, va, tuning: dict[str, np.ndarray], rate: float) -> tuple[bool, dict]:
-    """Pick the L2-normalisation choice by detection on the TUNING images at the stated false-rejection rate."""
+CANDIDATES = {"max": {"ood_method": "max"},  # larger of the normalised and the raw scorer
+              "normalised": {"ood_method": "single", "ood_normalize": True},
+              "raw": {"ood_method": "single", "ood_normalize": False}}
+
+
+def tune(tr, va, tuning: dict[str, np.ndarray], rate: float) -> tuple[dict, dict]:
+    """Pick the OOD scorer by mean detection on the TUNING images at the stated false-rejection rate."""
     rows = {}
-    for normalize in (True, False):
-        scorer = MahalanobisScorer.fit(tr.features, tr.labels, normalize)
+    for name, choice in CANDIDATES.items():
+        if choice["ood_method"] == "max":
+            scorer = MaxScorer.fit(tr.features, tr.labels, va.features, rate)
+        else:
+            scorer = MahalanobisScorer.fit(tr.features, tr.labels, choice["ood_normalize"])
         thr = threshold_for_false_rejection(scorer.score(va.features), rate)
-        rows[f"normalize={normalize}"] = {k: float((scorer.score(f) > thr).mean()) for k, f in tuning.items()}
-    score = {k: np.mean(list(v.values())) for k, v in rows.items()}
-    return bool(score["normalize=True"] >= score["normalize=False"]), rows
+        rows[name] = {k: float((scorer.score(f) > thr).mean()) for k, f in tuning.items()}
+    best = max(rows, key=lambda n: np.mean(list(rows[n].values())))
+    return CANDIDATES[best], rows
 
 
 def report_detection(predictor: Predictor, images: dict[str, list[bytes]]) -> dict[str, dict]:
@@ -97,6 +105,8 @@ def main() -> None:
     ap.add_argument("--false-rejection", type=float, default=TrustSettings.false_rejection)
     ap.add_argument("--target-sensitivity", type=float, default=TrustSettings.target_sensitivity)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--scorer", default="tuned", choices=["tuned", *CANDIDATES],
+                    help="OOD scorer to report: the one the TUNING photos choose, or a named one")
     ap.add_argument("--detect-only", action="store_true",
                     help="use the trust block training already stored in the bundle; only measure OOD detection "
                          "on the photo sets (no feature pass over the data, no tuning)")
@@ -117,8 +127,10 @@ def main() -> None:
 
     tuning_imgs = {**photo_variants(TUNING_PHOTOS, seed=1), **probe_set(seed=11)}
     tuning = {k: image_features(model, bundle, v, device) for k, v in tuning_imgs.items()}
-    normalize, tuning_rows = tune(tr, va, tuning, settings.false_rejection)
-    settings = replace(settings, ood_normalize=normalize)
+    chosen, tuning_rows = tune(tr, va, tuning, settings.false_rejection)
+    if args.scorer != "tuned":  # measure a named scorer (e.g. the training default) instead of the tuned one
+        chosen = CANDIDATES[args.scorer]
+    settings = replace(settings, **chosen)
     probes = {k: image_features(model, bundle, v, device) for k, v in probe_set(seed=settings.seed).items()}
     figures = assemble(bundle, tr, va, halves(frame.iloc[val_idx], settings.seed), probes, settings)
     atomic_torch_save(bundle, out / BUNDLE_NAME)
@@ -129,7 +141,7 @@ def main() -> None:
     photos = [d for k, d in detection.items() if k.startswith("photo:")]
     totals = {"photos": sum(d["rejected"] for d in photos) / sum(d["n"] for d in photos),
               "all": sum(d["rejected"] for d in detection.values()) / sum(d["n"] for d in detection.values())}
-    result = {"model": str(run), "figures": figures, "tuning": {"chosen_normalize": normalize, "rows": tuning_rows,
+    result = {"model": str(run), "figures": figures, "tuning": {"chosen": chosen, "rows": tuning_rows,
               "photos": list(TUNING_PHOTOS)}, "report_detection": detection, "report_detection_rate": totals,
               "report_photos": list(REPORT_PHOTOS), "seconds": time.perf_counter() - started}
     (out / "trust_eval.json").write_text(json.dumps(result, indent=2))
@@ -149,8 +161,9 @@ def detect_only(run: Path, out: Path, device: str) -> None:
     totals = {"photos": sum(d["rejected"] for d in photos) / sum(d["n"] for d in photos),
               "all": sum(d["rejected"] for d in detection.values()) / sum(d["n"] for d in detection.values())}
     figures = bundle["trust"]["figures"]
-    rows = {f"normalize={figures['ood'].get('normalize')} (not tuned)": {k: d["rejected"] / d["n"] for k, d in tuning.items()}}
-    result = {"model": str(run), "figures": figures, "tuning": {"chosen_normalize": figures["ood"].get("normalize"),
+    method = figures["ood"].get("method")
+    rows = {f"{method} (not tuned)": {k: d["rejected"] / d["n"] for k, d in tuning.items()}}
+    result = {"model": str(run), "figures": figures, "tuning": {"chosen": method,
               "rows": rows, "photos": list(TUNING_PHOTOS)}, "report_detection": detection,
               "report_detection_rate": totals, "report_photos": list(REPORT_PHOTOS),
               "seconds": time.perf_counter() - started}
@@ -174,7 +187,7 @@ def print_summary(r: dict) -> None:
         print(f"             melanoma sens at 80%/90% spec: {mel['0.80']:.3f} / {mel['0.90']:.3f}; at triage "
               f"threshold {t['melanoma_sensitivity_at_threshold']:.3f}")
     print(f"OOD          target false rejection {o['target_false_rejection']:.3f}: validation {o['val_false_rejection']:.3f}, "
-          f"held-out {o.get('held_out_false_rejection', float('nan')):.3f}  (normalize={r['tuning']['chosen_normalize']})")
+          f"held-out {o.get('held_out_false_rejection', float('nan')):.3f}  (scorer: {r['tuning']['chosen']})")
     print("             tuning detection: " + "; ".join(f"{k}: " + ", ".join(f"{g} {v:.2f}" for g, v in row.items())
                                                          for k, row in r["tuning"]["rows"].items()))
     print("             REPORT detection: " + ", ".join(f"{k} {d['rejected']}/{d['n']}" for k, d in r["report_detection"].items()))

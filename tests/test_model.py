@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from skain.engine import EarlyStopping, ModelEma
+from skain.engine import EarlyStopping, ModelEma, unwrap
 from skain.model import SkainNet
 from skain.train import class_weights, lr_schedule
 from skain.weights import WeightsError, load_pretrained
@@ -64,6 +64,31 @@ def test_ema_tracks_the_model_and_skips_frozen_parameters():
         ema.update(model)
     for a, b in zip(ema.module.head.parameters(), model.head.parameters()):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_ema_and_unwrap_see_through_torch_compile():
+    """--compile wraps the network in torch.compile's OptimizedModule (lazily: nothing compiles here); the EMA
+    must still find the real parameters, and saved bundles must not get '_orig_mod.' key prefixes."""
+    model = SkainNet("test_efficientnet", 3, 5)
+    wrapped = torch.compile(model)
+    assert unwrap(wrapped) is model
+    assert set(unwrap(wrapped).state_dict()) == set(model.state_dict())
+    ema = ModelEma(model, decay=0.5)
+    with torch.no_grad():
+        for p in model.head.parameters():
+            p.add_(1.0)
+    for _ in range(50):
+        ema.update(wrapped)
+    for a, b in zip(ema.module.head.parameters(), model.head.parameters()):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_compile_flag_reaches_the_training_config():
+    from skain.cli import build_parser, config_from_args
+    ns = build_parser().parse_args(["train", "--preset", "cpu", "--compile"])
+    assert config_from_args(ns).train.compile is True
+    ns = build_parser().parse_args(["train", "--preset", "cpu"])
+    assert config_from_args(ns).train.compile is False
 
 
 def test_cosine_schedule_warms_up_then_decays():

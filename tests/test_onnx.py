@@ -1,5 +1,7 @@
-"""ONNX export: the graph reproduces PyTorch on real images, has a dynamic batch, and refuses a bundle
-it was not exported from."""
+"""ONNX export: the graph reproduces PyTorch on real images in ONNX Runtime and in OpenVINO, has a dynamic
+batch, and refuses a bundle it was not exported from."""
+import threading
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,6 +13,7 @@ from skain.data.schema import CLASSES
 from skain.predict import Predictor, prediction_table
 
 P_COLS = [f"p_{c}" for c in CLASSES]
+GRAPH_BACKENDS = ["onnx", "openvino"]
 
 
 @pytest.fixture(scope="module")
@@ -22,34 +25,61 @@ def exported(trained, tmp_path_factory):
     return out
 
 
-def test_onnx_runtime_matches_pytorch_on_real_images(exported, shared_data, tmp_path):
+@pytest.mark.parametrize("backend", GRAPH_BACKENDS)
+def test_exported_graph_matches_pytorch_on_real_images(exported, shared_data, tmp_path, backend):
     meta = pd.read_csv(shared_data / "metadata.csv").head(24)
     meta.loc[::3, "sex"] = ""  # some unknown metadata too
     meta.to_csv(tmp_path / "real.csv", index=False)
     frame, _ = prediction_table(csv=tmp_path / "real.csv", images=[shared_data / "images"])
     ref = Predictor.from_bundle(exported).predict_frame(frame, batch_size=10, progress=False)
-    onnx = Predictor.from_bundle(exported, backend="onnx").predict_frame(frame, batch_size=10, progress=False)
+    onnx = Predictor.from_bundle(exported, backend=backend).predict_frame(frame, batch_size=10, progress=False)
     diff = np.abs(ref[P_COLS].to_numpy() - onnx[P_COLS].to_numpy()).max()
     assert diff <= 1e-4, diff
     assert (ref["pred"] == onnx["pred"]).all()
-    one = Predictor.from_bundle(exported, backend="onnx").predict_one(frame["path"][0], 50, "female", "back")
-    assert one.diagnosis in CLASSES and Predictor.from_bundle(exported, backend="onnx").info["inference"][
-        "backend"] == "onnx"
+    one = Predictor.from_bundle(exported, backend=backend).predict_one(frame["path"][0], 50, "female", "back")
+    assert one.diagnosis in CLASSES and Predictor.from_bundle(exported, backend=backend).info["inference"][
+        "backend"] == backend
 
 
-def test_cli_predicts_with_the_onnx_backend(exported, synth_root, tmp_path):
+@pytest.mark.parametrize("backend", ["torch", "openvino"])
+def test_predict_one_is_safe_to_call_from_several_threads(exported, shared_data, backend):
+    """The web server calls predict_one from several threads on one Predictor: each call must get its own
+    image's probabilities AND its own OOD score (the feature tap must not collect other threads' passes)."""
+    paths = sorted((shared_data / "images").glob("*.jpg"))[:6]
+    p = Predictor.from_bundle(exported, backend=backend)
+    expected = [p.predict_one(path) for path in paths]
+    got: dict[int, list] = {}
+
+    def work(i: int) -> None:
+        got[i] = [p.predict_one(paths[i]) for _ in range(3)]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(paths))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, ref in enumerate(expected):
+        assert len(got.get(i, [])) == 3, f"thread {i} failed"
+        for one in got[i]:
+            assert one.probabilities == pytest.approx(ref.probabilities, abs=1e-6)
+            assert one.ood_score == pytest.approx(ref.ood_score, rel=1e-5)
+
+
+@pytest.mark.parametrize("backend", GRAPH_BACKENDS)
+def test_cli_predicts_with_the_graph_backends(exported, synth_root, tmp_path, backend):
     out = tmp_path / "p.csv"
     assert main(["predict", "--data", str(synth_root / "dataset_test"), "--model", str(exported),
-                 "--backend", "onnx", "--output", str(out), "--no-progress"]) == 0
+                 "--backend", backend, "--output", str(out), "--no-progress"]) == 0
     assert pd.read_csv(out)["pred"].isin(CLASSES).all()
 
 
-def test_onnx_file_from_another_bundle_is_refused(exported, tmp_path):
+@pytest.mark.parametrize("backend", GRAPH_BACKENDS)
+def test_onnx_file_from_another_bundle_is_refused(exported, tmp_path, backend):
     bundle = read_bundle(exported)
     bundle["state_dict"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in bundle["state_dict"].items()}
     atomic_torch_save(bundle, tmp_path / "retrained.pt")
     with pytest.raises(BundleError, match="different bundle"):
-        Predictor.from_bundle(tmp_path / "retrained.pt", backend="onnx", onnx_path=exported / "best_model.onnx")
+        Predictor.from_bundle(tmp_path / "retrained.pt", backend=backend, onnx_path=exported / "best_model.onnx")
 
 
 def test_missing_onnx_file_says_how_to_make_one(trained):
@@ -57,13 +87,14 @@ def test_missing_onnx_file_says_how_to_make_one(trained):
         Predictor.from_bundle(trained, backend="onnx")
 
 
-def test_fast_precision_runs_onnx_with_the_same_probabilities_and_features(trained, synth_root):
-    """precision="fast" on CPU exports in memory; the OOD feature tap still sees backbone features."""
+def test_fast_precision_runs_the_graph_with_the_same_probabilities_and_features(trained, synth_root):
+    """precision="fast" on CPU exports in memory and runs OpenVINO (installed with the dev extras); the OOD
+    feature tap still sees backbone features."""
     frame, _ = prediction_table(synth_root / "dataset_test")
     frame = frame.head(12)
     ref = Predictor.from_bundle(trained)
     fast = Predictor.from_bundle(trained, precision="fast")
-    assert fast.info["inference"]["backend"] == "onnx"
+    assert fast.info["inference"]["backend"] == "openvino"
     diff = np.abs(ref.predict_frame(frame, progress=False)[P_COLS].to_numpy()
                   - fast.predict_frame(frame, progress=False)[P_COLS].to_numpy()).max()
     assert diff <= 1e-4, diff

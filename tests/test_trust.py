@@ -12,7 +12,7 @@ from skain.bundle import load_model
 from skain.metrics import expected_calibration_error
 from skain.predict import Predictor
 from skain.trust.calibration import calibration_report, fit_temperature, nll
-from skain.trust.ood import MahalanobisScorer, threshold_for_false_rejection
+from skain.trust.ood import MahalanobisScorer, MaxScorer, scorer_from_state, threshold_for_false_rejection
 from skain.trust.probes import probe_set
 from skain.trust.triage import (INVESTIGATE, ROUTINE, operating_point, p_malignant, sensitivity_at_specificity,
                                 threshold_for_sensitivity)
@@ -105,12 +105,40 @@ def test_mahalanobis_threshold_keeps_the_stated_false_rejection_rate_on_new_samp
     assert np.allclose(restored.score(far[:5]), scorer.score(far[:5]), rtol=1e-4)
 
 
+def test_max_scorer_catches_a_far_direction_and_a_far_magnitude_at_the_stated_rate():
+    """The normalised part alone misses inputs that point like lesions but are far too large (what noise does
+    to a CNN's features); the raw part catches them; the max of both keeps the stated false-rejection rate."""
+    rng = np.random.default_rng(1)
+    centres = rng.normal(0, 1, (3, 12)) + 6.0
+
+    def draw(n):
+        labels = rng.integers(0, 3, n)
+        return centres[labels] + rng.normal(0, 0.5, (n, 12)), labels
+
+    train, labels = draw(3000)
+    val = draw(1000)[0]
+    scorer = MaxScorer.fit(train, labels, val, 0.05)
+    thr = threshold_for_false_rejection(scorer.score(val), 0.05)
+    assert 0.03 < (scorer.score(draw(4000)[0]) > thr).mean() < 0.08
+    scaled = draw(100)[0] * 4.0  # same direction, 4x the size
+    turned = rng.normal(0, 1, (100, 12)) * 6.0  # arbitrary directions
+    normalised_only = MahalanobisScorer.fit(train, labels, normalize=True)
+    n_thr = threshold_for_false_rejection(normalised_only.score(val), 0.05)
+    assert (normalised_only.score(scaled) > n_thr).mean() < 0.5
+    assert (scorer.score(scaled) > thr).all() and (scorer.score(turned) > thr).all()
+    restored = scorer_from_state(scorer.state_dict())
+    assert isinstance(restored, MaxScorer)
+    np.testing.assert_allclose(restored.score(scaled[:5]), scorer.score(scaled[:5]), rtol=1e-4)
+
+
 # ----------------------------------------------------------------------------- training outputs (tiny model)
 def test_training_stores_trust_in_a_weights_only_bundle_and_metrics(trained):
     bundle = torch.load(trained / "best_model.pt", weights_only=True)
     trust = bundle["trust"]
     assert 0.05 <= trust["temperature"] <= 20
-    assert trust["ood"]["threshold"] > 0 and trust["ood"]["whitener"].ndim == 2
+    assert trust["ood"]["threshold"] > 0 and trust["ood"]["method"] == "mahalanobis_max"
+    assert [part["normalize"] for part in trust["ood"]["parts"]] == [True, False]
+    assert all(part["whitener"].ndim == 2 for part in trust["ood"]["parts"])
     calib = json.loads((trained / "metrics.json").read_text())["trust"]["calibration"]
     assert calib["ece_bins"] == 15
     assert {"ece_before", "ece_after", "nll_before", "nll_after"} <= set(calib)

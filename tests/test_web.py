@@ -87,6 +87,21 @@ def test_index_page_has_form_choices_disclaimer_and_synthetic_warning(client, se
     assert client.get("/static/app.css").status_code == 200
 
 
+def test_about_panel_shows_the_model_cards_trust_figures_and_limitations(client, service):
+    """The numbers come from the bundle's model card, formatted, not typed into the page."""
+    html = client.get("/").get_data(as_text=True)
+    card = service.predictor.info["model_card"]
+    cal, tri, ood = card["calibration"], card["triage"], card["ood"]
+    assert f"{cal['ece_before']:.3f} &rarr; {cal['ece_after']:.3f}" in html
+    if tri.get("threshold") is not None:
+        assert f"{tri['threshold']:.3f}" in html and f"{100 * tri['sensitivity']:.1f}% of malignant" in html
+    rejected = ood.get("held_out_false_rejection", ood["val_false_rejection"])
+    assert f"{100 * rejected:.1f}%" in html and f"target {100 * ood['target_false_rejection']:.0f}%" in html
+    for kind, rate in ood["probe_detection"].items():
+        assert f"{100 * rate:.0f}% of {kind} images" in html
+    assert 'id="about-limitations"' in html and "light skin" in html and "7 diagnoses" in html
+
+
 @pytest.mark.parametrize("fields", [
     {},
     {"age": "45", "sex": "female", "localization": "back"},
@@ -182,6 +197,19 @@ def test_gradcam_is_normalised_aligned_and_explains_the_predicted_class(service,
     other = GradCam(service.predictor)(image_bytes, 50, "male", "back", target="vasc")
     assert other.target == "vasc" and not np.allclose(other.heat, ex.heat)
     assert all(p.grad is None for p in service.predictor.model.parameters())
+
+def test_fast_precision_serves_the_fast_path_and_keeps_heatmaps(trained, service, image_bytes):
+    """`skain serve --precision fast`: answers from the exported graph, within 1e-4 of fp32; heatmaps (which need
+    gradients) come from a PyTorch copy of the same network."""
+    fast = Service.load(trained, precision="fast")
+    assert fast.predictor.backend != "torch" and fast.explainer is not None
+    client = create_app({"TESTING": True}, service=fast).test_client()
+    body = post(client, image_bytes, age="50", sex="male", localization="back", heatmap="1", probabilities="1").json
+    ref = service.predictor.predict_one(image_bytes, 50, "male", "back").probabilities
+    got = body["probabilities"]
+    assert max(abs(got[c] - ref[c]) for c in ref) <= 1e-4
+    assert body["heatmap"] and client.get("/api/model").json["inference"]["backend"] == fast.predictor.backend
+
 
 
 # ------------------------------------------------------------------------------------------- errors

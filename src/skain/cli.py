@@ -67,6 +67,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--max-minutes", type=float, help="stop after this much training time")
     t.add_argument("--seed", type=int)
     t.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"])
+    t.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the training step (opt-in: compiling takes minutes; pays on long GPU runs)")
     t.add_argument("--no-progress", dest="progress", action="store_false", default=None)
 
 
@@ -81,8 +83,8 @@ def config_from_args(ns: argparse.Namespace):
         "data": _pick(ns, ["data", "csv", "images", "skip_missing", "cache_dir", "num_workers", "folds", "fold"]),
         "model": model,
         "train": _pick(ns, ["epochs", "frozen_epochs", "lr", "lr_frozen", "unfreeze_fraction", "batch_size",
-                            "patience", "balance", "max_minutes", "seed", "amp", "progress", "output", "resume",
-                            "overwrite"]),
+                            "patience", "balance", "max_minutes", "seed", "amp", "compile", "progress", "output",
+                            "resume", "overwrite"]),
     }
     return build_config(preset, ns.config, flags)
 
@@ -139,7 +141,7 @@ def run_demo(ns: argparse.Namespace) -> int:
 
 
 def _serve_defaults() -> dict:
-    return {"max_mb": None, "cors": None, "threads": None}
+    return {"max_mb": None, "cors": None, "threads": None, "precision": "fp32"}
 
 
 def run_check_gpu(ns: argparse.Namespace) -> int:
@@ -170,10 +172,10 @@ def add_predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--tta", type=int, default=1, help="test-time augmentation views, 1-8 (flips, 90-degree turns)")
     p.add_argument("--precision", choices=["fp32", "fast", "channels_last", "bf16", "bf16_channels_last"],
-                   default="fp32", help="fp32 (reference); fast: the fastest variant measured to agree with fp32 "
-                   "(ONNX Runtime on CPU, channels_last on GPU); bf16 variants are faster but less exact")
-    p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
-                   help="onnx: run <bundle>.onnx (from `skain export`) in ONNX Runtime")
+                   default="fp32", help=PRECISION_HELP)
+    p.add_argument("--backend", choices=["torch", "onnx", "openvino"], default="torch",
+                   help="onnx / openvino: run <bundle>.onnx (from `skain export`; else exported in memory) in "
+                   "ONNX Runtime / OpenVINO")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=True)
 
@@ -255,6 +257,10 @@ COMMANDS.update({
 
 
 # --------------------------------------------------------------------------------------------- serve
+PRECISION_HELP = ("fp32 (reference); fast: the fastest variant measured to agree with fp32 (OpenVINO, else ONNX "
+                  "Runtime, on CPU; channels_last on GPU); bf16 variants are faster but less exact")
+
+
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="outputs", help="output folder or .pt bundle (default outputs)")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 = all; default 127.0.0.1)")
@@ -262,6 +268,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-mb", type=float, help="largest accepted upload in MB (default 10)")
     p.add_argument("--cors", metavar="ORIGIN", help="allow browser calls to /api from ORIGIN ('*' = any); off by default")
     p.add_argument("--threads", type=int, help="waitress worker threads (default 4)")
+    p.add_argument("--precision", choices=["fp32", "fast", "channels_last"], default="fp32", help=PRECISION_HELP)
 
 
 def run_serve(ns: argparse.Namespace) -> int:
@@ -270,7 +277,7 @@ def run_serve(ns: argparse.Namespace) -> int:
         from .web.server import serve
     except ImportError as exc:
         raise ValueError(f"the web app needs Flask and waitress ({exc}): pip install 'skain[web]'") from exc
-    config = {"MODEL": ns.model, "CORS_ORIGIN": ns.cors}
+    config = {"MODEL": ns.model, "CORS_ORIGIN": ns.cors, "PRECISION": ns.precision}
     if ns.max_mb is not None:
         if ns.max_mb <= 0:
             raise ValueError("--max-mb must be positive")

@@ -57,6 +57,7 @@ class TrainConfig:
     seed: int = 42
     amp: str = "auto"                # auto | bf16 | fp16 | off
     channels_last: bool = True
+    compile: bool = False            # torch.compile the training forward/backward (opt-in; see README numbers)
     output: str = "outputs"
     resume: bool = False
     overwrite: bool = False

@@ -133,6 +133,13 @@ class EarlyStopping:
         self.best, self.bad_epochs = float(state["best"]), int(state["bad_epochs"])
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The network inside torch.compile and DistributedDataParallel wrappers."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
+    model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    return getattr(model, "_orig_mod", model)
+
+
 class ModelEma:
     """Exponential moving average of weights (and a copy of buffers): smoother validation curves."""
 
@@ -146,7 +153,7 @@ class ModelEma:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """Warm-up (1 + n) / (10 + n) keeps early averages from being dominated by the initial weights."""
-        model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        model = unwrap(model)
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
         pairs = self._pairs(model)

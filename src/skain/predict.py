@@ -40,16 +40,18 @@ PRECISIONS: dict[str, tuple[torch.dtype | None, bool]] = {
     "bf16": (torch.bfloat16, False),
     "bf16_channels_last": (torch.bfloat16, True),
 }
-BACKENDS = ("torch", "onnx")
+BACKENDS = ("torch", "onnx", "openvino")  # onnx = the exported graph in ONNX Runtime; openvino = it in OpenVINO
 
 
 def fast_choice(device: torch.device) -> tuple[str, str]:
     """(backend, precision) that `precision="fast"` means: the fastest variant that still agrees with fp32
-    (benchmarks/infer_speed.py, >= 500 real images: top-1 agreement >= 99.5%, max probability difference
-    <= 0.02). On CPU that is ONNX Runtime in fp32; bf16 autocast was faster than fp32 eager but moved
-    probabilities by up to ~0.07, so it is only used when asked for by name."""
-    if device.type == "cpu" and importlib.util.find_spec("onnxruntime") is not None:
-        return "onnx", "fp32"
+    (benchmarks/infer_speed.py, 512 real held-out images: top-1 agreement >= 99.5%, max probability difference
+    <= 0.02). On CPU that is the exported graph in OpenVINO (fp32), else in ONNX Runtime; bf16 autocast was
+    faster than fp32 eager but moved probabilities by up to 0.18, so it is only used when asked for by name."""
+    if device.type == "cpu":
+        for backend, module in (("openvino", "openvino"), ("onnx", "onnxruntime")):
+            if importlib.util.find_spec(module) is not None:
+                return backend, "fp32"
     return "torch", "channels_last"
 
 
@@ -84,7 +86,7 @@ class Predictor:
         self.backend = _check_choice("backend", backend, BACKENDS)
         self.precision = "fp32" if precision == "fast" else precision
         self.dtype, self.channels_last = PRECISIONS[_check_choice("precision", self.precision, PRECISIONS)]
-        if self.backend == "onnx":
+        if self.backend != "torch":
             self.model = self._onnx_model(onnx_path)
             self.dtype, self.channels_last, self.precision = None, False, "fp32"
         else:
@@ -95,7 +97,7 @@ class Predictor:
     def from_bundle(cls, model: str | Path, **kwargs: Any) -> "Predictor":
         """`model` is an output folder or a bundle file; an ONNX backend finds `<bundle>.onnx` beside it."""
         beside = resolve_path(model).with_suffix(".onnx")
-        if kwargs.get("onnx_path") is None and (kwargs.get("backend") == "onnx" or
+        if kwargs.get("onnx_path") is None and (kwargs.get("backend") in ("onnx", "openvino") or
                                                  (kwargs.get("precision") == "fast" and beside.is_file())):
             kwargs["onnx_path"] = beside
         return cls(read_bundle(model), **kwargs)
@@ -104,12 +106,13 @@ class Predictor:
         """The exported graph from `path`, or (no file) exported in memory from the bundle now."""
         from .export import export_bytes
         from .onnx_runtime import OnnxModel
+        runtime = "openvino" if self.backend == "openvino" else "onnxruntime"
         if self.device.type != "cpu":
-            log.info("ONNX backend runs on the CPU execution provider")
+            log.info("the %s backend runs on the CPU", self.backend)
         if path is None:
             log.info("exporting the network to ONNX in memory (`skain export` saves it beside the bundle)")
-            return OnnxModel(export_bytes(self.bundle), self.bundle)
-        return OnnxModel(path, self.bundle)
+            return OnnxModel(export_bytes(self.bundle), self.bundle, runtime)
+        return OnnxModel(path, self.bundle, runtime)
 
     @property
     def info(self) -> dict:

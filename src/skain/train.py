@@ -383,6 +383,8 @@ def run_phase(cfg: Config, run: Run, phase: Phase, ctx: dict) -> None:
     # DDP registers the parameters that train when it is built, so it is rebuilt for each phase
     ctx["net"] = (DistributedDataParallel(model, device_ids=[ctx["device"].index] if ctx["device"].type == "cuda"
                                           else None) if info.enabled else model)
+    if t.compile:  # compiled per phase: the set of trainable parameters changes the graph
+        ctx["net"] = torch.compile(ctx["net"])
     for epoch in range(start_epoch, end):
         stop = run_epoch(cfg, run, phase, epoch, optimizer, sched, ctx)
         if info.main:

@@ -5,11 +5,12 @@ colour jitter models differences between dermatoscopes; scale crops model zoom.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import numpy as np
 import torch
-from torchvision.transforms import v2
+from PIL import Image
 
 
 def resolve_preprocess(pretrained_cfg: dict[str, Any], input_size: int | None = None,
@@ -35,38 +36,133 @@ def image_to_tensor(image, pre: dict[str, Any]) -> torch.Tensor:
     return eval_transform(pre)(resize_shorter(open_image(image), pre["resize"]))
 
 
-def _to_tensor(arr: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+def normalise(arr: np.ndarray, pre: dict[str, Any]) -> torch.Tensor:
+    """uint8 HxWx3 -> float CxHxW, (x / 255 - mean) / std in one pass (stored channels-last, which is the
+    memory format the network runs in)."""
+    scale = 1.0 / (255.0 * torch.tensor(pre["std"]))
+    shift = -torch.tensor(pre["mean"]) / torch.tensor(pre["std"])
+    pixels = torch.from_numpy(np.require(arr, requirements=["W"])).permute(2, 0, 1)
+    return torch.addcmul(shift.view(3, 1, 1), pixels, scale.view(3, 1, 1))
 
 
-class RandomRot90(torch.nn.Module):
-    def forward(self, img: torch.Tensor) -> torch.Tensor:
-        k = int(torch.randint(0, 4, ()).item())
-        return torch.rot90(img, k, dims=(-2, -1)) if k else img
+def centre_crop(arr: np.ndarray, size: int) -> np.ndarray:
+    h, w = arr.shape[:2]
+    if h < size or w < size:
+        raise ValueError(f"image {w}x{h} is smaller than the {size}px crop")
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    return np.ascontiguousarray(arr[top:top + size, left:left + size])  # strided input makes normalise ~30x slower
 
 
 def eval_transform(pre: dict[str, Any]) -> Callable[[np.ndarray], torch.Tensor]:
     """Resized uint8 HxWx3 -> normalised float CxHxW centre crop."""
-    ops = v2.Compose([
-        v2.CenterCrop(pre["input_size"]),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(pre["mean"], pre["std"]),
-    ])
-    return lambda arr: ops(_to_tensor(arr))
+    return lambda arr: normalise(centre_crop(arr, pre["input_size"]), pre)
+
+
+_GRAY = np.array([0.2989, 0.587, 0.114])  # torchvision's luma weights (contrast and saturation)
+_RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ)
+
+
+def colour_affine(brightness: float, contrast: float, saturation: float, hue: float,
+                  mean_rgb, order: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Colour jitter as ONE affine map on RGB pixel vectors: x -> M @ x + c (values in [0, 1]; float64).
+
+    Brightness, contrast and saturation are exactly torchvision's formulas (scale; blend with the image's
+    mean luma; blend with the pixel's luma). Hue is a rotation of the chroma plane in YIQ space by
+    pi * `hue` radians, a linear stand-in for torchvision's HSV hue shift (same direction and, on HAM10000
+    images, about the same mean size; correlation of the two colour changes ~0.75).
+    `order` is the order of the four ops (0 b, 1 c, 2 s, 3 h); `mean_rgb` is the image's mean colour, carried
+    through the chain so contrast sees the mean of the image as it is at that point. Unlike torchvision, values
+    are clamped once at the end rather than after each op.
+    """
+    eye, zero = np.eye(3), np.zeros(3)
+    m, c = eye, zero
+    for op in order:
+        if op == 0:
+            mi, ci = brightness * eye, zero
+        elif op == 1:
+            luma = float(_GRAY @ (m @ np.asarray(mean_rgb, dtype=np.float64) + c))
+            mi, ci = contrast * eye, np.full(3, (1 - contrast) * luma)
+        elif op == 2:
+            mi, ci = saturation * eye + (1 - saturation) * np.outer(np.ones(3), _GRAY), zero
+        else:
+            a = -math.pi * hue  # sign and size: match torchvision's HSV shift on HAM10000 images (measured)
+            rot = np.array([[1.0, 0, 0], [0, math.cos(a), -math.sin(a)], [0, math.sin(a), math.cos(a)]])
+            mi, ci = _YIQ_TO_RGB @ rot @ _RGB_TO_YIQ, zero
+        m, c = mi @ m, mi @ c + ci
+    return m, c
+
+
+def _uniform(lo: float, hi: float) -> float:
+    return float(torch.empty(()).uniform_(lo, hi))
+
+
+_ORIENTATIONS = (None, Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.FLIP_TOP_BOTTOM, Image.Transpose.ROTATE_90,
+                 Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270, Image.Transpose.TRANSPOSE,
+                 Image.Transpose.TRANSVERSE)  # the 8 symmetries of the square
+
+
+def apply_colour(img: Image.Image, m: np.ndarray, c: np.ndarray) -> Image.Image:
+    """x -> clamp(M x + c) on every pixel (values in [0, 1]) in Pillow's C loop, rounded to uint8 like
+    torchvision's ColorJitter on uint8 images."""
+    matrix = np.concatenate([m, 255.0 * np.asarray(c)[:, None]], 1).ravel().tolist()
+    return img.convert("RGB", tuple(matrix))
+
+
+class DermoscopyAugment:
+    """Training augmentation on a resized uint8 HxWx3 array -> normalised float CxHxW.
+
+    Random resized crop (scale 0.35-1, aspect 3/4-4/3; Pillow crops and resizes in one antialiased call),
+    any of the 8 dihedral orientations (dermoscopy has no canonical orientation), colour jitter for
+    dermatoscope differences, then normalisation. The four colour-jitter ops are fused into one affine colour
+    matrix that Pillow applies in a single pass (see `colour_affine`), and normalisation into one multiply-add;
+    with the pre-resized cache this is ~2.5x faster per image than the same augmentation as a torchvision
+    Compose (benchmarks/pipeline.py). Randomness comes from torch's generator, which DataLoader seeds per
+    worker.
+    """
+
+    def __init__(self, pre: dict[str, Any], strength: float = 1.0,
+                 scale: tuple[float, float] = (0.35, 1.0), ratio: tuple[float, float] = (0.75, 4 / 3)):
+        self.pre, self.size = pre, pre["input_size"]
+        self.jitter = (0.2 * strength, 0.2 * strength, 0.15 * strength, 0.03 * strength)
+        self.scale, self.log_ratio = scale, (math.log(ratio[0]), math.log(ratio[1]))
+
+    def crop_box(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """torchvision's RandomResizedCrop.get_params: (left, top, right, bottom)."""
+        area = height * width
+        for _ in range(10):
+            target = area * _uniform(*self.scale)
+            aspect = math.exp(_uniform(*self.log_ratio))
+            w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                top = int(torch.randint(0, height - h + 1, ()))
+                left = int(torch.randint(0, width - w + 1, ()))
+                return left, top, left + w, top + h
+        side = min(height, width)  # fallback: centre square
+        top, left = (height - side) // 2, (width - side) // 2
+        return left, top, left + side, top + side
+
+    def draw_colour(self, img: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+        """Random jitter factors, in random order, as one affine map (M, c)."""
+        b, c, s, h = self.jitter
+        hist = np.asarray(img.histogram(), dtype=np.float64).reshape(3, 256)
+        mean_rgb = hist @ np.arange(256.0) / hist.sum(1) / 255.0
+        order = torch.randperm(4).tolist()
+        return colour_affine(_uniform(1 - b, 1 + b), _uniform(1 - c, 1 + c), _uniform(1 - s, 1 + s),
+                             _uniform(-h, h), mean_rgb, order)
+
+    def __call__(self, arr: np.ndarray) -> torch.Tensor:
+        img = Image.fromarray(arr).resize((self.size, self.size), Image.BILINEAR, box=self.crop_box(*arr.shape[:2]))
+        if any(self.jitter):
+            img = apply_colour(img, *self.draw_colour(img))
+        orientation = _ORIENTATIONS[int(torch.randint(0, 8, ()))]
+        if orientation is not None:
+            img = img.transpose(orientation)
+        return normalise(np.asarray(img), self.pre)
 
 
 def train_transform(pre: dict[str, Any], strength: float = 1.0) -> Callable[[np.ndarray], torch.Tensor]:
-    size = pre["input_size"]
-    ops = v2.Compose([
-        v2.RandomResizedCrop(size, scale=(0.35, 1.0), ratio=(0.75, 1.333), antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.RandomVerticalFlip(),
-        RandomRot90(),
-        v2.ColorJitter(0.2 * strength, 0.2 * strength, 0.15 * strength, 0.03 * strength),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(pre["mean"], pre["std"]),
-    ])
-    return lambda arr: ops(_to_tensor(arr))
+    return DermoscopyAugment(pre, strength)
 
 
 def tta_views(batch: torch.Tensor, n: int) -> list[torch.Tensor]:

@@ -27,7 +27,7 @@ from ..engine import predict_logits, resolve_device
 from ..metrics import expected_calibration_error
 from .calibration import apply_temperature, calibration_report, fit_temperature, nll, plot_reliability
 from .modelcard import build_card, to_markdown
-from .ood import BackboneTap, MahalanobisScorer, threshold_for_false_rejection
+from .ood import STATE_ARRAYS, BackboneTap, MahalanobisScorer, MaxScorer, threshold_for_false_rejection
 from .probes import probe_set
 from .triage import (MALIGNANT, malignant_columns, operating_point, sensitivity_at_specificity,
                      threshold_for_sensitivity)
@@ -39,7 +39,12 @@ log = logging.getLogger(__name__)
 class TrustSettings:
     target_sensitivity: float = 0.95   # malignant sensitivity the triage threshold must reach on validation
     false_rejection: float = 0.02      # stated share of validation lesions the OOD threshold may reject
-    ood_normalize: bool = True         # L2-normalise backbone features before the Mahalanobis distance
+    # OOD scorer: "max" = MaxScorer (L2-normalised + raw features); "single" = one scorer with `ood_normalize`.
+    # On the real HAM10000 run's TUNING photos (benchmarks/trust_eval.py) normalised features alone missed 6/8
+    # noise images and raw features alone did best; on a briefly trained small model raw features alone let
+    # every blank frame through (tests/test_trust.py). The max of both caught noise and blank frames on both.
+    ood_method: str = "max"
+    ood_normalize: bool = True
     ece_bins: int = 15
     seed: int = 0
     batch_size: int = 64
@@ -134,7 +139,8 @@ def triage_part(probs: np.ndarray, oof: np.ndarray, labels: np.ndarray, classes:
 
 def ood_part(tr: Outputs, va: Outputs, probes: dict[str, np.ndarray], parts, s: TrustSettings) -> dict:
     """Gaussians on training features; threshold = validation quantile for the stated false-rejection rate."""
-    scorer = MahalanobisScorer.fit(tr.features, tr.labels, s.ood_normalize)
+    scorer = (MaxScorer.fit(tr.features, tr.labels, va.features, s.false_rejection) if s.ood_method == "max"
+              else MahalanobisScorer.fit(tr.features, tr.labels, s.ood_normalize))
     val_scores = scorer.score(va.features)
     thr = threshold_for_false_rejection(val_scores, s.false_rejection)
     out = {**scorer.state_dict(), "threshold": thr, "target_false_rejection": s.false_rejection,
@@ -181,7 +187,7 @@ def assemble(bundle: dict, tr: Outputs, va: Outputs, parts, probes: dict[str, np
                "held_out_method": "cross-fitted over two lesion-grouped halves of the validation split"
                if parts else "none (validation too small to split)",
                "calibration": calib, "triage": triage,
-               "ood": {k: v for k, v in ood.items() if k not in ("means", "whitener")}}
+               "ood": {k: v for k, v in ood.items() if k not in STATE_ARRAYS}}
     bundle["trust"] = {"version": 1, "temperature": t, "ood": ood, "triage": triage, "figures": figures}
     bundle["model_card"] = build_card(bundle, figures)
     log.info("trust: T=%.2f ECE %.3f -> %.3f (held-out %s); triage threshold %s; OOD held-out false rejection %s",

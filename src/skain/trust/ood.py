@@ -5,10 +5,16 @@ training images (Lee et al. 2018, "A simple unified framework for detecting OOD 
 the squared Mahalanobis distance to the nearest class mean. Backbone features, not the fused ones, because
 age/sex/site say nothing about whether the picture is a dermoscopic image. The rejection threshold is a
 quantile of validation scores, so the false-rejection rate on new lesions is a stated, checked number.
+
+Raw features (the default, `normalize=False`) keep the size of the activations, which is what gives noise away:
+its feature vectors point roughly where lesions' do but are far larger or smaller. `MaxScorer` runs a
+normalised and a raw scorer, each in units of its own validation quantile, and takes the larger; on the real
+HAM10000 tuning photos it did no better than raw features alone (benchmarks/trust_eval.py).
 """
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +30,7 @@ class MahalanobisScorer:
 
     means: np.ndarray        # (classes, D), already multiplied by W
     whitener: np.ndarray     # (D, D)
-    normalize: bool = True   # L2-normalise features first (scale-free: blank images shrink activations)
+    normalize: bool = True   # L2-normalise features first (scale-free; loses the activation size)
 
     @classmethod
     def fit(cls, features: np.ndarray, labels: np.ndarray, normalize: bool = True) -> "MahalanobisScorer":
@@ -58,6 +64,42 @@ class MahalanobisScorer:
                    bool(state.get("normalize", True)))
 
 
+@dataclass
+class MaxScorer:
+    """score(f) = max_i score_i(f) / scale_i over Mahalanobis scorers; scale_i is scorer i's validation
+    quantile at the stated false-rejection rate, so every part speaks in the same units."""
+
+    parts: list[MahalanobisScorer]
+    scales: list[float]
+
+    @classmethod
+    def fit(cls, features: np.ndarray, labels: np.ndarray, val_features: np.ndarray, rate: float) -> "MaxScorer":
+        parts = [MahalanobisScorer.fit(features, labels, normalize) for normalize in (True, False)]
+        scales = [max(threshold_for_false_rejection(p.score(val_features), rate), 1e-12) for p in parts]
+        return cls(parts, scales)
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        return np.max([p.score(features) / s for p, s in zip(self.parts, self.scales)], axis=0)
+
+    def state_dict(self) -> dict:
+        return {"method": "mahalanobis_max", "features": "backbone",
+                "parts": [p.state_dict() for p in self.parts], "scales": [float(s) for s in self.scales]}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "MaxScorer":
+        return cls([MahalanobisScorer.from_state(p) for p in state["parts"]], [float(s) for s in state["scales"]])
+
+
+def scorer_from_state(state: dict) -> "MahalanobisScorer | MaxScorer":
+    """The OOD scorer a bundle stores (older bundles: a single Mahalanobis scorer)."""
+    if state.get("method") == "mahalanobis_max":
+        return MaxScorer.from_state(state)
+    return MahalanobisScorer.from_state(state)
+
+
+STATE_ARRAYS = ("means", "whitener", "parts")  # what the figures (model card, API) leave out
+
+
 def _prep(features: np.ndarray, normalize: bool) -> np.ndarray:
     x = np.asarray(features, dtype=np.float64)
     if normalize:
@@ -89,9 +131,15 @@ class BackboneTap:
 
     def __enter__(self) -> "BackboneTap":
         self.outputs.clear()
-        self._handle = self.backbone.register_forward_hook(
-            lambda _m, _i, out: self.outputs.append(out.detach().float().cpu()))
+        self._thread = threading.get_ident()
+        self._handle = self.backbone.register_forward_hook(self._keep)
         return self
+
+    def _keep(self, _module, _inputs, out: torch.Tensor) -> None:
+        # The web server runs one model from several threads, and every thread's tap sees every forward pass:
+        # keep only this thread's, so concurrent requests never swap OOD features.
+        if threading.get_ident() == self._thread:
+            self.outputs.append(out.detach().float().cpu())
 
     def __exit__(self, *exc) -> None:
         if self._handle is not None:

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .ood import BackboneTap, MahalanobisScorer
+from .ood import STATE_ARRAYS, BackboneTap, MahalanobisScorer, MaxScorer, scorer_from_state
 from .triage import malignant_columns, triage_labels
 
 NOT_DERMOSCOPIC = "this does not look like a dermoscopic image"
@@ -22,7 +22,7 @@ NOT_DERMOSCOPIC = "this does not look like a dermoscopic image"
 class TrustLayer:
     classes: list[str]
     temperature: float = 1.0
-    ood: MahalanobisScorer | None = None
+    ood: MahalanobisScorer | MaxScorer | None = None
     ood_threshold: float | None = None
     triage_threshold: float | None = None
     figures: dict = field(default_factory=dict)
@@ -34,11 +34,11 @@ class TrustLayer:
         triage = trust.get("triage") or {}
         has_triage = triage.get("threshold") is not None and malignant_columns(classes) is not None
         return cls(classes, float(trust.get("temperature", 1.0)),
-                   MahalanobisScorer.from_state(ood) if ood.get("means") is not None else None,
+                   scorer_from_state(ood) if ood.get("means") is not None or ood.get("parts") else None,
                    float(ood["threshold"]) if ood.get("threshold") is not None else None,
                    float(triage["threshold"]) if has_triage else None,
                    {"triage": {k: v for k, v in triage.items()}, "ood": {k: v for k, v in ood.items()
-                                                                       if k not in ("means", "whitener")}})
+                                                                       if k not in STATE_ARRAYS}})
 
     @property
     def has_ood(self) -> bool:

@@ -48,12 +48,16 @@ class Service:
     explainer: GradCam | None = None
 
     @classmethod
-    def load(cls, model: str | Path, device: str = "auto") -> "Service":
-        """Read the bundle once; the id is the first 12 hex digits of its SHA-256."""
+    def load(cls, model: str | Path, device: str = "auto", precision: str = "fp32") -> "Service":
+        """Read the bundle once; the id is the first 12 hex digits of its SHA-256.
+
+        With precision "fast" predictions may run in OpenVINO/ONNX Runtime; heatmaps need gradients, so they
+        then come from a PyTorch fp32 copy of the same network."""
         path = resolve_path(model)
-        predictor = Predictor.from_bundle(path, device=device)
+        predictor = Predictor.from_bundle(path, device=device, precision=precision)
         try:
-            explainer = GradCam(predictor)
+            torch_side = predictor if predictor.backend == "torch" else Predictor.from_bundle(path, device=device)
+            explainer = GradCam(torch_side)
         except ExplainError as exc:
             log.warning("heatmaps off: %s", exc)
             explainer = None
@@ -165,7 +169,7 @@ def model_summary(service: Service) -> dict:
         "model_id": service.model_id, "backbone": info["backbone"], "image_only": info["image_only"],
         "input_size": info["input_size"], "classes": [describe(c) for c in info["classes"]],
         "vocabularies": info["vocabularies"], "skain_version": info.get("skain_version"),
-        "heatmaps": service.explainer is not None,
+        "heatmaps": service.explainer is not None, "inference": info["inference"],
         "training": {**training, "source": Path(source).name if source else None},
         "validation": {k: metrics.get(k) for k in ("n", "balanced_accuracy", "accuracy", "macro_f1",
                                                   "macro_auc", "epoch")}
