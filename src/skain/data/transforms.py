@@ -112,7 +112,7 @@ def apply_colour(img: Image.Image, m: np.ndarray, c: np.ndarray) -> Image.Image:
 class DermoscopyAugment:
     """Training augmentation on a resized uint8 HxWx3 array -> normalised float CxHxW.
 
-    Random resized crop (scale 0.35-1, aspect 3/4-4/3; Pillow crops and resizes in one antialiased call),
+    Random resized crop (scale 0.35-1, aspect 3/4-4/3; antialiased bilinear),
     any of the 8 dihedral orientations (dermoscopy has no canonical orientation), colour jitter for
     dermatoscope differences, then normalisation. The four colour-jitter ops are fused into one affine colour
     matrix that Pillow applies in a single pass (see `colour_affine`), and normalisation into one multiply-add;
@@ -151,8 +151,17 @@ class DermoscopyAugment:
         return colour_affine(_uniform(1 - b, 1 + b), _uniform(1 - c, 1 + c), _uniform(1 - s, 1 + s),
                              _uniform(-h, h), mean_rgb, order)
 
+    def resized_crop(self, arr: np.ndarray) -> Image.Image:
+        """Random crop resized to the input size: PyTorch's antialiased bilinear uint8 kernel (3x faster than
+        Pillow's at 384 px), handed back to Pillow as HxWx3 for the colour step."""
+        left, top, right, bottom = self.crop_box(*arr.shape[:2])
+        crop = torch.from_numpy(np.ascontiguousarray(arr[top:bottom, left:right])).permute(2, 0, 1)[None]
+        out = torch.nn.functional.interpolate(crop, size=(self.size, self.size), mode="bilinear", antialias=True,
+                                              align_corners=False)
+        return Image.fromarray(out[0].permute(1, 2, 0).numpy())
+
     def __call__(self, arr: np.ndarray) -> torch.Tensor:
-        img = Image.fromarray(arr).resize((self.size, self.size), Image.BILINEAR, box=self.crop_box(*arr.shape[:2]))
+        img = self.resized_crop(arr)
         if any(self.jitter):
             img = apply_colour(img, *self.draw_colour(img))
         orientation = _ORIENTATIONS[int(torch.randint(0, 8, ()))]
