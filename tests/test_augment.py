@@ -4,7 +4,6 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as F
 
-from PIL import Image
 from torchvision.transforms import v2
 
 from skain.data.transforms import (DermoscopyAugment, apply_colour, colour_affine, eval_transform, normalise,
@@ -55,15 +54,19 @@ def test_hue_rotation_tracks_torchvision_hue_shift(img, hue):
                                atol=1e-5, rtol=0)  # a chroma rotation keeps luma
 
 
-def test_pillow_applies_the_affine_map_with_clamping_and_uint8_rounding():
+def test_apply_colour_is_clamp_of_the_affine_map_then_normalise():
     arr = np.random.default_rng(4).integers(0, 256, (20, 30, 3), dtype=np.uint8)
     m = np.array([[1.2, 0.1, -0.05], [0.0, 0.8, 0.1], [0.05, -0.1, 1.1]])
     c = np.array([0.05, -0.1, 0.02])
-    out = np.asarray(apply_colour(Image.fromarray(arr), m, c)).astype(np.float64)
+    pixels = torch.from_numpy(arr).permute(2, 0, 1)
+    out = apply_colour(pixels, m, c, PRE)
     x = arr.reshape(-1, 3).astype(np.float64) / 255.0
-    expected = np.clip(x @ m.T + c, 0, 1).reshape(arr.shape) * 255.0
-    assert np.abs(out - expected).max() <= 0.5 + 1e-3
-    assert (out == 0).any() and (out == 255).any()  # the case clamps at both ends
+    clamped = np.clip(x @ m.T + c, 0, 1)
+    assert (clamped == 0).any() and (clamped == 1).any()  # the case clamps at both ends
+    expected = (clamped - np.array(PRE["mean"])) / np.array(PRE["std"])
+    np.testing.assert_allclose(out.permute(1, 2, 0).reshape(-1, 3).numpy(), expected, atol=1e-5)
+    identity = apply_colour(pixels, np.eye(3), np.zeros(3), PRE)
+    torch.testing.assert_close(identity, normalise(arr, PRE), atol=1e-5, rtol=0)
 
 
 def test_normalise_equals_torchvision_to_dtype_and_normalize():

@@ -54,33 +54,26 @@ def test_early_stopping_waits_patience_epochs_after_the_best():
     assert stop.best == 0.6
 
 
-def test_ema_tracks_the_model_and_skips_frozen_parameters():
-    model = SkainNet("test_efficientnet", 3, 5)
-    ema = ModelEma(model, decay=0.5)
-    with torch.no_grad():
-        for p in model.head.parameters():
-            p.add_(1.0)
-    for _ in range(50):
-        ema.update(model)
-    for a, b in zip(ema.module.head.parameters(), model.head.parameters()):
-        assert torch.allclose(a, b, atol=1e-5)
-
-
-def test_ema_and_unwrap_see_through_torch_compile():
+@pytest.mark.parametrize("wrap", [lambda m: m, torch.compile], ids=["plain", "torch.compile"])
+def test_ema_tracks_the_model_and_skips_frozen_parameters(wrap):
     """--compile wraps the network in torch.compile's OptimizedModule (lazily: nothing compiles here); the EMA
-    must still find the real parameters, and saved bundles must not get '_orig_mod.' key prefixes."""
+    must still find the real parameters."""
     model = SkainNet("test_efficientnet", 3, 5)
-    wrapped = torch.compile(model)
-    assert unwrap(wrapped) is model
-    assert set(unwrap(wrapped).state_dict()) == set(model.state_dict())
     ema = ModelEma(model, decay=0.5)
     with torch.no_grad():
         for p in model.head.parameters():
             p.add_(1.0)
     for _ in range(50):
-        ema.update(wrapped)
+        ema.update(wrap(model))
     for a, b in zip(ema.module.head.parameters(), model.head.parameters()):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_unwrap_sees_through_torch_compile():
+    """Saved bundles must not get '_orig_mod.' key prefixes."""
+    model = SkainNet("test_efficientnet", 3, 5)
+    assert unwrap(torch.compile(model)) is model and unwrap(model) is model
+    assert set(unwrap(torch.compile(model)).state_dict()) == set(model.state_dict())
 
 
 def test_compile_flag_reaches_the_training_config():

@@ -10,7 +10,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from PIL import Image
 
 
 def resolve_preprocess(pretrained_cfg: dict[str, Any], input_size: int | None = None,
@@ -97,28 +96,29 @@ def _uniform(lo: float, hi: float) -> float:
     return float(torch.empty(()).uniform_(lo, hi))
 
 
-_ORIENTATIONS = (None, Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.FLIP_TOP_BOTTOM, Image.Transpose.ROTATE_90,
-                 Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270, Image.Transpose.TRANSPOSE,
-                 Image.Transpose.TRANSVERSE)  # the 8 symmetries of the square
-
-
-def apply_colour(img: Image.Image, m: np.ndarray, c: np.ndarray) -> Image.Image:
-    """x -> clamp(M x + c) on every pixel (values in [0, 1]) in Pillow's C loop, rounded to uint8 like
-    torchvision's ColorJitter on uint8 images."""
-    matrix = np.concatenate([m, 255.0 * np.asarray(c)[:, None]], 1).ravel().tolist()
-    return img.convert("RGB", tuple(matrix))
+def apply_colour(pixels: torch.Tensor, m: np.ndarray, c: np.ndarray, pre: dict[str, Any]) -> torch.Tensor:
+    """uint8 or float 0-255 image (3, H, W) -> normalise(clamp(M x + c)) with x in [0, 1], as one 3x3 matrix
+    product over the pixels (colour matrix, /255 and normalisation folded together; a 1x1 convolution was 50x
+    slower) and one clamp whose per-channel bounds are 0 and 1 in normalised units."""
+    mean, std = np.asarray(pre["mean"], dtype=np.float64), np.asarray(pre["std"], dtype=np.float64)
+    weight = torch.from_numpy((m / 255.0) / std[:, None]).float()
+    bias = torch.from_numpy((np.asarray(c) - mean) / std).float()
+    channels, height, width = pixels.shape
+    out = torch.addmm(bias[:, None], weight, pixels.float().reshape(channels, -1))
+    lo, hi = torch.from_numpy(-mean / std).float(), torch.from_numpy((1.0 - mean) / std).float()
+    return out.clamp_(lo[:, None], hi[:, None]).view(channels, height, width)
 
 
 class DermoscopyAugment:
     """Training augmentation on a resized uint8 HxWx3 array -> normalised float CxHxW.
 
-    Random resized crop (scale 0.35-1, aspect 3/4-4/3; antialiased bilinear),
-    any of the 8 dihedral orientations (dermoscopy has no canonical orientation), colour jitter for
-    dermatoscope differences, then normalisation. The four colour-jitter ops are fused into one affine colour
-    matrix that Pillow applies in a single pass (see `colour_affine`), and normalisation into one multiply-add;
-    with the pre-resized cache this is ~2.5x faster per image than the same augmentation as a torchvision
-    Compose (benchmarks/pipeline.py). Randomness comes from torch's generator, which DataLoader seeds per
-    worker.
+    Random resized crop (scale 0.35-1, aspect 3/4-4/3; PyTorch's antialiased bilinear uint8 kernel), any of
+    the 8 dihedral orientations (dermoscopy has no canonical orientation; applied to the crop as array views
+    before resizing to the square output, where it commutes with the resize), colour jitter for dermatoscope
+    differences, then normalisation. The four colour-jitter ops, the scaling to [0, 1] and the normalisation are
+    fused into one 3x3 matrix product plus a clamp (see `colour_affine`, `apply_colour`); on the pre-resized cache
+    this is several times faster per image than the same augmentation as a torchvision Compose
+    (benchmarks/pipeline.py). Randomness comes from torch's generator, which DataLoader seeds per worker.
     """
 
     def __init__(self, pre: dict[str, Any], strength: float = 1.0,
@@ -142,32 +142,30 @@ class DermoscopyAugment:
         top, left = (height - side) // 2, (width - side) // 2
         return left, top, left + side, top + side
 
-    def draw_colour(self, img: Image.Image) -> tuple[np.ndarray, np.ndarray]:
-        """Random jitter factors, in random order, as one affine map (M, c)."""
+    def draw_colour(self, mean_rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Random jitter factors, in random order, as one affine map (M, c); `mean_rgb` in [0, 1]."""
         b, c, s, h = self.jitter
-        hist = np.asarray(img.histogram(), dtype=np.float64).reshape(3, 256)
-        mean_rgb = hist @ np.arange(256.0) / hist.sum(1) / 255.0
         order = torch.randperm(4).tolist()
         return colour_affine(_uniform(1 - b, 1 + b), _uniform(1 - c, 1 + c), _uniform(1 - s, 1 + s),
                              _uniform(-h, h), mean_rgb, order)
 
-    def resized_crop(self, arr: np.ndarray) -> Image.Image:
-        """Random crop resized to the input size: PyTorch's antialiased bilinear uint8 kernel (3x faster than
-        Pillow's at 384 px), handed back to Pillow as HxWx3 for the colour step."""
+    def oriented_crop(self, arr: np.ndarray) -> torch.Tensor:
+        """A random crop in one of the 8 orientations -> uint8 (1, 3, h, w)."""
         left, top, right, bottom = self.crop_box(*arr.shape[:2])
-        crop = torch.from_numpy(np.ascontiguousarray(arr[top:bottom, left:right])).permute(2, 0, 1)[None]
-        out = torch.nn.functional.interpolate(crop, size=(self.size, self.size), mode="bilinear", antialias=True,
-                                              align_corners=False)
-        return Image.fromarray(out[0].permute(1, 2, 0).numpy())
+        crop = arr[top:bottom, left:right]
+        k, flip = int(torch.randint(0, 4, ())), bool(torch.randint(0, 2, ()))
+        crop = np.rot90(crop, k) if k else crop
+        crop = crop[:, ::-1] if flip else crop  # 4 rotations x optional mirror = all 8
+        return torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1)[None]
 
     def __call__(self, arr: np.ndarray) -> torch.Tensor:
-        img = self.resized_crop(arr)
+        crop = self.oriented_crop(arr)
+        img = torch.nn.functional.interpolate(crop, size=(self.size, self.size), mode="bilinear", antialias=True,
+                                              align_corners=False)[0].float()
+        m, c = np.eye(3), np.zeros(3)
         if any(self.jitter):
-            img = apply_colour(img, *self.draw_colour(img))
-        orientation = _ORIENTATIONS[int(torch.randint(0, 8, ()))]
-        if orientation is not None:
-            img = img.transpose(orientation)
-        return normalise(np.asarray(img), self.pre)
+            m, c = self.draw_colour(img.mean((1, 2)).double().numpy() / 255.0)
+        return apply_colour(img, m, c, self.pre)
 
 
 def train_transform(pre: dict[str, Any], strength: float = 1.0) -> Callable[[np.ndarray], torch.Tensor]:
