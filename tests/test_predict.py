@@ -151,7 +151,8 @@ def test_tta_averages_views_and_rejects_impossible_counts(trained, synth_root):
     one = Predictor.from_bundle(trained).predict_frame(frame.head(8), progress=False)[P_COLS].to_numpy()
     eight = Predictor.from_bundle(trained, tta=8).predict_frame(frame.head(8), progress=False)[P_COLS].to_numpy()
     np.testing.assert_allclose(eight.sum(1), 1.0, atol=1e-5)
-    assert not np.allclose(one, eight)
+    # the tiny synthetic model is very sure (probabilities round to 0 and 1), so compare log-probabilities
+    assert np.abs(np.log(one + 1e-38) - np.log(eight + 1e-38)).max() > 1e-3
     with pytest.raises(ValueError, match="between 1 and 8"):
         Predictor.from_bundle(trained, tta=9)
 

@@ -15,7 +15,7 @@ from scipy.special import log_softmax, softmax
 from ..metrics import expected_calibration_error
 
 log = logging.getLogger(__name__)
-LOG_T_BOUNDS = (-3.0, 3.0)  # T in [0.05, 20]: beyond that the model, not the temperature, is the problem
+LOG_T_BOUNDS = (-3.0, 3.0)  # T in [e^-3, e^3] ~ [0.05, 20]: beyond that the model, not the temperature, is the problem
 
 
 def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
