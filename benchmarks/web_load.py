@@ -1,6 +1,7 @@
 """Load test of `POST /api/predict` against the real server (`skain serve`, waitress) in its own process.
 
     python benchmarks/web_load.py [--model /tmp/bench/out/multimodal] [--requests 200] [--concurrency 8]
+                                  [--precision fast]
 
 Sends real HAM10000 images (with their age/sex/site) from --images at the given concurrency, and prints
 p50/p90/p99/max latency, throughput, the error count and the server's resident memory (RSS) before and after
@@ -54,9 +55,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: Path, port: int, threads: int) -> subprocess.Popen:
+def start_server(model: Path, port: int, threads: int, precision: str = "fp32") -> subprocess.Popen:
     cmd = [sys.executable, "-m", "skain", "serve", "--model", str(model), "--port", str(port),
-           "--threads", str(threads)]
+           "--threads", str(threads), "--precision", precision]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -130,6 +131,8 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--threads", type=int, default=4, help="waitress threads in the server")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "fast", "channels_last"],
+                    help="the server's --precision (fast: OpenVINO / ONNX Runtime)")
     ap.add_argument("--images", type=int, default=50, help="distinct images cycled through")
     ap.add_argument("--max-growth-mb", type=float, default=25.0)
     ap.add_argument("--heatmap", action="store_true", help="ask for the Grad-CAM heatmap too (what the page does)")
@@ -141,7 +144,7 @@ def main() -> int:
         print(f"no bundle at {model}: building an untrained cpu-preset bundle (timing only)")
         model = untrained_cpu_bundle(Path(tmp.name))
     port = free_port()
-    server = start_server(model, port, args.threads)
+    server = start_server(model, port, args.threads, args.precision)
     try:
         info = json.loads(request("GET", port, "/api/model")[1])
         payloads = load_payloads(Path(args.data), args.images, info["vocabularies"], args.heatmap)
