@@ -155,6 +155,8 @@ def test_model_card_contains_the_real_numbers(trained):
     assert f"ECE (15 bins) {t['calibration']['ece_before']:.3f} -> {t['calibration']['ece_after']:.3f}" in card
     assert f"threshold {t['triage']['threshold']:.4f}" in card
     assert "SYNTHETIC" in card and "light skin" in card and "does not diagnose" in card
+    assert "larger of two Mahalanobis distances (L2-normalised and raw features)" in card
+    assert f"{100 * t['ood']['val_false_rejection']:.1f}% on validation" in card
     bundle_card = torch.load(trained / "best_model.pt", weights_only=True)["model_card"]
     assert bundle_card["metrics"]["validation"]["balanced_accuracy"] == v["balanced_accuracy"]
     assert Predictor.from_bundle(trained).info["model_card"] == bundle_card

@@ -15,8 +15,8 @@ LIMITATIONS = [
     "Knows 7 diagnoses only (akiec, bcc, bkl, df, mel, nv, vasc); any other condition is forced into one of them.",
     "HAM10000 comes from two centres (Vienna, Queensland) and mostly light skin types: accuracy on darker skin "
     "is unknown and likely lower.",
-    "Dermoscopic images only: clinical close-ups, phone photos and histology are out of scope (the OOD check "
-    "rejects many of them, not all).",
+    "Dermoscopic images only: clinical close-ups, phone photos, histology and fundus photos are out of scope (the "
+    "OOD check rejects many of them, not all; round, reddish fundus photos often pass).",
     "Validation figures come from held-out lesions of the same data source, not from an independent test set "
     "or a prospective study.",
 ]
@@ -88,6 +88,12 @@ def _metrics_section(metrics: dict) -> list[str]:
     return out + [""]
 
 
+def _ood_method(o: dict) -> str:
+    if o.get("method") == "mahalanobis_max":
+        return "the larger of two Mahalanobis distances (L2-normalised and raw features)"
+    return f"Mahalanobis distance ({'L2-normalised' if o.get('normalize', True) else 'raw'} features)"
+
+
 def _trust_sections(card: dict) -> list[str]:
     c, t, o = card["calibration"], card["triage"], card["ood"]
     ho_c, ho_t = c.get("held_out", {}), t.get("held_out", {})
@@ -110,7 +116,7 @@ def _trust_sections(card: dict) -> list[str]:
                 f"{_pct(mel.get('0.80'))} at 80% and {_pct(mel.get('0.90'))} at 90% specificity (P(mel), validation)"]
     probes = o.get("probe_detection", {})
     out += ["", "## Out-of-distribution check",
-            f"- {o.get('method')} distance on {o.get('features')} features; threshold set for "
+            f"- {_ood_method(o)} on {o.get('features')} features; threshold set for "
             f"{_pct(o.get('target_false_rejection'))} false rejections of validation lesions",
             f"- false rejections: {_pct(o.get('val_false_rejection'))} on validation, "
             f"{_pct(o.get('held_out_false_rejection'))} held-out",
