@@ -33,10 +33,9 @@ from skain.data.schema import CLASSES
 from skain.data.transforms import resolve_preprocess
 from skain.export import export_onnx
 from skain.model import SkainNet
-from skain.predict import Predictor, fast_choice, prediction_table
+from skain.predict import GRAPH_RUNTIMES, Predictor, fast_choice, prediction_table
 
-VARIANTS = ("fp32", "channels_last", "bf16", "bf16_channels_last", "onnx", "openvino")
-GRAPH_BACKENDS = ("onnx", "openvino")  # the exported ONNX graph in ONNX Runtime / OpenVINO
+VARIANTS = ("fp32", "channels_last", "bf16", "bf16_channels_last", *GRAPH_RUNTIMES)
 log = logging.getLogger("infer_speed")
 
 
@@ -54,8 +53,8 @@ def predictors(bundle: dict, work: Path, name: str) -> dict[str, Predictor]:
     path = work / f"{name}.pt"
     atomic_torch_save(bundle, path)
     onnx = export_onnx(path, work / f"{name}.onnx")
-    out = {v: Predictor(bundle, device="cpu", precision=v) for v in VARIANTS if v not in GRAPH_BACKENDS}
-    for v in GRAPH_BACKENDS:
+    out = {v: Predictor(bundle, device="cpu", precision=v) for v in VARIANTS if v not in GRAPH_RUNTIMES}
+    for v in GRAPH_RUNTIMES:
         out[v] = Predictor(bundle, device="cpu", backend=v, onnx_path=onnx)
     return out
 

@@ -27,8 +27,8 @@ from skain.data.images import ImageLoader
 from skain.engine import resolve_device
 from skain.predict import Predictor
 from skain.trust.fitting import (Outputs, TrustSettings, assemble, extract, folder_split, halves, image_features,
-                                 write_reports)
-from skain.trust.ood import MahalanobisScorer, MaxScorer, threshold_for_false_rejection
+                                 ood_scorer, write_reports)
+from skain.trust.ood import threshold_for_false_rejection
 from skain.trust.probes import probe_set, to_png
 
 TUNING_PHOTOS = ("astronaut", "camera", "brick", "coins", "moon", "colorwheel", "immunohistochemistry",
@@ -78,10 +78,7 @@ def tune(tr, va, tuning: dict[str, np.ndarray], rate: float) -> tuple[dict, dict
     """Pick the OOD scorer by mean detection on the TUNING images at the stated false-rejection rate."""
     rows = {}
     for name, choice in CANDIDATES.items():
-        if choice["ood_method"] == "max":
-            scorer = MaxScorer.fit(tr.features, tr.labels, va.features, rate)
-        else:
-            scorer = MahalanobisScorer.fit(tr.features, tr.labels, choice["ood_normalize"])
+        scorer = ood_scorer(tr, va, TrustSettings(false_rejection=rate, **choice))
         thr = threshold_for_false_rejection(scorer.score(va.features), rate)
         rows[name] = {k: float((scorer.score(f) > thr).mean()) for k, f in tuning.items()}
     best = max(rows, key=lambda n: np.mean(list(rows[n].values())))

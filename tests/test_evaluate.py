@@ -1,6 +1,5 @@
 """Evaluation numbers: agreement with the official ISIC 2018 scorer, melanoma rates by hand, the report
 from `skain evaluate`, and clear refusals of files that are not predictions."""
-import io
 import json
 
 import numpy as np

@@ -5,15 +5,14 @@ import threading
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from skain.bundle import BundleError, atomic_torch_save, read_bundle
 from skain.cli import main
 from skain.data.schema import CLASSES
-from skain.predict import Predictor, prediction_table
+from skain.predict import GRAPH_RUNTIMES, Predictor, prediction_table
 
 P_COLS = [f"p_{c}" for c in CLASSES]
-GRAPH_BACKENDS = ["onnx", "openvino"]
+GRAPH_BACKENDS = list(GRAPH_RUNTIMES)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ tests/test_data.py covers the basic dx/duplicate/age/missing-image cases; this f
 """
 from __future__ import annotations
 
-import io
 import logging
 import shutil
 from pathlib import Path
@@ -19,7 +18,7 @@ from conftest import tiny_config
 from skain.cli import main
 from skain.data.encoder import MetadataEncoder
 from skain.data.layout import discover, load_table
-from skain.data.schema import DataError, read_csv
+from skain.data.schema import DataError
 from skain.predict import prediction_table
 
 HEADER = "lesion_id,image_id,dx,age,sex,localization\n"

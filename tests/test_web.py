@@ -16,7 +16,7 @@ from PIL import Image
 
 from skain.bundle import BundleError
 from skain.explain import GradCam
-from skain.predict import Prediction, Predictor
+from skain.predict import Prediction
 from skain.web import create_app
 from skain.web.service import Service
 

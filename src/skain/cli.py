@@ -163,6 +163,10 @@ COMMANDS.update({
 PARTIAL_FAILURE = 3  # exit code: predictions written, but some images could not be read
 
 
+PRECISION_HELP = ("fp32 (reference); fast: the fastest variant measured to agree with fp32 (OpenVINO, else ONNX "
+                  "Runtime, on CPU; channels_last on GPU); bf16 variants are faster but less exact")
+
+
 def add_predict_args(p: argparse.ArgumentParser) -> None:
     add_data_args(p, "./dataset_test")
     p.add_argument("--model", default="outputs", help="trained output folder or .pt bundle (default outputs)")
@@ -257,10 +261,6 @@ COMMANDS.update({
 
 
 # --------------------------------------------------------------------------------------------- serve
-PRECISION_HELP = ("fp32 (reference); fast: the fastest variant measured to agree with fp32 (OpenVINO, else ONNX "
-                  "Runtime, on CPU; channels_last on GPU); bf16 variants are faster but less exact")
-
-
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="outputs", help="output folder or .pt bundle (default outputs)")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 = all; default 127.0.0.1)")

@@ -99,11 +99,12 @@ def export_bytes(bundle: dict, opset: int = OPSET) -> bytes:
 
 
 def _check_parity(graph: bytes, bundle: dict, atol: float = 1e-4) -> None:
-    from .onnx_runtime import make_session, run_session
+    from .onnx_runtime import OrtSession, feed_for
     inputs = example_inputs(bundle, batch=3)
     with torch.no_grad():
         ref = load_model(bundle)(*inputs).softmax(1).numpy()
-    got = torch.from_numpy(run_session(make_session(graph), inputs)).softmax(1).numpy()
+    session = OrtSession(graph)
+    got = torch.from_numpy(session.run(feed_for(session.inputs, inputs))[0]).softmax(1).numpy()
     diff = float(np.abs(ref - got).max())
     if diff > atol:
         raise RuntimeError(f"ONNX export does not reproduce PyTorch: max probability difference {diff:.2e} > {atol}")

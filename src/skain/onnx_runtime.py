@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .bundle import BundleError
+from .export import FINGERPRINT_KEY, INPUTS, bundle_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +33,20 @@ def make_session(model: str | Path | bytes, threads: int | None = None):
     return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
 
 
-def run_session(session, inputs: Sequence[torch.Tensor]) -> np.ndarray:
-    """Feed (image, age, sex, site) by name -> logits; graphs of image-only models declare only `image`."""
-    return run_all(session, inputs)[0]
+def feed_for(input_names: Sequence[str], inputs: Sequence[torch.Tensor]) -> dict[str, np.ndarray]:
+    """(image, age, sex, site) -> the graph's inputs by name; graphs of image-only models declare only `image`."""
+    return {n: t.detach().cpu().contiguous().numpy() for n, t in zip(INPUTS, inputs) if n in input_names}
 
 
-def run_all(session, inputs: Sequence[torch.Tensor]) -> list[np.ndarray]:
-    names = ("image", "age", "sex", "site")
-    wanted = {i.name for i in session.get_inputs()}
-    feed = {n: t.detach().cpu().contiguous().numpy() for n, t in zip(names, inputs) if n in wanted}
-    return session.run(None, feed)
+class OrtSession:
+    """The ONNX graph in ONNX Runtime (see `make_session`)."""
+
+    def __init__(self, source: str | Path | bytes, threads: int | None = None):
+        self.session = make_session(source, threads)
+        self.inputs = [i.name for i in self.session.get_inputs()]
+
+    def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(None, feed)
 
 
 class OpenVinoSession:
@@ -74,14 +79,13 @@ class OpenVinoSession:
         return [np.array(result[out]) for out in self.compiled.outputs]  # copies: the request reuses its buffers
 
 
-RUNTIMES = ("onnxruntime", "openvino")
+RUNTIMES = {"onnxruntime": OrtSession, "openvino": OpenVinoSession}
 
 
 def read_fingerprint(source: str | Path | bytes) -> str | None:
     import onnx
     proto = (onnx.load_from_string(source) if isinstance(source, bytes)
              else onnx.load(str(source), load_external_data=False))
-    from .export import FINGERPRINT_KEY
     return next((p.value for p in proto.metadata_props if p.key == FINGERPRINT_KEY), None)
 
 
@@ -94,27 +98,16 @@ class OnnxModel(nn.Module):
 
     def __init__(self, source: str | Path | bytes, bundle: dict, runtime: str = "onnxruntime"):
         super().__init__()
-        from .export import FINGERPRINT_KEY, bundle_fingerprint
         if not isinstance(source, bytes) and not Path(source).is_file():
             raise BundleError(f"no ONNX model at {source}; write one with `skain export --model <bundle>`")
-        if runtime == "openvino":
-            self.session, stored = OpenVinoSession(source), read_fingerprint(source)
-            self.input_names = self.session.inputs
-        else:
-            self.session = make_session(source)
-            stored = self.session.get_modelmeta().custom_metadata_map.get(FINGERPRINT_KEY)
-            self.input_names = [i.name for i in self.session.get_inputs()]
-        if stored != bundle_fingerprint(bundle):
+        if read_fingerprint(source) != bundle_fingerprint(bundle):
             raise BundleError(f"{source if not isinstance(source, bytes) else 'the ONNX graph'} was exported from "
                               "a different bundle (weights changed since); run `skain export` again")
-        self.runtime = runtime
+        self.session = RUNTIMES[runtime](source)
         self.backbone = nn.Identity()
 
     def forward(self, image: torch.Tensor, age: torch.Tensor, sex: torch.Tensor, site: torch.Tensor) -> torch.Tensor:
-        names = ("image", "age", "sex", "site")
-        feed = {n: t.detach().cpu().float().contiguous().numpy() if n == "image" else t.detach().cpu().numpy()
-                for n, t in zip(names, (image, age, sex, site)) if n in self.input_names}
-        outputs = self.session.run(feed) if self.runtime == "openvino" else self.session.run(None, feed)
+        outputs = self.session.run(feed_for(self.session.inputs, (image.float(), age, sex, site)))
         if len(outputs) > 1:
             self.backbone(torch.from_numpy(outputs[1]))
         return torch.from_numpy(outputs[0])

@@ -40,7 +40,8 @@ PRECISIONS: dict[str, tuple[torch.dtype | None, bool]] = {
     "bf16": (torch.bfloat16, False),
     "bf16_channels_last": (torch.bfloat16, True),
 }
-BACKENDS = ("torch", "onnx", "openvino")  # onnx = the exported graph in ONNX Runtime; openvino = it in OpenVINO
+GRAPH_RUNTIMES = {"onnx": "onnxruntime", "openvino": "openvino"}  # backends that run the exported ONNX graph
+BACKENDS = ("torch", *GRAPH_RUNTIMES)
 
 
 def fast_choice(device: torch.device) -> tuple[str, str]:
@@ -49,8 +50,8 @@ def fast_choice(device: torch.device) -> tuple[str, str]:
     <= 0.02). On CPU that is the exported graph in OpenVINO (fp32), else in ONNX Runtime; bf16 autocast was
     faster than fp32 eager but moved probabilities by up to 0.18, so it is only used when asked for by name."""
     if device.type == "cpu":
-        for backend, module in (("openvino", "openvino"), ("onnx", "onnxruntime")):
-            if importlib.util.find_spec(module) is not None:
+        for backend in ("openvino", "onnx"):
+            if importlib.util.find_spec(GRAPH_RUNTIMES[backend]) is not None:
                 return backend, "fp32"
     return "torch", "channels_last"
 
@@ -97,7 +98,7 @@ class Predictor:
     def from_bundle(cls, model: str | Path, **kwargs: Any) -> "Predictor":
         """`model` is an output folder or a bundle file; an ONNX backend finds `<bundle>.onnx` beside it."""
         beside = resolve_path(model).with_suffix(".onnx")
-        if kwargs.get("onnx_path") is None and (kwargs.get("backend") in ("onnx", "openvino") or
+        if kwargs.get("onnx_path") is None and (kwargs.get("backend") in GRAPH_RUNTIMES or
                                                  (kwargs.get("precision") == "fast" and beside.is_file())):
             kwargs["onnx_path"] = beside
         return cls(read_bundle(model), **kwargs)
@@ -106,7 +107,7 @@ class Predictor:
         """The exported graph from `path`, or (no file) exported in memory from the bundle now."""
         from .export import export_bytes
         from .onnx_runtime import OnnxModel
-        runtime = "openvino" if self.backend == "openvino" else "onnxruntime"
+        runtime = GRAPH_RUNTIMES[self.backend]
         if self.device.type != "cpu":
             log.info("the %s backend runs on the CPU", self.backend)
         if path is None:

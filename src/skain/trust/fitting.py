@@ -137,10 +137,16 @@ def triage_part(probs: np.ndarray, oof: np.ndarray, labels: np.ndarray, classes:
     return out
 
 
+def ood_scorer(tr: Outputs, va: Outputs, s: TrustSettings) -> MahalanobisScorer | MaxScorer:
+    """The OOD scorer the settings name, fit on training features (validation scales the parts of "max")."""
+    if s.ood_method == "max":
+        return MaxScorer.fit(tr.features, tr.labels, va.features, s.false_rejection)
+    return MahalanobisScorer.fit(tr.features, tr.labels, s.ood_normalize)
+
+
 def ood_part(tr: Outputs, va: Outputs, probes: dict[str, np.ndarray], parts, s: TrustSettings) -> dict:
     """Gaussians on training features; threshold = validation quantile for the stated false-rejection rate."""
-    scorer = (MaxScorer.fit(tr.features, tr.labels, va.features, s.false_rejection) if s.ood_method == "max"
-              else MahalanobisScorer.fit(tr.features, tr.labels, s.ood_normalize))
+    scorer = ood_scorer(tr, va, s)
     val_scores = scorer.score(va.features)
     thr = threshold_for_false_rejection(val_scores, s.false_rejection)
     out = {**scorer.state_dict(), "threshold": thr, "target_false_rejection": s.false_rejection,

@@ -56,7 +56,7 @@ class Service:
         path = resolve_path(model)
         predictor = Predictor.from_bundle(path, device=device, precision=precision)
         try:
-            torch_side = predictor if predictor.backend == "torch" else Predictor.from_bundle(path, device=device)
+            torch_side = predictor if predictor.backend == "torch" else Predictor(predictor.bundle, device=device)
             explainer = GradCam(torch_side)
         except ExplainError as exc:
             log.warning("heatmaps off: %s", exc)
