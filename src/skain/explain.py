@@ -76,7 +76,7 @@ def _global_pool(model: torch.nn.Module) -> torch.nn.Module:
 def _meta_tensors(p: Predictor, age: float | None, sex: str | None, site: str | None) -> tuple:
     """The same metadata encoding `Predictor.predict_one` uses."""
     a, s, l = p.encoder.transform(metadata_frame(age, sex, site))
-    return (torch.from_numpy(a)[:, None].to(p.device), torch.from_numpy(s).to(p.device),
+    return (torch.from_numpy(a).to(p.device), torch.from_numpy(s).to(p.device),
             torch.from_numpy(l).to(p.device))
 
 

@@ -10,13 +10,15 @@ from torch import nn
 
 
 class MetadataBranch(nn.Module):
-    """age -> MLP 32 -> 64; sex -> embedding 8; site -> embedding 16; concat -> Dense 128."""
+    """age -> MLP 32 -> 64; sex -> embedding 8; site -> embedding 16; concat -> Dense 128.
+
+    `age_inputs` = 2 adds a "missing" flag beside the normalised age (see MetadataEncoder)."""
 
     out_features = 128
 
-    def __init__(self, n_sex: int, n_site: int, drop_rate: float = 0.1):
+    def __init__(self, n_sex: int, n_site: int, drop_rate: float = 0.1, age_inputs: int = 1):
         super().__init__()
-        self.age = nn.Sequential(nn.Linear(1, 32), nn.ReLU(inplace=True), nn.Linear(32, 64), nn.ReLU(inplace=True))
+        self.age = nn.Sequential(nn.Linear(age_inputs, 32), nn.ReLU(inplace=True), nn.Linear(32, 64), nn.ReLU(inplace=True))
         self.sex = nn.Embedding(n_sex, 8)
         self.site = nn.Embedding(n_site, 16)
         self.fuse = nn.Sequential(nn.Linear(64 + 8 + 16, 128), nn.ReLU(inplace=True), nn.Dropout(drop_rate))
@@ -29,11 +31,11 @@ class SkainNet(nn.Module):
     """Backbone pooled features (+ metadata features) -> 512 -> 128 -> classes."""
 
     def __init__(self, backbone: str, n_sex: int = 1, n_site: int = 1, num_classes: int = 7,
-                 image_only: bool = False, drop_rate: float = 0.3, **_: Any):
+                 image_only: bool = False, drop_rate: float = 0.3, age_inputs: int = 1, **_: Any):
         super().__init__()
         self.backbone = timm.create_model(backbone, pretrained=False, num_classes=0)
         self.image_only = image_only
-        self.meta = None if image_only else MetadataBranch(n_sex, n_site)
+        self.meta = None if image_only else MetadataBranch(n_sex, n_site, age_inputs=age_inputs)
         width = self.backbone.num_features + (0 if image_only else MetadataBranch.out_features)
         self.head = nn.Sequential(
             nn.Linear(width, 512), nn.ReLU(inplace=True), nn.Dropout(drop_rate),

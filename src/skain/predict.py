@@ -128,6 +128,10 @@ class Predictor:
                 "inference": {"backend": self.backend, "precision": self.precision, "tta": self.tta,
                               "device": self.device.type}}
 
+    def loader(self, cache_dir: str | Path | None = None) -> ImageLoader:
+        """The shared decode + resize step at this model's resolution (optionally cached)."""
+        return ImageLoader(self.preprocess["resize"], cache_dir)
+
     # ------------------------------------------------------------------ single images (web app)
     def image_tensor(self, image: bytes | str | Path) -> torch.Tensor:
         """Decode and preprocess one image exactly as batch prediction does."""
@@ -156,7 +160,7 @@ class Predictor:
 
     def _batch(self, images: torch.Tensor, frame: pd.DataFrame) -> dict[str, torch.Tensor]:
         age, sex, site = self.encoder.transform(_with_meta_columns(frame))
-        return {"image": images, "age": torch.from_numpy(age)[:, None], "sex": torch.from_numpy(sex),
+        return {"image": images, "age": torch.from_numpy(age), "sex": torch.from_numpy(sex),
                 "site": torch.from_numpy(site), "label": torch.full((len(frame),), -1),
                 "index": torch.arange(len(frame)), "ok": torch.ones(len(frame), dtype=torch.bool)}
 
@@ -179,8 +183,7 @@ class Predictor:
         An unreadable image gets an empty prediction and its decoding error; the rest are still predicted.
         """
         frame = _with_meta_columns(frame)
-        dataset = LesionDataset(frame, self.encoder, ImageLoader(self.preprocess["resize"], cache_dir),
-                                self.transform, on_error="skip")
+        dataset = LesionDataset(frame, self.encoder, self.loader(cache_dir), self.transform, on_error="skip")
         loader = DataLoader(dataset, batch_size, shuffle=False, num_workers=num_workers)
         res = self._run(loader, progress)
         order = np.argsort(res["index"])

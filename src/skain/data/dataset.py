@@ -21,13 +21,15 @@ class LesionDataset(Dataset):
     """
 
     def __init__(self, frame: pd.DataFrame, encoder: MetadataEncoder, loader: ImageLoader,
-                 transform: Callable[[np.ndarray], torch.Tensor], on_error: str = "raise"):
+                 transform: Callable[[np.ndarray], torch.Tensor], on_error: str = "raise",
+                 meta_dropout: Callable | None = None):
         self.paths = frame["path"].tolist()
         self.age, self.sex, self.site = encoder.transform(frame)
         labels = frame["dx"].map({c: i for i, c in enumerate(CLASSES)}) if "dx" in frame else None
         self.labels = (labels.fillna(-1).astype(int).to_numpy() if labels is not None
                        else np.full(len(frame), -1, dtype=np.int64))
         self.loader, self.transform, self.on_error = loader, transform, on_error
+        self.meta_dropout = meta_dropout  # training only: randomly blank metadata fields (MetadataDropout)
         self._blank: torch.Tensor | None = None
 
     def __len__(self) -> int:
@@ -41,8 +43,11 @@ class LesionDataset(Dataset):
             if self.on_error == "raise":
                 raise
             ok, image = False, self._blank_like()
-        return {"image": image, "age": torch.tensor([self.age[i]]), "sex": torch.tensor(self.sex[i]),
-                "site": torch.tensor(self.site[i]), "label": torch.tensor(self.labels[i]),
+        age, sex, site = self.age[i], self.sex[i], self.site[i]
+        if self.meta_dropout is not None:
+            age, sex, site = self.meta_dropout(age, sex, site)
+        return {"image": image, "age": torch.from_numpy(np.array(age, dtype=np.float32)),
+                "sex": torch.tensor(sex), "site": torch.tensor(site), "label": torch.tensor(self.labels[i]),
                 "index": torch.tensor(i), "ok": torch.tensor(ok)}
 
     def _blank_like(self) -> torch.Tensor:

@@ -28,6 +28,18 @@ def lesion_split(frame: pd.DataFrame, folds: int = 5, fold: int = 0, seed: int =
     return np.sort(train_idx), np.sort(val_idx)
 
 
+def holdout_split(frame: pd.DataFrame, folds: int = 5, fold: int = 0, seed: int = 42,
+                  inner_folds: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train_idx, val_idx, test_idx): fold `fold` of the lesion-grouped split is a test set that chooses
+    nothing; validation (early stopping, calibration, thresholds) is one inner lesion-grouped fold of the
+    rest. With 5 outer and 8 inner folds: 70% train, 10% validation, 20% test."""
+    rest, test_idx = lesion_split(frame, folds, fold, seed)
+    inner_train, inner_val = lesion_split(frame.iloc[rest].reset_index(drop=True), inner_folds, 0, seed + 1)
+    train_idx, val_idx = rest[inner_train], rest[inner_val]
+    check_no_overlap(frame.iloc[train_idx], frame.iloc[val_idx], frame.iloc[test_idx])
+    return np.sort(train_idx), np.sort(val_idx), np.sort(test_idx)
+
+
 def check_no_overlap(*parts: pd.DataFrame) -> None:
     """Fail loudly when any lesion_id or image_id is shared between parts."""
     for col in ("lesion_id", "image_id"):
@@ -40,8 +52,11 @@ def check_no_overlap(*parts: pd.DataFrame) -> None:
                 seen[value] = i
 
 
-def split_table(frame: pd.DataFrame, train_idx: np.ndarray, val_idx: np.ndarray) -> pd.DataFrame:
-    """The split as saved to the output folder: image_id, lesion_id, dx, split."""
+def split_table(frame: pd.DataFrame, train_idx: np.ndarray, val_idx: np.ndarray,
+                test_idx: np.ndarray | None = None) -> pd.DataFrame:
+    """The split as saved to the output folder: image_id, lesion_id, dx, split (train/val/test)."""
     split = np.array(["train"] * len(frame), dtype=object)
     split[val_idx] = "val"
+    if test_idx is not None:
+        split[test_idx] = "test"
     return frame[["image_id", "lesion_id", "dx"]].assign(split=split)
