@@ -336,6 +336,33 @@ def test_cli_download_reads_the_base_url_from_the_environment(serve, tmp_path, m
     assert "say what to download" in capsys.readouterr().err
 
 
+def test_stopping_ends_transfers_at_the_next_chunk_and_keeps_the_part(serve, tmp_path):
+    files = synthetic_jpegs(3, size=160)
+    archive = Archive(files)
+    archive.hold = {"ISIC_9000001"}
+    base = serve(archive)
+    http = fast_http(timeout=20)
+    errors: list[Exception] = []
+
+    def run() -> None:
+        try:
+            download(request(base, tmp_path), http)
+        except DownloadError as exc:
+            errors.append(exc)
+    worker = threading.Thread(target=run)
+    worker.start()
+    part = tmp_path / "images" / "ISIC_9000001.jpg.part"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (part.is_file() and part.stat().st_size > 0):
+        time.sleep(0.01)
+    http.stop.set()                     # what Ctrl-C does
+    archive.release.set()
+    worker.join(timeout=30)
+    assert not worker.is_alive() and errors and "stopped" in str(errors[0])
+    assert part.stat().st_size > 0 and not (tmp_path / "images" / "ISIC_9000001.jpg").exists()
+    assert not (tmp_path / "metadata.csv").exists()
+
+
 @pytest.mark.slow  # two CLI subprocesses (~30 s on a loaded 2-core machine)
 def test_killed_download_resumes_to_byte_identical_files(serve, tmp_path):
     files = synthetic_jpegs(12, size=160)        # ~60 KB each

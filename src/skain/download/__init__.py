@@ -158,7 +158,10 @@ def _run_pool(http: Http, todo: list[ArchiveImage], image_dir: Path, workers: in
             except DownloadError as exc:
                 failed[img.isic_id] = str(exc)
                 log.warning("%s: %s", img.isic_id, exc)
-    finally:  # on Ctrl-C: drop the queue, let the running transfers stop at their file's end
+    except BaseException:  # Ctrl-C: drop the queue; running transfers stop at their next chunk, parts kept
+        http.stop.set()
+        raise
+    finally:
         pool.shutdown(wait=False, cancel_futures=True)
     return failed
 

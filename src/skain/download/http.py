@@ -10,10 +10,11 @@ import logging
 import os
 import random
 import re
+import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -40,6 +41,7 @@ class Http:
     backoff: float = 1.0       # first wait; doubles each retry
     max_backoff: float = 60.0
     user_agent: str = "skain"
+    stop: threading.Event = field(default_factory=threading.Event, repr=False)  # set: transfers end promptly
 
     def get_json(self, url: str) -> Any:
         def once() -> Any:
@@ -62,6 +64,7 @@ class Http:
 
     def retry(self, what: str, fn: Callable[[], T]) -> T:
         for attempt in range(self.retries + 1):
+            self._check_stop(what)
             try:
                 return fn()
             except (OSError, http.client.HTTPException) as exc:  # URLError, timeouts and resets are OSErrors
@@ -70,8 +73,12 @@ class Http:
                     raise DownloadError(f"{what}: {_describe(exc)}{tries}") from exc
                 wait = min(self.max_backoff, self.backoff * 2 ** attempt) * random.uniform(0.5, 1.0)
                 log.info("%s: %s; retry %d of %d in %.1f s", what, _describe(exc), attempt + 1, self.retries, wait)
-                time.sleep(wait)
+                self.stop.wait(wait)
         raise AssertionError("unreachable")
+
+    def _check_stop(self, what: str) -> None:
+        if self.stop.is_set():
+            raise DownloadError(f"{what}: stopped")
 
     def _open(self, url: str, headers: dict[str, str] | None = None):
         req = urllib.request.Request(url, headers={"User-Agent": self.user_agent, **(headers or {})})
@@ -96,6 +103,7 @@ class Http:
                 while chunk := resp.read1(CHUNK):  # what has arrived: a killed run keeps it
                     f.write(chunk)
                     on_bytes(len(chunk))
+                    self._check_stop(part.name)
         _check_size(part, expected, size)
 
 
