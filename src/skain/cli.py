@@ -321,6 +321,50 @@ COMMANDS["calibrate"] = (add_calibrate_args, run_calibrate,
                          "fit calibration, OOD check, triage threshold and model card for an existing run")
 
 
+# --------------------------------------------------------------------------------------------- download
+def add_download_args(p: argparse.ArgumentParser) -> None:
+    from .download import DATASETS
+    from .download.archive import API_ENV, DEFAULT_API
+    p.add_argument("dataset", nargs="?", choices=list(DATASETS),
+                   help="ham10000: the 10,015 HAM10000 images; isic2018-test / isic2018-val: the ISIC 2018 Task 3 "
+                        "test / validation images (diagnoses where the Archive publishes them)")
+    p.add_argument("--collection", type=int, nargs="+", metavar="ID", default=(),
+                   help="ISIC Archive collection id(s) (instead of, or to override, a dataset)")
+    p.add_argument("--search", metavar="QUERY",
+                   help="ISIC Archive search query, e.g. 'diagnosis_3:\"Melanoma Invasive\"'")
+    p.add_argument("--output", help="folder to write (default data/<dataset>, data/isic-<ids> or data/isic-search)")
+    p.add_argument("--limit", type=int, help="at most N images (e.g. a small sample first)")
+    p.add_argument("--base-url", help=f"ISIC Archive API base URL (default ${API_ENV}, else {DEFAULT_API})")
+    p.add_argument("--workers", type=int, default=8, help="parallel transfers (default 8)")
+    p.add_argument("--retries", type=int, default=5, help="retries per request, with exponential backoff (default 5)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per connect/read (default 30)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=True)
+
+
+def run_download(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .download import DownloadRequest, Http, default_base_url, default_output, download
+    from .download.files import human
+    collections = tuple(ns.collection)
+    req = DownloadRequest(Path(ns.output) if ns.output else default_output(ns.dataset, collections, ns.search),
+                          ns.dataset, collections, ns.search, ns.limit, ns.base_url or default_base_url(),
+                          ns.workers, ns.progress)
+    try:
+        s = download(req, Http(timeout=ns.timeout, retries=ns.retries))
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    print(f"{s.images} images in {s.folder}/ ({s.fetched} fetched, {human(s.bytes_fetched)} in {s.seconds:.0f} s); "
+          f"licence and attribution: {s.folder}/LICENSE.txt, ATTRIBUTION.txt")
+    print(f"use it: skain train --data {s.folder}   or   skain predict --data {s.folder}")
+    return 0
+
+
+COMMANDS["download"] = (add_download_args, run_download,
+                        "download HAM10000, the ISIC 2018 test set or any ISIC Archive collection/search")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     parser = argparse.ArgumentParser(prog="skain", description="Skin-lesion classification on HAM10000 "

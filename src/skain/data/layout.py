@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from . import isic
 from .schema import TRAIN_COLUMNS, DataError, clean_metadata, read_csv
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,8 @@ def discover(data: str | Path | None = None, csv: str | Path | None = None,
     """Resolve --data / --csv / --images into one CSV and a list of image folders.
 
     Layouts: seed (`image/` + `text/*.csv`, the largest CSV wins), official HAM10000 download
-    (`HAM10000_metadata.csv` + `HAM10000_images_part_*`), or a folder with one CSV and images.
+    (`HAM10000_metadata.csv` + `HAM10000_images_part_*`), or a folder with one CSV and images (`isic` when that
+    CSV is an ISIC Archive export, as `skain download` writes: `metadata.csv` + `images/`).
     """
     image_dirs = [Path(p) for p in images or []]
     for d in image_dirs:
@@ -54,7 +56,14 @@ def _layout_of(root: Path) -> Source:
     if meta.is_file() or official:
         return Source(meta if meta.is_file() else _largest_csv(root), official or [root], "official")
     subdirs = [p for p in root.iterdir() if p.is_dir() and _has_images(p)]
-    return Source(_largest_csv(root, required=False), subdirs or [root], "folder")
+    csv = _largest_csv(root, required=False)
+    return Source(csv, subdirs or [root], "isic" if csv is not None and _is_archive_csv(csv) else "folder")
+
+
+def _is_archive_csv(path: Path) -> bool:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
+        header = [c.strip().strip('"').lower() for c in f.readline().split(",")]
+    return isic.ARCHIVE_ID in header and "image_id" not in header
 
 
 def _largest_csv(folder: Path, required: bool = True) -> Path | None:
@@ -114,6 +123,10 @@ def load_table(src: Source, require: tuple[str, ...] = TRAIN_COLUMNS, skip_missi
         if not index:
             raise DataError(f"no .jpg/.jpeg/.png images in {', '.join(map(str, src.image_dirs))}")
         frame = pd.DataFrame({"image_id": list(index)})
-        return attach_paths(clean_metadata(frame, "images", require=("image_id",)), index, "images")
-    frame = clean_metadata(read_csv(src.csv), str(src.csv), require)
+        frame = clean_metadata(frame, "images", require=("image_id",), warn_absent=False)  # no CSV at all
+        return attach_paths(frame, index, "images")
+    raw = read_csv(src.csv)
+    if isic.is_archive_export(raw):
+        raw = isic.from_archive(raw, str(src.csv), need_dx="dx" in require)
+    frame = clean_metadata(raw, str(src.csv), require)
     return attach_paths(frame, index, str(src.csv), skip_missing)

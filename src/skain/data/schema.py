@@ -88,15 +88,21 @@ def _ragged_message(path: Path, text: str, sep: str) -> str | None:
     return None
 
 
-def clean_metadata(frame: pd.DataFrame, source: str, require: tuple[str, ...] = TRAIN_COLUMNS) -> pd.DataFrame:
+def clean_metadata(frame: pd.DataFrame, source: str, require: tuple[str, ...] = TRAIN_COLUMNS,
+                   warn_absent: bool = True) -> pd.DataFrame:
     """Check required columns and normalise image_id, dx, age, sex and localization.
 
+    An absent age/sex/localization column is a warning that names it (every row is then unknown), never silent.
     Never keeps `dx_type`: it records how the label was confirmed and so leaks it.
     """
     missing = [c for c in require if c not in frame.columns]
     if missing:
         raise DataError(f"{source}: missing required column(s) {', '.join(missing)}; "
                         f"found {', '.join(frame.columns)}. Expected at least {', '.join(require)}")
+    absent = [c for c in META_COLUMNS if c not in frame.columns]
+    if absent and warn_absent:
+        log.warning("%s: no %s column(s): unknown for every row (found %s)", source, ", ".join(absent),
+                    ", ".join(frame.columns))
     out = pd.DataFrame({"image_id": frame["image_id"].astype(str).str.strip()})
     out.index = frame.index
     _check_image_ids(out["image_id"], source)
