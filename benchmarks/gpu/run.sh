@@ -11,6 +11,7 @@ OUT=${OUT:-/tmp/skain-out}
 W=/tmp/skain
 G=${G:-.gpu}
 JOBS=${JOBS:-16}
+WK=${WK:-}   # set WK=0 for a dry run on a small CPU machine (workers per run otherwise 6/3/3/4)
 CV_MIN=${CV_MIN:-0.9}
 FINAL_MIN=${FINAL_MIN:-4}
 mkdir -p "$W/images" "$W/runs" "$OUT"
@@ -49,17 +50,17 @@ with ProcessPoolExecutor(int(os.environ["JOBS"])) as pool:
 PY
 echo "cache warm: $(ls "$W/cache" | wc -l) entries"
 start=$(date +%s)
-timeout 470 python3 -m skain train "${common[@]}" --all-folds --folds 5 --max-minutes "$CV_MIN" --workers 6 \
+timeout 470 python3 -m skain train "${common[@]}" --all-folds --folds 5 --max-minutes "$CV_MIN" --workers "${WK:-6}" \
   --output "$W/runs/cv" >"$W/runs/cv.log" 2>&1 &
 timeout 470 python3 -m skain train "${common[@]}" --holdout --fold 0 --image-only --max-minutes "$CV_MIN" \
-  --workers 3 --output "$W/runs/img0" >"$W/runs/img0.log" 2>&1 &
+  --workers "${WK:-3}" --output "$W/runs/img0" >"$W/runs/img0.log" 2>&1 &
 timeout 470 python3 -m skain train "${common[@]}" --holdout --fold 0 --meta-dropout 0 --max-minutes "$CV_MIN" \
-  --workers 3 --output "$W/runs/nodrop0" >"$W/runs/nodrop0.log" 2>&1 &
-timeout 470 python3 -m skain train "${common[@]}" --folds 10 --fold 0 --max-minutes "$FINAL_MIN" --workers 4 \
+  --workers "${WK:-3}" --output "$W/runs/nodrop0" >"$W/runs/nodrop0.log" 2>&1 &
+timeout 470 python3 -m skain train "${common[@]}" --folds 10 --fold 0 --max-minutes "$FINAL_MIN" --workers "${WK:-4}" \
   --output "$W/runs/final" >"$W/runs/final.log" 2>&1 &
 while [ "$(jobs -r | wc -l)" -gt 0 ]; do
   sleep 20; echo "$(( $(date +%s) - start )) s: $(grep -h 'epoch\|cross-validated' "$W"/runs/*.log | grep -c 'img/s') epochs done"
-  nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
+  nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null
 done
 wait
 echo "all runs ended after $(( $(date +%s) - start )) s"

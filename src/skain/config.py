@@ -90,8 +90,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # fine-tune with a cosine schedule and a weight EMA (measured in benchmarks/train_cpu.py).
     "cpu": {
         "model": {"backbone": "tf_efficientnet_lite0", "pretrained": "offline", "input_size": 224},
-        "train": {"frozen_epochs": 1, "lr_frozen": 1e-3, "epochs": 14, "lr": 4e-4,
-                  "unfreeze_fraction": 0.95, "patience": 5, "schedule": "cosine",
+        "train": {"frozen_epochs": 1, "lr_frozen": 1e-3, "epochs": 30, "lr": 4e-4,
+                  "unfreeze_fraction": 0.95, "patience": 8, "schedule": "cosine",
                   "warmup_epochs": 0.5, "ema_decay": 0.997, "label_smoothing": 0.05, "meta_dropout": 0.2},
     },
 }
