@@ -17,6 +17,7 @@ class DataConfig:
     skip_missing: bool = False
     folds: int = 5                   # StratifiedGroupKFold folds; validation = one fold
     fold: int = 0
+    split_seed: int = 42             # seeds the lesion-grouped split only: --seed sweeps keep the same split
     cache_dir: str | None = None     # pre-resized image cache; None -> default user cache, "off" -> none
     num_workers: int = -1            # -1 -> chosen from the CPU count
 
