@@ -45,8 +45,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                         "weights, minutes on 2 cores (default without CUDA)")
     p.add_argument("--config", help="JSON/YAML file with data/model/train sections (flags override it)")
     p.add_argument("--output", help="output folder (default outputs)")
-    p.add_argument("--resume", action="store_true", default=None, help="continue from <output>/last.pt")
-    p.add_argument("--overwrite", action="store_true", default=None, help="replace a run in --output")
+    p.add_argument("--resume", action="store_true", default=None,
+                   help="continue from <output>/last.pt; refused unless settings, data and split are the same run's")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace a run in --output (its files are removed once the new run's data and model load)")
     p.add_argument("--folds", type=int, help="lesion-grouped folds (default 5)")
     p.add_argument("--fold", type=int, help="which fold is held out (default 0)")
     p.add_argument("--holdout", action="store_true", default=None,
@@ -55,6 +57,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--all-folds", action="store_true", default=None,
                    help="train every fold with --holdout into <output>/fold<k>/, then write out-of-fold "
                         "predictions and a cross-validated report (cv_report.json)")
+    p.add_argument("--split-seed", type=int, help="seed of the lesion-grouped split (default 42; --seed does not "
+                                                  "move the split)")
     m = p.add_argument_group("model")
     m.add_argument("--backbone", help="any timm model name (e.g. tf_efficientnetv2_s, tf_efficientnet_lite0)")
     m.add_argument("--pretrained", choices=["hub", "offline", "none"], help="where ImageNet weights come from")
@@ -91,7 +95,7 @@ def config_from_args(ns: argparse.Namespace):
         model["pretrained"] = ns.pretrained_file
     flags = {
         "data": _pick(ns, ["data", "csv", "images", "skip_missing", "cache_dir", "num_workers", "folds", "fold",
-                           "holdout", "inner_folds", "all_folds"]),
+                           "holdout", "inner_folds", "all_folds", "split_seed"]),
         "model": model,
         "train": _pick(ns, ["epochs", "frozen_epochs", "lr", "lr_frozen", "unfreeze_fraction", "batch_size",
                             "patience", "balance", "meta_dropout", "max_minutes", "seed", "amp", "compile",

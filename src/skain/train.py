@@ -32,6 +32,7 @@ from .engine import (EarlyStopping, ModelEma, amp_dtype, predict_logits, resolve
                      train_one_epoch)
 from .metrics import classification_metrics, history_row
 from .model import SkainNet
+from .runid import KEY as RUN_ID, clear_run, fingerprints, resume_problem
 from .trust import after_training
 from .weights import load_pretrained
 
@@ -74,6 +75,8 @@ def check_output(out: Path, resume: bool, overwrite: bool) -> None:
     if free < MIN_FREE_BYTES:
         raise DataError(f"only {free / 2**20:.0f} MiB free on the disk of {out}; need at least "
                         f"{MIN_FREE_BYTES / 2**20:.0f} MiB for checkpoints")
+    if resume and overwrite:
+        raise DataError("--resume continues the run in the output folder and --overwrite replaces it; pass one")
     existing = [n for n in (BUNDLE_NAME, LAST_NAME) if (out / n).exists()]
     if existing and not (resume or overwrite):
         raise DataError(f"{out} already holds a training run ({', '.join(existing)}); pass --resume to continue "
@@ -127,9 +130,9 @@ def prepare_data(cfg: Config) -> Prepared:
     frame = load_table(src, skip_missing=d.skip_missing)
     test_idx = None
     if d.holdout:
-        train_idx, val_idx, test_idx = holdout_split(frame, d.folds, d.fold, cfg.train.seed, d.inner_folds)
+        train_idx, val_idx, test_idx = holdout_split(frame, d.folds, d.fold, d.split_seed, d.inner_folds)
     else:
-        train_idx, val_idx = lesion_split(frame, d.folds, d.fold, cfg.train.seed)
+        train_idx, val_idx = lesion_split(frame, d.folds, d.fold, d.split_seed)
     encoder = MetadataEncoder.fit(frame.iloc[train_idx])
     synthetic = _is_synthetic(src.csv)
     counts = frame["dx"].value_counts()
@@ -284,6 +287,7 @@ class Run:
     done: bool = False
     optimizer_state: dict | None = None
     optimizer_phase: str = ""
+    run_id: dict = field(default_factory=dict)  # config/data/split fingerprints: --resume checks them
 
     def scored(self) -> SkainNet:
         return self.ema.module if self.ema is not None else self.model
@@ -292,7 +296,7 @@ class Run:
         return {"model": self.model.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
                 "stopper": self.stopper.state_dict(), "history": self.history, "next_epoch": self.next_epoch,
                 "elapsed": self.elapsed, "done": self.done, "optimizer": optimizer.state_dict(),
-                "optimizer_phase": phase}
+                "optimizer_phase": phase, RUN_ID: self.run_id}
 
     def restore(self, ck: dict) -> None:
         self.model.load_state_dict(ck["model"])
@@ -335,16 +339,26 @@ def _fit(cfg: Config, out: Path, info: DistInfo) -> dict:
     device = device_for(info, resolve_device())
     dtype = amp_dtype(device, t.amp)
     prep = prepare_data(cfg)
+    parts = {"train": prep.train_idx, "val": prep.val_idx}
+    if prep.test_idx is not None:
+        parts["test"] = prep.test_idx
+    run_id = fingerprints(cfg, prep.frame, parts) if info.main else {}
+    problem = broadcast(info, resume_problem(out / LAST_NAME, run_id) if t.resume and info.main else None)
+    if problem:  # before anything is loaded or written: another seed, fold or data must not mix two runs
+        raise DataError(problem)
     model, args, pre, weights = build_network(cfg, prep.encoder)
     loader_fn = make_loader_fn(cfg, pre)
     if info.main:  # one rank decodes and caches; the others wait, then read the cache
         warm_images(prep.frame, loader_fn, t.progress)
+        if t.overwrite:  # only now that the new run's data and model are known to work
+            clear_run(out)
         write_run_files(out, cfg, prep, pre)
     barrier(info)
     train_dl, val_dl = build_loaders(cfg, prep, pre, loader_fn, device, info)
     channels_last = t.channels_last and device.type in ("cuda", "cpu")
     model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
-    run = Run(model, ModelEma(model, t.ema_decay) if t.ema_decay > 0 else None, EarlyStopping(t.patience))
+    run = Run(model, ModelEma(model, t.ema_decay) if t.ema_decay > 0 else None, EarlyStopping(t.patience),
+              run_id=run_id)
     if t.resume and (out / LAST_NAME).exists():
         run.restore(torch.load(out / LAST_NAME, map_location=device, weights_only=True))
         log.info("resuming from %s at epoch %d", out / LAST_NAME, run.next_epoch)

@@ -1,0 +1,233 @@
+"""Run fingerprints, so `--resume` continues only the same run, and `--overwrite` clearing an old run's files.
+
+last.pt carries three fingerprints: the resolved configuration (only the settings that change what is
+trained), the validated data table (image ids, labels, lesion ids, metadata and every image file's content)
+and the split (which image is on which side). A resume recomputes them before anything is loaded or written
+and refuses, naming what differs, so another --seed, --fold or edited data can never move trained lesions into
+validation. Fingerprints are plain lists, strings and numbers: last.pt still loads with weights_only=True.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .config import Config
+from .data.schema import META_COLUMNS
+
+log = logging.getLogger(__name__)
+VERSION = 1
+KEY = "run_id"  # where the fingerprints live in last.pt
+
+# Settings that do not change what is trained: where files are, how fast and how visibly it runs, and the
+# stopping rules a resumed run may extend (--epochs, --patience, --max-minutes). Everything else counts,
+# including settings added later (safer to refuse than to mix two runs).
+NOT_IDENTITY = frozenset({
+    "data.data", "data.csv", "data.images", "data.skip_missing", "data.cache_dir", "data.num_workers",
+    "train.output", "train.resume", "train.overwrite", "train.progress", "train.max_minutes", "train.epochs",
+    "train.patience", "train.compile", "train.amp", "train.channels_last"})
+ROW_COLUMNS = ("lesion_id", *META_COLUMNS)  # with dx (kept apart so a changed label is named as such)
+SHOW = 3  # example ids named in a message
+
+# --overwrite removes exactly these names (files a training, `skain calibrate` or `skain export` writes into
+# the output folder), their leftover atomic-write temporaries, the report folder's files and fold subfolders.
+RUN_FILES = ("last.pt", "best_model.pt", "best_model.onnx", "metrics.json", "train_history.csv", "split.csv",
+             "config.json", "label_map.json", "vocabularies.json", "age_stats.json", "model_card.md",
+             "reliability.png", "test_predictions.csv", "val_predictions.csv", "oof_predictions.csv",
+             "cv_report.json")
+REPORT_DIR, REPORT_FILES = "report", ("report.md", "metrics.json", "confusion_matrix.png", "roc_curves.png")
+FOLD_DIR = re.compile(r"fold[-_]?\d+")
+
+
+# ----------------------------------------------------------------------------- fingerprints
+def _digest(obj: Any, size: int = 16) -> str:
+    return hashlib.blake2b(json.dumps(obj, sort_keys=True, default=str).encode(), digest_size=size).hexdigest()
+
+
+def config_values(cfg: Config) -> dict[str, Any]:
+    """The settings that define the run, as JSON-plain values keyed 'section.field'."""
+    values = {f"{section}.{k}": v for section in ("data", "model", "train")
+              for k, v in asdict(getattr(cfg, section)).items() if f"{section}.{k}" not in NOT_IDENTITY}
+    return json.loads(json.dumps(values, default=str))
+
+
+def _file_digest(path: str) -> str:
+    try:
+        with open(path, "rb") as fh:
+            return hashlib.blake2b(fh.read(), digest_size=8).hexdigest()
+    except OSError as exc:  # reported properly when the images are checked
+        return f"unreadable ({exc.strerror or exc})"
+
+
+def data_fingerprint(frame: pd.DataFrame) -> dict[str, Any]:
+    """Per image (sorted by id): label, a hash of lesion id + metadata, a hash of the file's bytes.
+
+    Content rather than size/mtime: a copied or moved dataset is the same data; paths never count.
+    """
+    frame = frame.sort_values("image_id", kind="stable")
+    cols = [c for c in ROW_COLUMNS if c in frame.columns]
+    rows = [_digest([str(v) for v in row], 8) for row in frame[cols].itertuples(index=False, name=None)]
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # hashing releases the GIL
+        files = list(pool.map(_file_digest, frame["path"].tolist()))
+    fp = {"ids": frame["image_id"].astype(str).tolist(), "labels": frame["dx"].astype(str).tolist(),
+          "rows": rows, "files": files}
+    return {**fp, "digest": _digest(fp)}
+
+
+def split_fingerprint(frame: pd.DataFrame, parts: Mapping[str, Sequence[int]]) -> dict[str, Any]:
+    """The sorted image ids of each part ('train', 'val', ...), given positional indices into `frame`."""
+    ids = frame["image_id"].astype(str).to_numpy()
+    sides = {name: sorted(ids[np.asarray(idx, dtype=int)].tolist()) for name, idx in parts.items()}
+    return {"parts": sides, "digest": _digest(sides)}
+
+
+def fingerprints(cfg: Config, frame: pd.DataFrame, parts: Mapping[str, Sequence[int]]) -> dict[str, Any]:
+    """Everything `compare` needs, stored in last.pt under KEY."""
+    values = config_values(cfg)
+    return {"version": VERSION, "config": {"values": values, "digest": _digest(values)},
+            "data": data_fingerprint(frame), "split": split_fingerprint(frame, parts)}
+
+
+# ----------------------------------------------------------------------------- comparison
+def compare(old: dict, new: dict) -> list[str]:
+    """What differs between a stored run and this one, in words; empty when it is the same run."""
+    if old.get("version") != new.get("version"):
+        return [f"fingerprint format {old.get('version')} -> {new.get('version')} (another skAIn version)"]
+    diffs = [] if old["config"]["digest"] == new["config"]["digest"] else \
+        config_differences(old["config"]["values"], new["config"]["values"])
+    if old["data"]["digest"] != new["data"]["digest"]:
+        diffs += data_differences(old["data"], new["data"]) or ["data differs"]
+    if old["split"]["digest"] != new["split"]["digest"]:
+        moved = split_differences(old["split"]["parts"], new["split"]["parts"])
+        diffs += [moved] if moved else [] if diffs else ["split differs"]
+    return diffs
+
+
+_MISSING = object()
+
+
+def _fmt(value: Any) -> str:
+    return "(not recorded)" if value is _MISSING else json.dumps(value)
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+    """'seed 42 -> 7' for each setting that changed; a setting unknown to the old run counts unless default."""
+    defaults = config_values(Config())
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, _MISSING), new.get(key, _MISSING)
+        if a is _MISSING and b == defaults.get(key, _MISSING):
+            continue
+        if a != b:
+            out.append(f"{key.split('.', 1)[1]} {_fmt(a)} -> {_fmt(b)}")
+    return out
+
+
+def _table(fp: dict) -> dict[str, tuple[str, str, str]]:
+    return dict(zip(fp["ids"], zip(fp["labels"], fp["rows"], fp["files"])))
+
+
+def _some(ids: list[str]) -> str:
+    return ", ".join(ids[:SHOW]) + (", ..." if len(ids) > SHOW else "")
+
+
+def data_differences(old: dict, new: dict) -> list[str]:
+    """'data: 3 rows added (ISIC_1, ...)', removed rows, changed labels, metadata and image files."""
+    a, b = _table(old), _table(new)
+    common = sorted(set(a) & set(b))
+    groups = [
+        ("row(s) added", sorted(set(b) - set(a))),
+        ("row(s) removed", sorted(set(a) - set(b))),
+        ("label(s) changed", [i for i in common if a[i][0] != b[i][0]]),
+        ("row(s) with changed lesion id or metadata", [i for i in common if a[i][1] != b[i][1]]),
+        ("image file(s) with different content", [i for i in common if a[i][2] != b[i][2]]),
+    ]
+    return [f"data: {len(ids)} {what} ({_some(ids)})" for what, ids in groups if ids]
+
+
+def split_differences(old: dict, new: dict) -> str | None:
+    """'split differs: 12 images moved (ISIC_1 train -> val, ...)' for images present in both runs."""
+    side_a = {i: part for part, ids in old.items() for i in ids}
+    side_b = {i: part for part, ids in new.items() for i in ids}
+    moved = sorted(i for i in set(side_a) & set(side_b) if side_a[i] != side_b[i])
+    if not moved:
+        return None
+    shown = ", ".join(f"{i} {side_a[i]} -> {side_b[i]}" for i in moved[:SHOW])
+    return f"split differs: {len(moved)} image(s) moved ({shown}{', ...' if len(moved) > SHOW else ''})"
+
+
+def resume_problem(last: Path, new: dict) -> str | None:
+    """Why `last` must not be resumed by the run fingerprinted as `new` (None: resume it, or nothing to resume)."""
+    if not last.exists():
+        log.info("--resume: no %s yet, so training starts from the beginning", last)
+        return None
+    try:
+        ck = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
+        return f"cannot resume: {last} is not a readable checkpoint ({exc}); start again with --overwrite"
+    old = ck.get(KEY) if isinstance(ck, dict) else None
+    if not old:
+        return (f"cannot resume: {last} carries no run fingerprints (written by an older skAIn), so nothing shows "
+                "it belongs to this configuration, data and split; start again with --overwrite or another --output")
+    try:
+        diffs = compare(old, new)
+    except (KeyError, TypeError, AttributeError) as exc:
+        return f"cannot resume: the run fingerprints in {last} are damaged ({exc!r}); start again with --overwrite"
+    if not diffs:
+        return None
+    return (f"cannot resume {last}: this is not the run it saved ({'; '.join(diffs)}). Resume with the original "
+            "settings and data, or start a new run with --overwrite or another --output")
+
+
+# ----------------------------------------------------------------------------- --overwrite
+def clear_run(out: Path) -> list[Path]:
+    """Remove a previous run's files from `out` (never the folder itself, never any other file); returns them."""
+    removed = [p for name in RUN_FILES for p in _remove(out / name)]
+    removed += _remove_temporaries(out)
+    report = out / REPORT_DIR
+    if report.is_dir() and not report.is_symlink():
+        removed += [p for name in REPORT_FILES for p in _remove(report / name)]
+        _rmdir_if_empty(report)
+    for sub in sorted(out.iterdir()):
+        if FOLD_DIR.fullmatch(sub.name) and sub.is_dir() and not sub.is_symlink():
+            removed += clear_run(sub)
+            _rmdir_if_empty(sub)
+    if removed:
+        log.info("--overwrite: removed %d file(s) of the previous run in %s: %s", len(removed), out,
+                 ", ".join(str(p.relative_to(out)) for p in removed))
+    return removed
+
+
+def _remove(path: Path) -> list[Path]:
+    """Unlink a file (a symlink itself, not its target); leave a directory with that name alone."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+        return [path]
+    if path.exists():
+        log.warning("--overwrite: %s is not a file; left as it is", path)
+    return []
+
+
+def _remove_temporaries(out: Path) -> list[Path]:
+    """`.NAME.XXXX.tmp` files an interrupted atomic write of one of RUN_FILES left behind."""
+    names = "|".join(re.escape(n) for n in RUN_FILES)
+    pattern = re.compile(rf"\.({names})\..+\.tmp")
+    stale = [p for p in sorted(out.glob(".*.tmp")) if pattern.fullmatch(p.name)]
+    return [removed for p in stale for removed in _remove(p)]
+
+
+def _rmdir_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:  # not empty: it holds the user's own files
+        pass
