@@ -12,14 +12,14 @@ W=/tmp/skain
 G=${G:-.gpu}
 JOBS=${JOBS:-16}
 WK=${WK:-}   # set WK=0 for a dry run on a small CPU machine (workers per run otherwise 6/3/3/4)
-CV_MIN=${CV_MIN:-0.9}
+CV_MIN=${CV_MIN:-0.75}
 FINAL_MIN=${FINAL_MIN:-4}
 mkdir -p "$W/images" "$W/runs" "$OUT"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, timm, PIL; print('torch', torch.__version__, 'timm', timm.__version__, 'pillow', PIL.__version__, torch.cuda.get_device_name())"
 G=$G JOBS=$JOBS python3 - <<'PY'
-import io, os, tarfile, time
+import io, os, time, zipfile
 from concurrent.futures import ProcessPoolExecutor
 from PIL import Image
 import torch
@@ -27,8 +27,8 @@ t = time.time()
 def to_png(item):
     name, data = item
     Image.open(io.BytesIO(data)).convert("RGB").save(f"/tmp/skain/images/{name[:-5]}.png", compress_level=1)
-with tarfile.open(os.environ["G"] + "/images.tar") as tar:
-    items = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+with zipfile.ZipFile(os.environ["G"] + "/images.zip") as z:
+    items = [(name, z.read(name)) for name in z.namelist()]
 with ProcessPoolExecutor(int(os.environ["JOBS"])) as pool:
     list(pool.map(to_png, items, chunksize=64))
 sd = torch.load(os.environ["G"] + "/tf_efficientnet_lite0_fp16.pt", weights_only=True)
@@ -50,13 +50,13 @@ with ProcessPoolExecutor(int(os.environ["JOBS"])) as pool:
 PY
 echo "cache warm: $(ls "$W/cache" | wc -l) entries"
 start=$(date +%s)
-timeout 470 python3 -m skain train "${common[@]}" --all-folds --folds 5 --max-minutes "$CV_MIN" --workers "${WK:-6}" \
+timeout 480 python3 -m skain train "${common[@]}" --all-folds --folds 5 --max-minutes "$CV_MIN" --workers "${WK:-6}" \
   --output "$W/runs/cv" >"$W/runs/cv.log" 2>&1 &
-timeout 470 python3 -m skain train "${common[@]}" --holdout --fold 0 --image-only --max-minutes "$CV_MIN" \
+timeout 480 python3 -m skain train "${common[@]}" --holdout --fold 0 --image-only --max-minutes "$CV_MIN" \
   --workers "${WK:-3}" --output "$W/runs/img0" >"$W/runs/img0.log" 2>&1 &
-timeout 470 python3 -m skain train "${common[@]}" --holdout --fold 0 --meta-dropout 0 --max-minutes "$CV_MIN" \
+timeout 480 python3 -m skain train "${common[@]}" --holdout --fold 0 --meta-dropout 0 --max-minutes "$CV_MIN" \
   --workers "${WK:-3}" --output "$W/runs/nodrop0" >"$W/runs/nodrop0.log" 2>&1 &
-timeout 470 python3 -m skain train "${common[@]}" --folds 10 --fold 0 --max-minutes "$FINAL_MIN" --workers "${WK:-4}" \
+timeout 480 python3 -m skain train "${common[@]}" --folds 10 --fold 0 --max-minutes "$FINAL_MIN" --workers "${WK:-4}" \
   --output "$W/runs/final" >"$W/runs/final.log" 2>&1 &
 while [ "$(jobs -r | wc -l)" -gt 0 ]; do
   sleep 20; echo "$(( $(date +%s) - start )) s: $(grep -h 'epoch\|cross-validated' "$W"/runs/*.log | grep -c 'img/s') epochs done"
