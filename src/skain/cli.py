@@ -84,6 +84,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="torch.compile the training step (opt-in: 60 s to compile and no gain on 2 CPU cores "
                    "here; untested on GPU)")
     t.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    t.add_argument("--no-trust", dest="fit_trust", action="store_false", default=None,
+                   help="skip fitting calibration / OOD check / triage after training (fit later: skain calibrate)")
 
 
 def config_from_args(ns: argparse.Namespace):
@@ -99,7 +101,7 @@ def config_from_args(ns: argparse.Namespace):
         "model": model,
         "train": _pick(ns, ["epochs", "frozen_epochs", "lr", "lr_frozen", "unfreeze_fraction", "batch_size",
                             "patience", "balance", "meta_dropout", "max_minutes", "seed", "amp", "compile",
-                            "progress", "output",
+                            "progress", "fit_trust", "output",
                             "resume", "overwrite"]),
     }
     return build_config(preset, ns.config, flags)

@@ -54,6 +54,7 @@ class TrainConfig:
     patience: int = 5                # early stopping on validation balanced accuracy
     balance: str = "sqrt"            # none | sqrt | inverse (loss weights) | sampler
     label_smoothing: float = 0.0
+    fit_trust: bool = True           # calibration, OOD check and triage fit after training
     meta_dropout: float = 0.0        # blank all metadata fields (else each one) at this rate during training
     ema_decay: float = 0.0           # 0 disables the weight EMA
     warmup_epochs: float = 0.0

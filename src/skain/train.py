@@ -379,7 +379,7 @@ def _fit(cfg: Config, out: Path, info: DistInfo) -> dict:
     run.done = True
     summary = None
     if info.main:
-        trust = after_training(out / BUNDLE_NAME, prep.frame, prep.train_idx, prep.val_idx, loader_fn, device,
+        trust = {} if not t.fit_trust else after_training(out / BUNDLE_NAME, prep.frame, prep.train_idx, prep.val_idx, loader_fn, device,
                                t.progress)
         summary = finish(out, run, prep, bundle_extra, trust, device, loader_fn.cache_dir)
     return broadcast(info, summary)
