@@ -357,7 +357,7 @@ def _fit(cfg: Config, out: Path, info: DistInfo) -> dict:
     summary = None
     if info.main:
         trust = after_training(out / BUNDLE_NAME, prep.frame, prep.train_idx, prep.val_idx, loader_fn, device,
-                               t.progress)
+                               t.progress, budget_s=t.max_minutes * 60 - run.elapsed if t.max_minutes else None)
         summary = finish(out, run, prep, bundle_extra, trust)
     return broadcast(info, summary)
 
