@@ -67,7 +67,7 @@ def to_markdown(card: dict) -> str:
               f"input {m['input_size']} px, pretrained weights: {m['pretrained']}, preset: {m['preset']}",
               f"- skAIn {m['skain_version']}, card written {m['created']}", ""]
     lines += _data_section(d) + _metrics_section(card["metrics"]) + _trust_sections(card)
-    lines += [line for ext in card.get("external") or [] for line in external_section(ext)]
+    lines += [line for ext in card.get("external") or [] for line in external_section(ext, validation_figures(card))]
     lines += ["## Known limitations"] + [f"- {x}" for x in card["limitations"]] + [""]
     return "\n".join(lines)
 
@@ -133,20 +133,43 @@ def _trust_sections(card: dict) -> list[str]:
     return out
 
 
-def external_section(ext: dict) -> list[str]:
-    """What `skain evaluate --model` measured on another labelled folder, with and without age/sex/site."""
-    runs = ext.get("runs", {})
+VALIDATION_COLUMN = "validation of the training data (held-out lesions)"
+
+
+def validation_figures(card: dict) -> dict:
+    """The card's own held-out validation figures, in the shape `skain evaluate` reports for other folders."""
+    c, t, o = card.get("calibration", {}), card.get("triage", {}), card.get("ood", {})
+    ho_c, ho_t, v = c.get("held_out", {}), t.get("held_out", {}), card.get("metrics", {})
+    return {"n": v.get("validation", {}).get("n"), "balanced_accuracy": v.get("validation", {}).get("balanced_accuracy"),
+            "ece_before": ho_c.get("ece_before"), "ece_after": ho_c.get("ece_after"),
+            "ood_false_rejection": o.get("held_out_false_rejection"),
+            "triage_sensitivity": ho_t.get("sensitivity"), "triage_specificity": ho_t.get("specificity"),
+            "recall": {k: r.get("recall") for k, r in v.get("per_class", {}).items()}}
+
+
+def trust_table(runs: dict[str, dict]) -> list[str]:
+    """One Markdown table, a column per run: the figures `skain evaluate` measures."""
     names = list(runs)
-    out = [f"## Measured on an external folder: `{ext.get('data')}`",
-           f"{ext.get('images')} labelled images, evaluated {ext.get('date', '')}; the model never chose anything "
-           "on them. 'without metadata' = age, sex and site left blank for every image.", "",
-           "| figure | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    rows = [("balanced accuracy", lambda r: _n(r.get("balanced_accuracy"))),
+    rows = [("images", lambda r: _n(r.get("n"))),
+            ("balanced accuracy", lambda r: _n(r.get("balanced_accuracy"))),
             ("ECE before -> after temperature", lambda r: f"{_n(r.get('ece_before'))} -> {_n(r.get('ece_after'))}"),
-            ("OOD false rejection of these real lesions", lambda r: _pct(r.get("ood_false_rejection"))),
+            ("OOD false rejection (real lesions)", lambda r: _pct(r.get("ood_false_rejection"))),
             ("triage sensitivity / specificity",
              lambda r: f"{_pct(r.get('triage_sensitivity'))} / {_pct(r.get('triage_specificity'))}")]
-    classes = list(next(iter(runs.values()), {}).get("recall", {}))
+    classes = list(dict.fromkeys(c for r in runs.values() for c in r.get("recall", {})))
     rows += [(f"recall {c}", lambda r, c=c: _n(r.get("recall", {}).get(c))) for c in classes]
-    out += [f"| {label} | " + " | ".join(f(runs[n]) for n in names) + " |" for label, f in rows]
-    return out + [""]
+    return (["| figure | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+            + [f"| {label} | " + " | ".join(f(runs[n]) for n in names) + " |" for label, f in rows])
+
+
+def external_section(ext: dict, validation: dict | None = None) -> list[str]:
+    """What `skain evaluate --model` measured on another labelled folder, with and without age/sex/site,
+    beside the card's own held-out validation figures."""
+    runs = {VALIDATION_COLUMN: validation, **ext.get("runs", {})} if validation else ext.get("runs", {})
+    out = [f"## Measured on an external folder: `{ext.get('data')}`",
+           f"{ext.get('images')} labelled images, evaluated {ext.get('date', '')}; none of the model's numbers "
+           "(temperature, thresholds, epoch) was chosen on them. 'without metadata' = age, sex and site left "
+           "blank for every image.", ""]
+    if ext.get("tta"):
+        out += [f"Test-time augmentation ({ext['tta']} views): temperature and triage threshold not applied.", ""]
+    return out + trust_table(runs) + [""]
