@@ -305,3 +305,32 @@ def test_tta_predictions_say_triage_and_temperature_do_not_apply(trained, synth_
     np.testing.assert_allclose(got, expected, atol=1e-5)
     plain = single.predict_frame(frame, progress=False)
     np.testing.assert_allclose(table["ood_score"], plain["ood_score"], rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- time budget and progress
+def test_budget_sample_keeps_every_class_and_fits_the_budget():
+    from skain.trust.fitting import MIN_OOD_TRAIN, budget_sample
+    rng = np.random.default_rng(0)
+    dx = rng.choice(CLASSES, 6000, p=[0.03, 0.05, 0.11, 0.01, 0.11, 0.67, 0.02])
+    idx = np.arange(6000)
+    assert budget_sample(idx, dx, 50.0, None) is idx and budget_sample(idx, dx, 50.0, 1e6) is idx
+    small = budget_sample(idx, dx, 50.0, 40.0)  # 40 s at 50 images/s: 1,800 images fit (0.9 margin)
+    assert MIN_OOD_TRAIN <= len(small) <= 2000 and len(np.unique(small)) == len(small)
+    assert set(dx[small]) == set(CLASSES) and min(np.bincount(np.unique(dx[small], return_inverse=True)[1])) >= 20
+    assert len(budget_sample(idx, dx, 50.0, -100.0)) >= MIN_OOD_TRAIN  # budget spent: still a usable fit
+
+
+def test_trust_fitting_logs_its_timing_and_respects_a_spent_budget(trained, tmp_path, caplog, monkeypatch):
+    import logging
+    from skain.data.images import ImageLoader
+    from skain.trust import fitting
+    frame, train_idx, val_idx, cfg = fitting.folder_split(trained)
+    monkeypatch.setattr(fitting, "MIN_OOD_TRAIN", 60)
+    with caplog.at_level(logging.INFO, logger="skain.trust.fitting"):
+        figures = fitting.fit_trust(trained / "best_model.pt", frame, train_idx, val_idx,
+                                    ImageLoader(cfg["preprocess"]["resize"]), out_dir=tmp_path,
+                                    save_to=tmp_path / "b.pt", budget_s=0.0)
+    assert figures["validation_images"] == len(val_idx) and 60 <= figures["train_images"] < len(train_idx)
+    text = caplog.text
+    assert "images/s" in text and "training features of" in text and "time budget" in text
+    assert figures["fit_seconds"] > 0 and figures["calibration"]["held_out"]
