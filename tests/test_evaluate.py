@@ -84,3 +84,82 @@ def test_files_that_are_not_predictions_or_truth_are_refused(tmp_path):
     (tmp_path / "nodx.csv").write_text("image_id,age\na,40\n")
     with pytest.raises(DataError, match="dx"):
         read_truth(tmp_path / "nodx.csv")
+
+
+# ----------------------------------------------------------------------------- trust on labelled data from elsewhere
+def test_trust_metrics_on_a_hand_counted_example():
+    from skain.evaluate import trust_metrics
+    classes = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
+    dx = ["mel", "mel", "bcc", "nv", "nv", "nv", "bkl", "vasc"]
+    probs = np.full((8, 7), 0.02)
+    for i, c in enumerate(dx):
+        probs[i, classes.index(c)] = 0.88  # every argmax right
+    pred = pd.DataFrame({"image_id": list("abcdefgh"), **{f"p_{c}": probs[:, j] for j, c in enumerate(classes)},
+                         "ood": [False, True, False, False, None, False, "True", False],
+                         "triage": ["investigate further", "routine", "investigate further", "investigate further",
+                                    "routine", None, "routine", "routine"]})
+    truth = pd.DataFrame({"image_id": list("abcdefgh"), "dx": dx})
+    r = trust_metrics(pred, truth, temperature=2.0)
+    assert r["n"] == 8 and r["balanced_accuracy"] == 1.0 and r["recall"]["mel"] == 1.0
+    assert r["ood_false_rejection"] == pytest.approx(2 / 7)  # one row has no verdict; "True" read back from a CSV
+    assert r["triage_sensitivity"] == pytest.approx(2 / 3)   # mel, mel, bcc: two flagged
+    assert r["triage_specificity"] == pytest.approx(3 / 4)   # nv, nv, bkl, vasc rated (one nv has no verdict)
+    assert r["triage_melanoma_sensitivity"] == 0.5
+    assert r["ece_after"] == pytest.approx(0.12)             # confidence 0.88, all right
+    # "before" undoes T = 2: softmax(2 log p) is sharper, top probability 0.88^2 / (0.88^2 + 6 * 0.02^2)
+    assert r["ece_before"] == pytest.approx(1 - 0.88 ** 2 / (0.88 ** 2 + 6 * 0.02 ** 2))
+    assert trust_metrics(pred.drop(columns=["ood", "triage"]), truth, None).keys().isdisjoint(
+        {"ood_false_rejection", "triage_sensitivity", "ece_before"})
+
+
+def test_blank_metadata_blanks_age_sex_and_site_for_every_row():
+    from skain.evaluate import blank_metadata
+    frame = pd.DataFrame({"image_id": ["a", "b"], "dx": ["mel", "nv"], "age": [40.0, 70.0], "sex": ["male", "female"],
+                          "localization": ["back", "face"], "path": ["a.jpg", "b.jpg"]})
+    blank = blank_metadata(frame)
+    assert blank["age"].isna().all() and (blank["sex"] == "unknown").all() and (blank["localization"] == "unknown").all()
+    assert blank[["image_id", "dx", "path"]].equals(frame[["image_id", "dx", "path"]])
+
+
+def test_evaluate_a_labelled_folder_reports_trust_with_and_without_metadata(trained, synth_root, tmp_path):
+    """`skain evaluate --model --data FOLDER`: ECE before/after temperature, OOD false rejection, triage
+    sensitivity/specificity and per-class recall, with metadata as given and with every field blanked,
+    beside the model card's validation figures; the card in the report says what was measured where."""
+    from skain.predict import Predictor, prediction_table
+    from skain.trust.modelcard import VALIDATION_COLUMN
+    rep = tmp_path / "rep"
+    assert main(["evaluate", "--model", str(trained), "--data", str(synth_root / "dataset_test"),
+                 "--report", str(rep), "--no-progress"]) == 0
+    metrics = json.loads((rep / "metrics.json").read_text())
+    runs = metrics["trust"]["runs"]
+    assert list(runs) == [VALIDATION_COLUMN, "with metadata", "without metadata"]
+    predictor = Predictor.from_bundle(trained)
+    preds = pd.read_csv(rep / "predictions.csv")
+    frame, _ = prediction_table(synth_root / "dataset_test")
+    for name in ("with metadata", "without metadata"):
+        r = runs[name]
+        assert {"ece_before", "ece_after", "ood_false_rejection", "triage_sensitivity", "triage_specificity"} <= set(r)
+        assert set(r["recall"]) == set(predictor.classes) and r["n"] == len(frame)
+        assert r["ece_before"] != r["ece_after"]  # the bundle's temperature (T != 1) was undone for "before"
+    assert runs["with metadata"]["ood_false_rejection"] == pytest.approx(preds["ood"].astype(bool).mean())
+    assert runs["with metadata"]["balanced_accuracy"] == pytest.approx(metrics["balanced_accuracy"])
+    # the blanked run is what predict_one gives with no age, sex or site
+    blank = [predictor.predict_one(p).diagnosis for p in frame["path"]]
+    expected = classification_metrics_for(frame["dx"], blank)
+    assert runs["without metadata"]["balanced_accuracy"] == pytest.approx(expected, abs=1e-9)
+    card = (rep / "model_card.md").read_text()
+    assert "Measured on an external folder" in card and "Trust figures measured on the validation split" in card
+    assert "without metadata" in card and "Trust on these images" in (rep / "report.md").read_text()
+
+
+def classification_metrics_for(dx: pd.Series, pred: list[str]) -> float:
+    from sklearn.metrics import balanced_accuracy_score
+    return float(balanced_accuracy_score(dx, pred))
+
+
+def test_predict_with_dx_reports_trust_with_and_without_metadata(trained, synth_root, tmp_path):
+    assert main(["predict", "--data", str(synth_root / "dataset_test"), "--model", str(trained),
+                 "--output", str(tmp_path / "p.csv"), "--report", str(tmp_path / "rep"), "--no-progress"]) == 0
+    runs = json.loads((tmp_path / "rep" / "metrics.json").read_text())["trust"]["runs"]
+    assert {"with metadata", "without metadata"} <= set(runs)
+    assert (tmp_path / "rep" / "model_card.md").exists()

@@ -216,3 +216,121 @@ def test_ood_rejects_blank_and_noise_but_accepts_held_out_real_dermoscopy(shared
     table = pred.predict_frame(unseen.assign(path=[str(shared_data / "images" / f"{i}.jpg") for i in unseen["image_id"]]),
                                progress=False)
     assert table["ood"].astype(bool).mean() <= 0.10, table["ood_score"].describe()
+
+
+# ----------------------------------------------------------------------------- cross-fitting is held out
+def _validation_outputs(n: int = 600, seed: int = 0):
+    from skain.trust.fitting import Outputs
+    rng = np.random.default_rng(seed)
+    labels = rng.choice(7, n, p=[0.05, 0.07, 0.12, 0.03, 0.12, 0.56, 0.05])
+    logits = rng.normal(0, 1, (n, 7)) * 2.0
+    logits[np.arange(n), labels] += rng.normal(2.5, 1.5, n)  # right class usually on top, overconfident
+    features = rng.normal(0, 1, (n, 8)) + labels[:, None] * 0.5
+    return Outputs(logits, labels, features)
+
+
+def _poisoned(va, rows: np.ndarray, rng):
+    """The same validation outputs with the labels and features of `rows` replaced by garbage."""
+    from skain.trust.fitting import Outputs
+    labels, features = va.labels.copy(), va.features.copy()
+    labels[rows] = rng.permutation(labels[rows])[::-1] % 7   # other diagnoses, other malignant share
+    labels[rows[: len(rows) // 3]] = 4                       # and many more melanomas
+    features[rows[1:]] *= 40.0                               # far out (row 0 of the half kept as it was)
+    return Outputs(va.logits.copy(), labels, features)
+
+
+def test_cross_fit_never_sees_the_labels_or_features_of_the_half_it_scores():
+    """Poison half A's labels and features: every held-out decision about half A (its temperature-scaled
+    probabilities, triage flags, and the OOD verdict of the one row of A left intact) comes from half B alone,
+    so it must stay bit for bit the same. Before the fix A's triage threshold was chosen on softmax(z_B / T_A),
+    with a temperature fit on A's own labels, and the OOD scales used all of validation."""
+    from skain.trust.fitting import TrustSettings, cross_fit, halves
+    from skain.trust.triage import malignant_columns
+    va = _validation_outputs()
+    frame = pd.DataFrame({"lesion_id": [f"L{i}" for i in range(len(va.labels))],
+                          "dx": np.array(CLASSES)[va.labels]})
+    a, b = halves(frame, seed=0)
+    s = TrustSettings(false_rejection=0.05)
+    scorer = MaxScorer.fit(va.features + 0.1, va.labels, va.features, s.false_rejection)  # stand-in "training" fit
+    cols = malignant_columns(CLASSES)
+    clean = cross_fit(va, [a, b], cols, scorer, s)
+    dirty = cross_fit(_poisoned(va, a, np.random.default_rng(1)), [a, b], cols, scorer, s)
+    np.testing.assert_array_equal(clean.probs[a], dirty.probs[a])
+    np.testing.assert_array_equal(clean.flagged[a], dirty.flagged[a])
+    assert clean.ood_ratio[a[0]] == dirty.ood_ratio[a[0]]  # junk beside it changes neither scales nor threshold
+    # the poison does reach half B, whose parameters now come from the poisoned half
+    assert not np.array_equal(clean.probs[b], dirty.probs[b])
+    assert not np.array_equal(clean.ood_ratio[b], dirty.ood_ratio[b])
+
+
+def test_cross_fit_scores_each_half_with_the_other_halfs_temperature_on_both_sides():
+    """The threshold applied to half A is chosen on softmax(z_B / T_B) and applied to softmax(z_A / T_B)."""
+    from skain.trust.fitting import TrustSettings, cross_fit, halves
+    from skain.trust.triage import malignant_columns
+    va = _validation_outputs(seed=3)
+    frame = pd.DataFrame({"lesion_id": [f"L{i}" for i in range(len(va.labels))],
+                          "dx": np.array(CLASSES)[va.labels]})
+    a, b = halves(frame, seed=0)
+    cols = malignant_columns(CLASSES)
+    held = cross_fit(va, [a, b], cols, None, TrustSettings())
+    t_b = fit_temperature(va.logits[b], va.labels[b])
+    probs_b = softmax(va.logits[b] / t_b, axis=1)
+    thr_b = threshold_for_sensitivity(probs_b[:, cols].sum(1), np.isin(va.labels[b], cols), 0.95)
+    probs_a = softmax(va.logits[a] / t_b, axis=1)
+    np.testing.assert_allclose(held.probs[a], probs_a)
+    np.testing.assert_array_equal(held.flagged[a], probs_a[:, cols].sum(1) >= thr_b)
+    assert held.ood_ratio is None
+
+
+def test_tta_predictions_say_triage_and_temperature_do_not_apply(trained, synth_root):
+    """The temperature and triage threshold were fit on single-view logits: with --tta the probabilities are
+    the plain average of the views' softmax, there is no triage verdict, and the trust summary says why.
+    The OOD check still applies (identity view)."""
+    from skain.data.transforms import tta_views
+    images = sorted((synth_root / "dataset_test" / "image").iterdir())[:3]
+    frame = pd.DataFrame({"image_id": [p.stem for p in images], "path": [str(p) for p in images]})
+    single, tta = Predictor.from_bundle(trained), Predictor.from_bundle(trained, tta=4)
+    assert single.trust.temperature != 1.0 and single.trust.triage_threshold is not None
+    table = tta.predict_frame(frame, progress=False)
+    assert table["triage"].isna().all() and tta.predict_one(images[0]).triage is None
+    assert "not applied with test-time augmentation" in tta.info["trust"]["triage"]["reason"]
+    assert "not applied" in tta.info["trust"]["calibration"]
+    with torch.no_grad():
+        b = tta._batch(tta.image_tensor(images[0])[None], pd.DataFrame({"age": [None], "sex": ["unknown"],
+                                                                         "localization": ["unknown"]}))
+        model = load_model(tta.bundle).eval()
+        views = [model(v, b["age"], b["sex"], b["site"]).softmax(1) for v in tta_views(b["image"], 4)]
+    expected = torch.stack(views).mean(0)[0].numpy()
+    got = np.array([table.loc[0, f"p_{c}"] for c in tta.classes])
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    plain = single.predict_frame(frame, progress=False)
+    np.testing.assert_allclose(table["ood_score"], plain["ood_score"], rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- time budget and progress
+def test_budget_sample_keeps_every_class_and_fits_the_budget():
+    from skain.trust.fitting import MIN_OOD_TRAIN, budget_sample
+    rng = np.random.default_rng(0)
+    dx = rng.choice(CLASSES, 6000, p=[0.03, 0.05, 0.11, 0.01, 0.11, 0.67, 0.02])
+    idx = np.arange(6000)
+    assert budget_sample(idx, dx, 50.0, None) is idx and budget_sample(idx, dx, 50.0, 1e6) is idx
+    small = budget_sample(idx, dx, 50.0, 40.0)  # 40 s at 50 images/s: 1,800 images fit (0.9 margin)
+    assert MIN_OOD_TRAIN <= len(small) <= 2000 and len(np.unique(small)) == len(small)
+    assert set(dx[small]) == set(CLASSES) and min(np.bincount(np.unique(dx[small], return_inverse=True)[1])) >= 20
+    assert len(budget_sample(idx, dx, 50.0, -100.0)) >= MIN_OOD_TRAIN  # budget spent: still a usable fit
+
+
+def test_trust_fitting_logs_its_timing_and_respects_a_spent_budget(trained, tmp_path, caplog, monkeypatch):
+    import logging
+    from skain.data.images import ImageLoader
+    from skain.trust import fitting
+    frame, train_idx, val_idx, cfg = fitting.folder_split(trained)
+    monkeypatch.setattr(fitting, "MIN_OOD_TRAIN", 60)
+    with caplog.at_level(logging.INFO, logger="skain.trust.fitting"):
+        figures = fitting.fit_trust(trained / "best_model.pt", frame, train_idx, val_idx,
+                                    ImageLoader(cfg["preprocess"]["resize"]), out_dir=tmp_path,
+                                    save_to=tmp_path / "b.pt", budget_s=0.0)
+    assert figures["validation_images"] == len(val_idx) and 60 <= figures["train_images"] < len(train_idx)
+    text = caplog.text
+    assert "images/s" in text and "training features of" in text and "time budget" in text
+    assert figures["fit_seconds"] > 0 and figures["calibration"]["held_out"]

@@ -92,9 +92,13 @@ def test_about_panel_shows_the_model_cards_trust_figures_and_limitations(client,
     html = client.get("/").get_data(as_text=True)
     card = service.predictor.info["model_card"]
     cal, tri, ood = card["calibration"], card["triage"], card["ood"]
-    assert f"{cal['ece_before']:.3f} &rarr; {cal['ece_after']:.3f}" in html
-    if tri.get("threshold") is not None:
-        assert f"{tri['threshold']:.3f}" in html and f"{100 * tri['sensitivity']:.1f}% of malignant" in html
+    held_cal, held_tri = cal["held_out"], tri["held_out"]
+    assert f"{held_cal['ece_before']:.3f} &rarr; {held_cal['ece_after']:.3f} after temperature scaling (held-out" in html
+    assert f"{tri['threshold']:.3f}" in html  # the tiny synthetic model has a triage threshold
+    # the held-out triage figures, not the in-sample ones of the split that chose the threshold
+    assert f"{100 * held_tri['sensitivity']:.1f}% of malignant" in html
+    assert f"{100 * held_tri['specificity']:.1f}% of benign ones routine (held-out lesions" in html
+    assert "validation split of the training data" in html
     rejected = ood.get("held_out_false_rejection", ood["val_false_rejection"])
     assert f"{100 * rejected:.1f}%" in html and f"target {100 * ood['target_false_rejection']:.0f}%" in html
     for kind, rate in ood["probe_detection"].items():
@@ -166,13 +170,19 @@ def test_out_of_distribution_image_gets_no_diagnosis_unless_probabilities_are_as
 def test_triage_answer_carries_its_validated_figures(app, service, image_bytes, monkeypatch):
     monkeypatch.setattr(service, "predict", lambda inputs: replace(service.predictor.predict_one(inputs.image),
                                                                    triage="investigate further", p_malignant=0.4))
-    trust = {"triage": {"threshold": 0.07, "sensitivity": 0.95, "specificity": 0.6, "target_sensitivity": 0.95}}
+    trust = {"triage": {"threshold": 0.07, "sensitivity": 0.95, "specificity": 0.6, "target_sensitivity": 0.95,
+                        "held_out": {"sensitivity": 0.93, "specificity": 0.45}}}
     real = type(service.predictor).info
     monkeypatch.setattr(type(service.predictor), "info", property(lambda self: {**real.fget(self), "trust": trust}))
     body = post(app.test_client(), image_bytes).json
     assert body["triage"] == "investigate further"
-    assert body["triage_figures"] == {"threshold": 0.07, "sensitivity": 0.95, "specificity": 0.6,
-                                      "target_sensitivity": 0.95}
+    # the held-out figures, not the in-sample ones of the split that chose the threshold
+    assert body["triage_figures"] == {"threshold": 0.07, "sensitivity": 0.93, "specificity": 0.45,
+                                      "target_sensitivity": 0.95, "measured": "held-out validation lesions"}
+    del trust["triage"]["held_out"]  # older bundles: the in-sample figures, labelled as such
+    body = post(app.test_client(), image_bytes).json
+    assert body["triage_figures"]["sensitivity"] == 0.95
+    assert body["triage_figures"]["measured"] == "validation lesions (in-sample)"
 
 
 def test_predict_heatmap_returns_png_layers_for_the_top_class(client, service, image_bytes):

@@ -219,8 +219,10 @@ def run_predict(ns: argparse.Namespace) -> int:
     for image_id, error in zip(failed["image_id"], failed["error"]):
         print(f"failed: {image_id}: {error}", file=sys.stderr)
     if "dx" in frame and len(failed) < len(pred):
+        data = str(src.csv or src.image_dirs[0])
         _report(pred, frame[["image_id", "dx"]], Path(ns.report or Path(ns.output).parent / "report"),
-                {"model": str(ns.model), "data": str(src.csv or src.image_dirs[0]), **_inference_context(predictor)})
+                {"model": str(ns.model), "data": data, **_inference_context(predictor)},
+                _folder_trust(predictor, frame, data, pred, ns.batch_size, workers, cache, ns.progress))
     if len(failed):
         print(f"{len(failed)} image(s) could not be read; see the error column", file=sys.stderr)
         return PARTIAL_FAILURE
@@ -232,29 +234,80 @@ def _inference_context(predictor) -> dict:
     return {"backbone": info["backbone"], **info["inference"]}
 
 
-def _report(pred, truth, folder, context: dict) -> None:
+def _folder_trust(predictor, frame, data: str, pred, batch_size: int, workers: int, cache, progress: bool) -> dict:
+    from .evaluate import folder_trust
+    return folder_trust(predictor, frame, data, pred, batch_size=batch_size, num_workers=workers,
+                        cache_dir=cache, progress=progress)
+
+
+def _report(pred, truth, folder, context: dict, trust: dict | None = None) -> None:
     from .evaluate import align, evaluate, headline
     from .report import write_report
     labels, probs, info = align(pred, truth)
     metrics = evaluate(labels, probs)
-    write_report(metrics, labels, probs, folder, {**context, **info})
+    write_report(metrics, labels, probs, folder, {**context, **info}, trust)
     print(headline(metrics))
+    for name, run in (trust or {}).get("runs", {}).items():
+        print(f"{name}: " + _trust_line(run))
     print(f"report: {folder}/report.md")
 
 
+def _trust_line(r: dict) -> str:
+    f = lambda x, pct=False: "n/a" if x is None else (f"{100 * x:.1f}%" if pct else f"{x:.3f}")  # noqa: E731
+    return (f"balanced accuracy {f(r.get('balanced_accuracy'))}, ECE {f(r.get('ece_before'))} -> "
+            f"{f(r.get('ece_after'))}, OOD false rejection {f(r.get('ood_false_rejection'), True)}, triage "
+            f"sensitivity {f(r.get('triage_sensitivity'), True)} specificity {f(r.get('triage_specificity'), True)}")
+
+
 def add_evaluate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--predictions", required=True, help="predictions CSV (skAIn or ISIC 2018 format)")
-    p.add_argument("--csv", required=True, help="ground truth: CSV with image_id,dx (or ISIC 2018 one-hot)")
-    p.add_argument("--report", help="report folder (default: <predictions dir>/report)")
+    add_data_args(p, "./dataset_test")
+    p.add_argument("--model", help="trained output folder or .pt bundle: predict the labelled --data/--csv images "
+                                   "(with and without age/sex/site) and report accuracy and the trust figures")
+    p.add_argument("--predictions", help="or score an existing predictions CSV (skAIn or ISIC 2018 format) "
+                                         "against --csv ground truth (image_id,dx or ISIC 2018 one-hot)")
+    p.add_argument("--report", help="report folder (default: <predictions dir>/report, or report/ with --model)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--tta", type=int, default=1, help="test-time augmentation views (calibration and triage "
+                                                      "do not apply above 1)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=True)
 
 
 def run_evaluate(ns: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .evaluate import read_predictions, read_truth
-    pred = read_predictions(ns.predictions)
+    from .evaluate import read_predictions, read_truth, trust_metrics
+    if ns.model:
+        return _evaluate_model(ns)
+    if not ns.predictions or not ns.csv:
+        raise ValueError("skain evaluate needs --model with labelled --data/--csv images, or --predictions "
+                         "and --csv (ground truth)")
+    pred, truth = read_predictions(ns.predictions), read_truth(ns.csv)
     folder = Path(ns.report or Path(ns.predictions).parent / "report")
-    _report(pred, read_truth(ns.csv), folder, {"predictions": ns.predictions, "ground_truth": ns.csv})
+    as_given = trust_metrics(pred, truth, None)  # no temperature, OOD or triage unless the CSV has them
+    _report(pred, truth, folder, {"predictions": ns.predictions, "ground_truth": ns.csv},
+            {"measured_on": f"predictions {ns.predictions}", "runs": {"as given": as_given}})
+    return 0
+
+
+def _evaluate_model(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .predict import Predictor, default_workers, prediction_table
+    from .report import write_predictions
+    frame, src = prediction_table(ns.data, ns.csv, ns.images, bool(ns.skip_missing))
+    if "dx" not in frame:
+        raise ValueError(f"{src.csv or src.image_dirs[0]}: no dx column; skain evaluate --model needs labelled images")
+    predictor = Predictor.from_bundle(ns.model, device=ns.device, tta=ns.tta)
+    workers = ns.num_workers if ns.num_workers is not None else default_workers(predictor.device)
+    cache = None if ns.cache_dir in (None, "off") else ns.cache_dir
+    pred = predictor.predict_frame(frame, ns.batch_size, workers, cache, ns.progress)
+    folder = Path(ns.report or "report")
+    write_predictions(pred, folder / "predictions.csv")
+    data = str(src.csv or src.image_dirs[0])
+    _report(pred, frame[["image_id", "dx"]], folder, {"model": str(ns.model), "data": data,
+                                                      **_inference_context(predictor)},
+            _folder_trust(predictor, frame, data, pred, ns.batch_size, workers, cache, ns.progress))
     return 0
 
 

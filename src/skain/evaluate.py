@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
+from scipy.special import softmax
 
 from .data.schema import CLASSES, DataError, clean_metadata, read_csv
-from .metrics import classification_metrics, one_vs_rest_rates
+from .metrics import classification_metrics, expected_calibration_error, one_vs_rest_rates
 
 log = logging.getLogger(__name__)
 
@@ -82,3 +84,81 @@ def headline(metrics: dict) -> str:
             f"macro F1 {metrics['macro_f1']:.4f} | macro AUC {metrics['macro_auc']:.4f} | "
             f"melanoma sensitivity {mel.get('sensitivity', float('nan')):.4f} specificity "
             f"{mel.get('specificity', float('nan')):.4f} (n={metrics['n']})")
+
+
+# ----------------------------------------------------------------------------- trust on labelled data from elsewhere
+WITH, WITHOUT = "with metadata", "without metadata"
+BLANKED = ("age", "sex", "localization")
+
+
+def blank_metadata(frame: pd.DataFrame) -> pd.DataFrame:
+    """The same rows with age, sex and site left empty for every image, cleaned exactly as a CSV with empty
+    cells would be (whatever the encoder then does with a missing field, as for a user who skips the form)."""
+    raw = pd.DataFrame({"image_id": frame["image_id"].to_numpy(), **{c: "" for c in BLANKED}}, dtype=object)
+    clean = clean_metadata(raw, "blanked metadata", require=("image_id",))
+    return frame.assign(**{c: clean[c].to_numpy() for c in BLANKED})
+
+
+def trust_metrics(pred: pd.DataFrame, truth: pd.DataFrame, temperature: float | None,
+                  classes: tuple[str, ...] = CLASSES, n_bins: int = 15) -> dict:
+    """On labelled images (all real lesions): balanced accuracy and per-class recall; ECE before/after the
+    bundle's temperature (and the temperature these images would have chosen); the OOD check's false-rejection
+    rate; triage sensitivity/specificity at the bundle's threshold. Columns a predictions CSV lacks give None."""
+    from .trust.calibration import fit_temperature
+    from .trust.fitting import triage_rates
+    from .trust.triage import INVESTIGATE, MALIGNANT
+    labels, probs, info = align(pred, truth, classes)
+    merged = truth.merge(pred, on="image_id", how="inner")
+    merged = merged[np.isfinite(merged[[f"p_{c}" for c in classes]].to_numpy(dtype=np.float64)).all(1)]
+    metrics = evaluate(labels, probs, classes)
+    out = {"n": int(len(labels)), "balanced_accuracy": metrics["balanced_accuracy"],
+           "macro_auc": metrics["macro_auc"], "recall": {c: m["recall"] for c, m in metrics["per_class"].items()},
+           "melanoma_sensitivity_argmax": metrics.get("melanoma", {}).get("sensitivity"),
+           "ece_after": expected_calibration_error(probs, labels, n_bins), "ece_bins": n_bins, **info}
+    if temperature is not None:
+        logits = temperature * np.log(np.clip(probs, 1e-300, 1.0))  # softmax(T log p) = softmax(z): T undone
+        out.update({"temperature": float(temperature), "temperature_fit_here": fit_temperature(logits, labels),
+                    "ece_before": expected_calibration_error(softmax(logits, axis=1), labels, n_bins)})
+    if "ood" in merged and merged["ood"].notna().any():
+        ood = merged["ood"].dropna().astype(str).str.lower().isin(["true", "1"])
+        out["ood_false_rejection"] = float(ood.mean())
+    if "triage" in merged and merged["triage"].notna().any():
+        rated = merged[merged["triage"].notna()]
+        rates = triage_rates(rated["triage"].to_numpy() == INVESTIGATE, rated["dx"].isin(MALIGNANT).to_numpy(),
+                             (rated["dx"] == "mel").to_numpy())
+        out.update({f"triage_{k}": v for k, v in rates.items()})
+    return out
+
+
+def with_and_without_metadata(predict: Callable[[pd.DataFrame], pd.DataFrame], frame: pd.DataFrame,
+                              first: pd.DataFrame, temperature: float | None, image_only: bool) -> dict:
+    """trust_metrics for the predictions `first` (metadata as given) and for a second pass of `predict` with
+    age/sex/site blanked for every row (skipped for an image-only model: its predictions cannot differ)."""
+    truth = frame[["image_id", "dx"]]
+    runs = {WITH: trust_metrics(first, truth, temperature)}
+    if image_only:
+        runs[WITHOUT] = {**runs[WITH], "note": "image-only model: metadata is not an input"}
+    else:
+        log.info("second pass with age, sex and site left blank for every image")
+        runs[WITHOUT] = trust_metrics(predict(blank_metadata(frame)), truth, temperature)
+    return runs
+
+
+def external_entry(data: str, runs: dict) -> dict:
+    """The model card's record of an evaluation on another labelled folder."""
+    from datetime import datetime, timezone
+    return {"data": data, "images": runs[WITH]["n"], "runs": runs,
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
+
+
+def folder_trust(predictor, frame: pd.DataFrame, data: str, first: pd.DataFrame, **predict_kwargs) -> dict:
+    """Trust figures of `predictor` on a labelled folder (`first` = its predictions with metadata as given),
+    beside the model card's own validation figures, and the model card extended by what was measured here."""
+    from .trust.modelcard import VALIDATION_COLUMN, validation_figures
+    runs = with_and_without_metadata(lambda f: predictor.predict_frame(f, **predict_kwargs), frame, first,
+                                     predictor.trust.temperature, bool(predictor.info["image_only"]))
+    entry = external_entry(data, runs) | ({"tta": predictor.tta} if predictor.tta > 1 else {})
+    card = predictor.info.get("model_card")
+    shown = {VALIDATION_COLUMN: validation_figures(card), **runs} if card else runs
+    return {"measured_on": f"external labelled folder {data}", "runs": shown,
+            "model_card": {**card, "external": [*(card.get("external") or []), entry]} if card else None}

@@ -79,9 +79,10 @@ class Predictor:
         self.encoder = MetadataEncoder.from_state(bundle["encoder"])
         self.preprocess: dict = dict(bundle["preprocess"])
         self.transform = eval_transform(self.preprocess)
-        self.trust = TrustLayer.from_bundle(bundle)  # temperature, OOD scorer, triage threshold (all optional)
         self.device = resolve_device(device)
         self.tta = _check_tta(tta)
+        # temperature, OOD scorer, triage threshold (all optional); under TTA only the OOD check applies
+        self.trust = TrustLayer.from_bundle(bundle).for_views(self.tta)
         if precision == "fast" and backend == "torch":
             backend, precision = fast_choice(self.device)
         self.backend = _check_choice("backend", backend, BACKENDS)

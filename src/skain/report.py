@@ -36,16 +36,24 @@ def write_predictions(pred: pd.DataFrame, path: str | Path, fmt: str = "skain") 
 
 
 def write_report(metrics: dict, labels: np.ndarray, probs: np.ndarray, folder: str | Path,
-                 context: dict | None = None) -> Path:
-    """metrics.json + confusion_matrix.png + roc_curves.png + report.md into `folder`."""
+                 context: dict | None = None, trust: dict | None = None) -> Path:
+    """metrics.json + confusion_matrix.png + roc_curves.png + report.md into `folder`; with `trust`
+    (`evaluate.folder_trust`) also the trust figures with and without metadata and model_card.md."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     classes = list(metrics["classes"])
+    trust = dict(trust or {})
+    card = trust.pop("model_card", None)
+    if trust:
+        metrics = {**metrics, "trust": trust}
     atomic_json({**metrics, "context": context or {}}, folder / "metrics.json")
     plot_confusion(np.asarray(metrics["confusion_matrix"]), classes, folder / "confusion_matrix.png")
     plot_roc(labels, probs, classes, folder / "roc_curves.png")
-    text = report_markdown(metrics, context or {})
+    text = report_markdown(metrics, context or {}) + trust_markdown(trust)
     atomic_write(folder / "report.md", lambda fh: fh.write(text.encode("utf-8")))
+    if card:
+        from .trust.modelcard import to_markdown
+        atomic_write(folder / "model_card.md", lambda fh: fh.write(to_markdown(card).encode("utf-8")))
     log.info("wrote the evaluation report to %s", folder)
     return folder
 
@@ -117,3 +125,15 @@ def report_markdown(metrics: dict, context: dict) -> str:
               "flatters a model that favours nevi). Melanoma sensitivity/specificity use the argmax decision.",
               "", "![confusion matrix](confusion_matrix.png)", "", "![ROC curves](roc_curves.png)", ""]
     return "\n".join(lines)
+
+
+def trust_markdown(trust: dict) -> str:
+    """The trust section: these images with and without metadata, beside the model's own validation figures."""
+    if not trust.get("runs"):
+        return ""
+    from .trust.modelcard import trust_table
+    lines = ["", "## Trust on these images", "",
+             f"Measured on the {trust.get('measured_on', 'images above')}. 'without metadata' = age, sex and site "
+             "left blank for every image; every image here is a real lesion, so each OOD rejection is a false one. "
+             "Triage uses the bundle's threshold (sensitivity = malignant lesions flagged 'investigate further').", ""]
+    return "\n".join(lines + trust_table(trust["runs"]) + [""])

@@ -379,8 +379,9 @@ def _fit(cfg: Config, out: Path, info: DistInfo) -> dict:
     run.done = True
     summary = None
     if info.main:
-        trust = {} if not t.fit_trust else after_training(out / BUNDLE_NAME, prep.frame, prep.train_idx, prep.val_idx, loader_fn, device,
-                               t.progress)
+        budget = t.max_minutes * 60 - run.elapsed if t.max_minutes else None
+        trust = after_training(out / BUNDLE_NAME, prep.frame, prep.train_idx, prep.val_idx, loader_fn, device,
+                               t.progress, budget_s=budget) if t.fit_trust else {}
         summary = finish(out, run, prep, bundle_extra, trust, device, loader_fn.cache_dir)
     return broadcast(info, summary)
 

@@ -9,6 +9,7 @@ halves are pooled. The parameters stored in the bundle are then refit on the who
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,6 +34,8 @@ from .triage import (MALIGNANT, malignant_columns, operating_point, sensitivity_
                      threshold_for_sensitivity)
 
 log = logging.getLogger(__name__)
+HELD_OUT_METHOD = ("cross-fitted over two lesion-grouped halves of the validation split: each half is scored with "
+                   "the temperature, triage threshold and OOD scales/threshold chosen on the other half alone")
 
 
 @dataclass
@@ -60,13 +63,13 @@ class Outputs:
 
 
 def extract(model: torch.nn.Module, bundle: dict, frame: pd.DataFrame, loader_fn: ImageLoader,
-            device: torch.device, batch_size: int = 64, progress: bool = False) -> Outputs:
+            device: torch.device, batch_size: int = 64, progress: bool = False,
+            desc: str = "trust features") -> Outputs:
     """One inference pass (the shared eval loop, fp32) collecting logits and backbone features."""
     ds = LesionDataset(frame.reset_index(drop=True), MetadataEncoder.from_state(bundle["encoder"]), loader_fn,
                        eval_transform(bundle["preprocess"]))
     with BackboneTap(model) as tap:
-        res = predict_logits(model, DataLoader(ds, batch_size, shuffle=False), device, None, False,
-                             "trust features", progress)
+        res = predict_logits(model, DataLoader(ds, batch_size, shuffle=False), device, None, False, desc, progress)
     return Outputs(res["logits"].astype(np.float64), res["label"].astype(int), tap.features())
 
 
@@ -90,25 +93,78 @@ def halves(frame: pd.DataFrame, seed: int) -> list[np.ndarray] | None:
     return parts if all(len(p) for p in parts) else None
 
 
+# ----------------------------------------------------------------------------- choosing and cross-fitting
+@dataclass
+class Chosen:
+    """What one set of validation rows chooses: temperature, triage threshold, OOD scorer and threshold."""
+
+    temperature: float
+    triage_threshold: float | None
+    ood: MahalanobisScorer | MaxScorer | None = None
+    ood_threshold: float | None = None
+
+
+def choose(logits: np.ndarray, labels: np.ndarray, features: np.ndarray | None, cols: list[int] | None,
+           base_ood: MahalanobisScorer | MaxScorer | None, s: TrustSettings) -> Chosen:
+    """Temperature, triage threshold (on softmax(z / T) with this T) and OOD scales/threshold, all from
+    these rows alone: the cross-fit calls it on one half and applies the result to the other."""
+    t = fit_temperature(logits, labels)
+    thr = None
+    positive = np.isin(labels, cols) if cols is not None else None
+    if positive is not None and positive.any():
+        thr = threshold_for_sensitivity(apply_temperature(logits, t)[:, cols].sum(1), positive, s.target_sensitivity)
+    if base_ood is None or features is None:
+        return Chosen(t, thr)
+    scorer = base_ood.rescaled(features, s.false_rejection)
+    return Chosen(t, thr, scorer, threshold_for_false_rejection(scorer.score(features), s.false_rejection))
+
+
+@dataclass
+class HeldOut:
+    """Per validation row, what the parameters chosen on the *other* half say about it."""
+
+    probs: np.ndarray                # softmax(z / T_other)
+    flagged: np.ndarray | None       # P(malignant) under T_other >= threshold_other (None: a half lacks malignant)
+    ood_ratio: np.ndarray | None     # OOD score / threshold, scales and threshold from the other half (> 1: rejected)
+
+
+def cross_fit(va: Outputs, parts: list[np.ndarray], cols: list[int] | None,
+              base_ood: MahalanobisScorer | MaxScorer | None, s: TrustSettings) -> HeldOut:
+    """Each half is scored with the temperature, triage threshold and OOD scales/threshold chosen on the other
+    half alone, so no row's held-out figure ever sees that row's half (labels or features)."""
+    chosen = [choose(va.logits[p], va.labels[p], va.features[p] if base_ood else None, cols, base_ood, s)
+              for p in parts]
+    n = len(va.labels)
+    probs = np.zeros((n, va.logits.shape[1]))
+    has_triage = cols is not None and all(c.triage_threshold is not None for c in chosen)
+    flagged = np.zeros(n, dtype=bool) if has_triage else None
+    ood_ratio = np.zeros(n) if base_ood is not None else None
+    for i, part in enumerate(parts):
+        other = chosen[1 - i]
+        probs[part] = apply_temperature(va.logits[part], other.temperature)
+        if flagged is not None:
+            flagged[part] = probs[part][:, cols].sum(1) >= other.triage_threshold
+        if ood_ratio is not None:
+            ood_ratio[part] = other.ood.score(va.features[part]) / max(other.ood_threshold, 1e-12)
+    return HeldOut(probs, flagged, ood_ratio)
+
+
 # ----------------------------------------------------------------------------- the three pieces
-def calibration_part(va: Outputs, parts, s: TrustSettings) -> tuple[float, dict, np.ndarray]:
+def calibration_part(va: Outputs, held: HeldOut | None, s: TrustSettings) -> tuple[float, dict]:
     """Temperature on all validation; held-out ECE/NLL with each half calibrated by the other's T."""
     t = fit_temperature(va.logits, va.labels)
     report = calibration_report(va.logits, va.labels, t, s.ece_bins)
-    oof = apply_temperature(va.logits, t)
-    if parts:
-        for i, part in enumerate(parts):
-            other = parts[1 - i]
-            oof[part] = apply_temperature(va.logits[part], fit_temperature(va.logits[other], va.labels[other]))
+    if held is not None:
+        oof = held.probs
         raw = apply_temperature(va.logits, 1.0)
         report["held_out"] = {"ece_before": expected_calibration_error(raw, va.labels, s.ece_bins),
                               "ece_after": expected_calibration_error(oof, va.labels, s.ece_bins),
                               "nll_before": nll(va.logits, va.labels),
                               "nll_after": float(-np.log(np.clip(oof[np.arange(len(oof)), va.labels], 1e-12, 1)).mean())}
-    return t, report, oof
+    return t, report
 
 
-def triage_part(probs: np.ndarray, oof: np.ndarray, labels: np.ndarray, classes: list[str], parts,
+def triage_part(probs: np.ndarray, labels: np.ndarray, classes: list[str], held: HeldOut | None,
                 s: TrustSettings) -> dict:
     """Threshold on P(malignant) for the target sensitivity; melanoma sensitivity at fixed specificities."""
     cols = malignant_columns(classes)
@@ -124,16 +180,19 @@ def triage_part(probs: np.ndarray, oof: np.ndarray, labels: np.ndarray, classes:
     out["melanoma_sensitivity_at_threshold"] = operating_point(p_mal, labels == mel, out["threshold"])["sensitivity"]
     out["melanoma_sensitivity_at_specificity"] = {
         f"{sp:.2f}": sensitivity_at_specificity(probs[:, mel], labels == mel, sp) for sp in (0.80, 0.90)}
-    if parts:
-        flagged = np.zeros(len(labels), dtype=bool)
-        oof_mal = oof[:, cols].sum(1)
-        for i, part in enumerate(parts):
-            other = parts[1 - i]
-            if positive[other].any():
-                thr = threshold_for_sensitivity(oof_mal[other], positive[other], s.target_sensitivity)
-                flagged[part] = oof_mal[part] >= thr
-        pos, neg = positive, ~positive
-        out["held_out"] = {"sensitivity": float(flagged[pos].mean()), "specificity": float((~flagged[neg]).mean())}
+    if held is not None and held.flagged is not None:
+        out["held_out"] = triage_rates(held.flagged, positive, labels == mel)
+    return out
+
+
+def triage_rates(flagged: np.ndarray, positive: np.ndarray, melanoma: np.ndarray | None = None) -> dict:
+    """Sensitivity/specificity of given triage decisions (NaN where a group is empty)."""
+    flagged, positive = np.asarray(flagged, dtype=bool), np.asarray(positive, dtype=bool)
+    out = {"sensitivity": float(flagged[positive].mean()) if positive.any() else float("nan"),
+           "specificity": float((~flagged[~positive]).mean()) if (~positive).any() else float("nan"),
+           "positives": int(positive.sum()), "negatives": int((~positive).sum())}
+    if melanoma is not None and np.any(melanoma):
+        out["melanoma_sensitivity"] = float(flagged[np.asarray(melanoma, dtype=bool)].mean())
     return out
 
 
@@ -144,61 +203,107 @@ def ood_scorer(tr: Outputs, va: Outputs, s: TrustSettings) -> MahalanobisScorer 
     return MahalanobisScorer.fit(tr.features, tr.labels, s.ood_normalize)
 
 
-def ood_part(tr: Outputs, va: Outputs, probes: dict[str, np.ndarray], parts, s: TrustSettings) -> dict:
+def ood_part(scorer: MahalanobisScorer | MaxScorer, va: Outputs, probes: dict[str, np.ndarray],
+             held: HeldOut | None, s: TrustSettings) -> dict:
     """Gaussians on training features; threshold = validation quantile for the stated false-rejection rate."""
-    scorer = ood_scorer(tr, va, s)
     val_scores = scorer.score(va.features)
     thr = threshold_for_false_rejection(val_scores, s.false_rejection)
     out = {**scorer.state_dict(), "threshold": thr, "target_false_rejection": s.false_rejection,
            "val_false_rejection": float((val_scores > thr).mean()),
            "probe_detection": {k: float((scorer.score(f) > thr).mean()) for k, f in probes.items() if len(f)}}
-    if parts:
-        rejected = np.zeros(len(val_scores), dtype=bool)
-        for i, part in enumerate(parts):
-            rejected[part] = val_scores[part] > threshold_for_false_rejection(val_scores[parts[1 - i]],
-                                                                             s.false_rejection)
-        out["held_out_false_rejection"] = float(rejected.mean())
+    if held is not None and held.ood_ratio is not None:
+        out["held_out_false_rejection"] = float((held.ood_ratio > 1.0).mean())
     return out
 
 
 # ----------------------------------------------------------------------------- entry points
 def fit_trust(bundle_path: str | Path, frame: pd.DataFrame, train_idx: np.ndarray, val_idx: np.ndarray,
               loader_fn: ImageLoader, device: str | torch.device = "cpu", settings: TrustSettings | None = None,
-              out_dir: str | Path | None = None, progress: bool = False, save_to: str | Path | None = None) -> dict:
+              out_dir: str | Path | None = None, progress: bool = False, save_to: str | Path | None = None,
+              budget_s: float | None = None) -> dict:
     """Fit temperature, triage threshold and OOD scorer for the bundle at `bundle_path`, store them in it
     (or in a copy at `save_to`) with the model card, write reliability.png and model_card.md into
-    `out_dir` (default: next to the bundle); return the figures for metrics.json."""
+    `out_dir` (default: next to the bundle); return the figures for metrics.json.
+
+    With `budget_s` (what is left of `--max-minutes`) the OOD Gaussians are fit on a class-stratified sample
+    of the training images sized to the budget (at least MIN_OOD_TRAIN); validation is always used whole."""
     s = settings or TrustSettings()
+    started = time.perf_counter()
     bundle_path = Path(bundle_path)
     device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
     bundle = read_bundle(bundle_path)
     model = load_model(bundle).to(device)
-    tr = extract(model, bundle, frame.iloc[train_idx], loader_fn, device, s.batch_size, progress)
-    va = extract(model, bundle, frame.iloc[val_idx], loader_fn, device, s.batch_size, progress)
+    log.info("trust: one inference pass over %d validation, then up to %d training images (calibration, "
+             "triage threshold, OOD check)%s", len(val_idx), len(train_idx),
+             f"; time budget {budget_s / 60:.1f} min" if budget_s is not None else "")
+    va = extract(model, bundle, frame.iloc[val_idx], loader_fn, device, s.batch_size, progress,
+                 "trust: validation features")
+    rate = len(val_idx) / max(time.perf_counter() - started, 1e-6)
+    train_idx = budget_sample(train_idx, frame["dx"].to_numpy(), rate, _left(budget_s, started), s.seed)
+    log.info("trust: validation features in %.0f s (%.1f images/s); training features of %d images: about %.1f min",
+             time.perf_counter() - started, rate, len(train_idx), len(train_idx) / rate / 60)
+    tr = extract(model, bundle, frame.iloc[train_idx], loader_fn, device, s.batch_size, progress,
+                 "trust: training features")
     probes = {k: image_features(model, bundle, v, device) for k, v in probe_set(s.seed).items()}
     figures = assemble(bundle, tr, va, halves(frame.iloc[val_idx], s.seed), probes, s)
+    figures["fit_seconds"] = round(time.perf_counter() - started, 1)
     atomic_torch_save(bundle, save_to or bundle_path)
     write_reports(Path(out_dir) if out_dir else bundle_path.parent, va, bundle["trust"]["temperature"],
                   bundle["model_card"], s.ece_bins)
+    log.info("trust: done in %.1f min", figures["fit_seconds"] / 60)
     return figures
+
+
+MIN_OOD_TRAIN = 1000  # training images the OOD Gaussians need at least, whatever the budget
+
+
+def _left(budget_s: float | None, started: float) -> float | None:
+    return None if budget_s is None else budget_s - (time.perf_counter() - started)
+
+
+def budget_sample(train_idx: np.ndarray, dx: np.ndarray, rate: float, left_s: float | None,
+                  seed: int = 0) -> np.ndarray:
+    """All of `train_idx`, or (when `left_s` seconds at `rate` images/s cannot cover it) a class-stratified
+    sample that can, never fewer than MIN_OOD_TRAIN images and at least 20 of each class where there are."""
+    n = len(train_idx)
+    if left_s is None or left_s * rate >= n:
+        return train_idx
+    want = min(n, max(MIN_OOD_TRAIN, int(left_s * rate * 0.9)))
+    if want >= n:
+        return train_idx
+    rng = np.random.default_rng(seed)
+    classes = dx[train_idx]
+    keep = []
+    for c in np.unique(classes):
+        idx = train_idx[classes == c]
+        k = min(len(idx), max(20, round(want * len(idx) / n)))
+        keep.append(rng.choice(idx, k, replace=False))
+    log.warning("trust: %d of %d training images fit the time budget; the OOD Gaussians use that class-stratified "
+                "sample (validation is used whole)", sum(map(len, keep)), n)
+    return np.sort(np.concatenate(keep))
 
 
 def assemble(bundle: dict, tr: Outputs, va: Outputs, parts, probes: dict[str, np.ndarray],
              s: TrustSettings) -> dict:
     """Fit all pieces from extracted outputs; put the trust block and model card into `bundle`."""
-    t, calib, oof = calibration_part(va, parts, s)
-    triage = triage_part(apply_temperature(va.logits, t), oof, va.labels, list(bundle["classes"]), parts, s)
-    ood = ood_part(tr, va, probes, parts, s)
+    classes = list(bundle["classes"])
+    scorer = ood_scorer(tr, va, s)
+    held = cross_fit(va, parts, malignant_columns(classes), scorer, s) if parts else None
+    t, calib = calibration_part(va, held, s)
+    triage = triage_part(apply_temperature(va.logits, t), va.labels, classes, held, s)
+    ood = ood_part(scorer, va, probes, held, s)
     figures = {"settings": asdict(s), "validation_images": int(len(va.labels)), "train_images": int(len(tr.labels)),
-               "held_out_method": "cross-fitted over two lesion-grouped halves of the validation split"
-               if parts else "none (validation too small to split)",
+               "measured_on": "validation split of the training data (held-out lesions, same source)",
+               "held_out_method": HELD_OUT_METHOD if parts else "none (validation too small to split)",
                "calibration": calib, "triage": triage,
                "ood": {k: v for k, v in ood.items() if k not in STATE_ARRAYS}}
     bundle["trust"] = {"version": 1, "temperature": t, "ood": ood, "triage": triage, "figures": figures}
     bundle["model_card"] = build_card(bundle, figures)
-    log.info("trust: T=%.2f ECE %.3f -> %.3f (held-out %s); triage threshold %s; OOD held-out false rejection %s",
-             t, calib["ece_before"], calib["ece_after"], _fmt(calib.get("held_out", {}).get("ece_after")),
-             _fmt(triage.get("threshold")), _fmt(ood.get("held_out_false_rejection")))
+    log.info("trust: T=%.2f ECE %.3f -> %.3f (held-out %s); triage threshold %s (held-out sensitivity %s, "
+             "specificity %s); OOD held-out false rejection %s", t, calib["ece_before"], calib["ece_after"],
+             _fmt(calib.get("held_out", {}).get("ece_after")), _fmt(triage.get("threshold")),
+             _fmt(triage.get("held_out", {}).get("sensitivity")), _fmt(triage.get("held_out", {}).get("specificity")),
+             _fmt(ood.get("held_out_false_rejection")))
     return figures
 
 
@@ -245,11 +350,14 @@ def fit_trust_folder(out: str | Path, cache_dir: str | Path | None = None, devic
 
 
 def after_training(bundle_path: str | Path, frame: pd.DataFrame, train_idx: np.ndarray, val_idx: np.ndarray,
-                   loader_fn: ImageLoader, device: torch.device, progress: bool = False) -> dict:
-    """fit_trust as the last step of `skain train`: a failure here is logged and reported in metrics.json
-    instead of losing the finished training run (the bundle then simply has no trust block)."""
+                   loader_fn: ImageLoader, device: torch.device, progress: bool = False,
+                   budget_s: float | None = None) -> dict:
+    """fit_trust as the last step of `skain train`, within what is left of `--max-minutes` (`budget_s`): a
+    failure here is logged and reported in metrics.json instead of losing the finished training run (the
+    bundle then simply has no trust block)."""
     try:
-        return fit_trust(bundle_path, frame, train_idx, val_idx, loader_fn, device, progress=progress)
+        return fit_trust(bundle_path, frame, train_idx, val_idx, loader_fn, device, progress=progress,
+                         budget_s=budget_s)
     except (ValueError, RuntimeError, np.linalg.LinAlgError) as exc:
         log.error("could not fit calibration/OOD/triage (%s); the model predicts without them", exc)
         return {"error": str(exc)}

@@ -20,6 +20,7 @@ LIMITATIONS = [
     "Validation figures come from held-out lesions of the same data source, not from an independent test set "
     "or a prospective study.",
 ]
+VALIDATION_SOURCE = "validation split of the training data (held-out lesions, same source)"
 DISCLAIMER = ("This model does not diagnose. Its outputs are not medical advice; a suspicious or changing "
               "lesion needs a dermatologist, whatever the model says.")
 
@@ -40,6 +41,8 @@ def build_card(bundle: dict, figures: dict) -> dict:
                     "per_class": metrics.get("per_class", {})},
         "calibration": figures.get("calibration", {}), "triage": figures.get("triage", {}),
         "ood": figures.get("ood", {}), "held_out_method": figures.get("held_out_method"),
+        "measured_on": figures.get("measured_on") or VALIDATION_SOURCE,
+        "external": [],  # `skain evaluate --model` adds what it measured on other folders to its own copy
         "intended_use": INTENDED_USE, "limitations": list(LIMITATIONS), "disclaimer": DISCLAIMER,
     }
 
@@ -64,6 +67,7 @@ def to_markdown(card: dict) -> str:
               f"input {m['input_size']} px, pretrained weights: {m['pretrained']}, preset: {m['preset']}",
               f"- skAIn {m['skain_version']}, card written {m['created']}", ""]
     lines += _data_section(d) + _metrics_section(card["metrics"]) + _trust_sections(card)
+    lines += [line for ext in card.get("external") or [] for line in external_section(ext, validation_figures(card))]
     lines += ["## Known limitations"] + [f"- {x}" for x in card["limitations"]] + [""]
     return "\n".join(lines)
 
@@ -97,28 +101,75 @@ def _ood_method(o: dict) -> str:
 def _trust_sections(card: dict) -> list[str]:
     c, t, o = card["calibration"], card["triage"], card["ood"]
     ho_c, ho_t = c.get("held_out", {}), t.get("held_out", {})
-    out = ["## Calibration (temperature scaling, fit on validation)",
-           f"- temperature T = {_n(c.get('temperature'))}; ECE ({c.get('ece_bins')} bins) {_n(c.get('ece_before'))} -> "
-           f"{_n(c.get('ece_after'))}, NLL {_n(c.get('nll_before'))} -> {_n(c.get('nll_after'))} (validation)",
-           f"- held-out ({card.get('held_out_method')}): ECE {_n(ho_c.get('ece_before'))} -> "
-           f"{_n(ho_c.get('ece_after'))}, NLL {_n(ho_c.get('nll_before'))} -> {_n(ho_c.get('nll_after'))}", "",
-           "## Malignancy triage", "P(malignant) = P(mel) + P(bcc) + P(akiec); 'investigate further' at or above the threshold."]
+    out = [f"## Trust figures measured on the {card.get('measured_on') or VALIDATION_SOURCE}",
+           f"Held-out = {card.get('held_out_method')}. In-sample = the same rows that chose the number.", "",
+           "### Calibration (temperature scaling, fit on validation)",
+           f"- temperature T = {_n(c.get('temperature'))}; held-out ECE ({c.get('ece_bins')} bins) "
+           f"{_n(ho_c.get('ece_before'))} -> {_n(ho_c.get('ece_after'))}, NLL {_n(ho_c.get('nll_before'))} -> "
+           f"{_n(ho_c.get('nll_after'))}",
+           f"- in-sample: ECE ({c.get('ece_bins')} bins) {_n(c.get('ece_before'))} -> {_n(c.get('ece_after'))}, "
+           f"NLL {_n(c.get('nll_before'))} -> {_n(c.get('nll_after'))}", "",
+           "### Malignancy triage", "P(malignant) = P(mel) + P(bcc) + P(akiec); 'investigate further' at or above the threshold.",
+           "Single-view predictions only: with test-time augmentation (`--tta`) neither the temperature nor the "
+           "triage threshold applies."]
     if t.get("threshold") is None:
         out.append(f"- not available: {t.get('reason')}")
     else:
         mel = t.get("melanoma_sensitivity_at_specificity", {})
-        out += [f"- threshold {_n(t['threshold'], 4)} chosen for >= {_pct(t['target_sensitivity'])} malignant sensitivity "
-                f"on validation: sensitivity {_pct(t['sensitivity'])}, specificity {_pct(t['specificity'])} "
+        out += [f"- threshold {_n(t['threshold'], 4)} chosen for >= {_pct(t['target_sensitivity'])} malignant sensitivity",
+                f"- held-out (temperature and threshold chosen on the other half): sensitivity "
+                f"{_pct(ho_t.get('sensitivity'))}, specificity {_pct(ho_t.get('specificity'))}",
+                f"- in-sample: sensitivity {_pct(t['sensitivity'])}, specificity {_pct(t['specificity'])} "
                 f"({t['positives']} malignant / {t['negatives']} benign)",
-                f"- held-out (threshold chosen on the other half): sensitivity {_pct(ho_t.get('sensitivity'))}, "
-                f"specificity {_pct(ho_t.get('specificity'))}",
                 f"- melanoma sensitivity: {_pct(t.get('melanoma_sensitivity_at_threshold'))} at the triage threshold, "
-                f"{_pct(mel.get('0.80'))} at 80% and {_pct(mel.get('0.90'))} at 90% specificity (P(mel), validation)"]
+                f"{_pct(mel.get('0.80'))} at 80% and {_pct(mel.get('0.90'))} at 90% specificity (P(mel), in-sample)"]
     probes = o.get("probe_detection", {})
-    out += ["", "## Out-of-distribution check",
+    out += ["", "### Out-of-distribution check",
             f"- {_ood_method(o)} on {o.get('features')} features; threshold set for "
             f"{_pct(o.get('target_false_rejection'))} false rejections of validation lesions",
-            f"- false rejections: {_pct(o.get('val_false_rejection'))} on validation, "
-            f"{_pct(o.get('held_out_false_rejection'))} held-out",
+            f"- false rejections: {_pct(o.get('held_out_false_rejection'))} held-out, "
+            f"{_pct(o.get('val_false_rejection'))} on validation (in-sample)",
             "- non-dermoscopic probes rejected: " + ", ".join(f"{k} {_pct(v)}" for k, v in probes.items()), ""]
     return out
+
+
+VALIDATION_COLUMN = "validation of the training data (held-out lesions)"
+
+
+def validation_figures(card: dict) -> dict:
+    """The card's own held-out validation figures, in the shape `skain evaluate` reports for other folders."""
+    c, t, o = card.get("calibration", {}), card.get("triage", {}), card.get("ood", {})
+    ho_c, ho_t, v = c.get("held_out", {}), t.get("held_out", {}), card.get("metrics", {})
+    return {"n": v.get("validation", {}).get("n"), "balanced_accuracy": v.get("validation", {}).get("balanced_accuracy"),
+            "ece_before": ho_c.get("ece_before"), "ece_after": ho_c.get("ece_after"),
+            "ood_false_rejection": o.get("held_out_false_rejection"),
+            "triage_sensitivity": ho_t.get("sensitivity"), "triage_specificity": ho_t.get("specificity"),
+            "recall": {k: r.get("recall") for k, r in v.get("per_class", {}).items()}}
+
+
+def trust_table(runs: dict[str, dict]) -> list[str]:
+    """One Markdown table, a column per run: the figures `skain evaluate` measures."""
+    names = list(runs)
+    rows = [("images", lambda r: _n(r.get("n"))),
+            ("balanced accuracy", lambda r: _n(r.get("balanced_accuracy"))),
+            ("ECE before -> after temperature", lambda r: f"{_n(r.get('ece_before'))} -> {_n(r.get('ece_after'))}"),
+            ("OOD false rejection (real lesions)", lambda r: _pct(r.get("ood_false_rejection"))),
+            ("triage sensitivity / specificity",
+             lambda r: f"{_pct(r.get('triage_sensitivity'))} / {_pct(r.get('triage_specificity'))}")]
+    classes = list(dict.fromkeys(c for r in runs.values() for c in r.get("recall", {})))
+    rows += [(f"recall {c}", lambda r, c=c: _n(r.get("recall", {}).get(c))) for c in classes]
+    return (["| figure | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+            + [f"| {label} | " + " | ".join(f(runs[n]) for n in names) + " |" for label, f in rows])
+
+
+def external_section(ext: dict, validation: dict | None = None) -> list[str]:
+    """What `skain evaluate --model` measured on another labelled folder, with and without age/sex/site,
+    beside the card's own held-out validation figures."""
+    runs = {VALIDATION_COLUMN: validation, **ext.get("runs", {})} if validation else ext.get("runs", {})
+    out = [f"## Measured on an external folder: `{ext.get('data')}`",
+           f"{ext.get('images')} labelled images, evaluated {ext.get('date', '')}; none of the model's numbers "
+           "(temperature, thresholds, epoch) was chosen on them. 'without metadata' = age, sex and site left "
+           "blank for every image.", ""]
+    if ext.get("tta"):
+        out += [f"Test-time augmentation ({ext['tta']} views): temperature and triage threshold not applied.", ""]
+    return out + trust_table(runs) + [""]

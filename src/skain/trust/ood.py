@@ -51,6 +51,10 @@ class MahalanobisScorer:
         d2 = (z ** 2).sum(1)[:, None] - 2 * z @ self.means.T + (self.means ** 2).sum(1)[None, :]
         return np.maximum(d2.min(1), 0.0)
 
+    def rescaled(self, val_features: np.ndarray, rate: float) -> "MahalanobisScorer":
+        """A single scorer has no validation scales: itself."""
+        return self
+
     def state_dict(self) -> dict:
         return {"method": "mahalanobis", "features": "backbone", "normalize": self.normalize,
                 "means": torch.from_numpy(self.means.astype(np.float32)),
@@ -75,8 +79,12 @@ class MaxScorer:
     @classmethod
     def fit(cls, features: np.ndarray, labels: np.ndarray, val_features: np.ndarray, rate: float) -> "MaxScorer":
         parts = [MahalanobisScorer.fit(features, labels, normalize) for normalize in (True, False)]
-        scales = [max(threshold_for_false_rejection(p.score(val_features), rate), 1e-12) for p in parts]
-        return cls(parts, scales)
+        return cls(parts, [1.0] * len(parts)).rescaled(val_features, rate)
+
+    def rescaled(self, val_features: np.ndarray, rate: float) -> "MaxScorer":
+        """The same Gaussians with scales set on `val_features` only (the cross-fit sets them per half)."""
+        scales = [max(threshold_for_false_rejection(p.score(val_features), rate), 1e-12) for p in self.parts]
+        return MaxScorer(self.parts, scales)
 
     def score(self, features: np.ndarray) -> np.ndarray:
         return np.max([p.score(features) / s for p, s in zip(self.parts, self.scales)], axis=0)

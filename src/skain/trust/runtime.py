@@ -6,7 +6,7 @@ is optional, and a missing piece yields T = 1, no OOD verdict (None) and no tria
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -39,6 +39,18 @@ class TrustLayer:
                    float(triage["threshold"]) if has_triage else None,
                    {"triage": {k: v for k, v in triage.items()}, "ood": {k: v for k, v in ood.items()
                                                                        if k not in STATE_ARRAYS}})
+
+    def for_views(self, views: int) -> "TrustLayer":
+        """The layer that applies to predictions averaged over `views` TTA views. The temperature and the triage
+        threshold were fit on single-view logits; averaged views are less confident and rank differently
+        (README, TTA table), so under TTA neither is applied and both say so. The OOD check still applies: it
+        scores the identity view's features (BackboneTap keeps only those)."""
+        if views <= 1:
+            return self
+        note = (f"not applied with test-time augmentation ({views} views): the temperature and triage threshold "
+                "were fit on single-view predictions; probabilities are the plain average of the views")
+        figures = {**self.figures, "triage": {"threshold": None, "reason": note}, "tta": note}
+        return replace(self, temperature=1.0, triage_threshold=None, figures=figures)
 
     @property
     def has_ood(self) -> bool:
@@ -83,8 +95,9 @@ class TrustLayer:
 
     def summary(self) -> dict:
         """Validated figures for display next to a triage result or an OOD rejection."""
-        return {"temperature": self.temperature, "triage": self.figures.get("triage", {}),
-                "ood": self.figures.get("ood", {}), "not_dermoscopic_message": NOT_DERMOSCOPIC}
+        out = {"temperature": self.temperature, "triage": self.figures.get("triage", {}),
+               "ood": self.figures.get("ood", {}), "not_dermoscopic_message": NOT_DERMOSCOPIC}
+        return out | ({"calibration": self.figures["tta"]} if "tta" in self.figures else {})
 
 
 class NoTap(contextlib.AbstractContextManager):

@@ -136,11 +136,16 @@ def rejected_payload(pred: Any, model_id: str, inputs: Inputs) -> dict:
 
 
 def triage_figures(trust: dict | None) -> dict | None:
-    """The validated sensitivity/specificity behind the triage threshold, to show beside the triage result."""
+    """The sensitivity/specificity to expect from the triage threshold, shown beside the triage result: the
+    held-out (cross-fitted) figures where the bundle has them, else the in-sample ones, labelled as such."""
     t = (trust or {}).get("triage") or {}
-    if "threshold" not in t:
+    if t.get("threshold") is None:
         return None
-    return {k: t.get(k) for k in ("threshold", "sensitivity", "specificity", "target_sensitivity")}
+    held = t.get("held_out") or {}
+    source = held if held.get("sensitivity") is not None else t
+    return {"threshold": t["threshold"], "sensitivity": source.get("sensitivity"),
+            "specificity": source.get("specificity"), "target_sensitivity": t.get("target_sensitivity"),
+            "measured": "held-out validation lesions" if source is held else "validation lesions (in-sample)"}
 
 
 def prediction_payload(pred: Any, model_id: str, inputs: Inputs, trust: dict | None = None) -> dict:

@@ -108,9 +108,9 @@
     box.classList.toggle("urgent", urgent);
     $("triage-label").textContent = urgent ? "Investigate further" : "Routine";
     const f = r.triage_figures;
-    $("triage-detail").textContent = `P(malignant) ${pct(r.p_malignant)}` + (f ? ` · threshold ${pct(f.threshold)}, `
-      + `chosen on validation lesions for ${pct(f.sensitivity)} malignant sensitivity at ${pct(f.specificity)} `
-      + `specificity` : "");
+    $("triage-detail").textContent = `P(malignant) ${pct(r.p_malignant)}` + (f ? ` · threshold ${pct(f.threshold)}; `
+      + `on ${f.measured || "validation lesions"} it found ${pct(f.sensitivity)} of malignant lesions and called `
+      + `${pct(f.specificity)} of benign ones routine` : "");
   }
 
   function busy(on) {
