@@ -41,7 +41,7 @@ def predict():
     image = upload.read() if upload is not None else None  # in memory only; never written anywhere
     inputs = parse_inputs(image, request.form, svc.vocabularies)
     try:
-        pred = svc.predict(inputs)
+        pred = svc.predict(inputs, current_app.config["MAX_PIXELS"])
     except ImageError as exc:
         raise InputError(image_error_message(exc), image_error_status(exc)) from exc
     wants = lambda name: flag(request.form.get(name) or request.args.get(name))  # noqa: E731
