@@ -40,8 +40,9 @@ def predict():
     upload = request.files.get("image")
     image = upload.read() if upload is not None else None  # in memory only; never written anywhere
     inputs = parse_inputs(image, request.form, svc.vocabularies)
+    inputs.max_pixels = current_app.config["MAX_PIXELS"]
     try:
-        pred = svc.predict(inputs, current_app.config["MAX_PIXELS"])
+        pred = svc.predict(inputs)
     except ImageError as exc:
         raise InputError(image_error_message(exc), image_error_status(exc)) from exc
     wants = lambda name: flag(request.form.get(name) or request.args.get(name))  # noqa: E731
