@@ -333,6 +333,7 @@ def _fit(cfg: Config, out: Path, info: DistInfo) -> dict:
     prep = prepare_data(cfg)
     model, args, pre, weights = build_network(cfg, prep.encoder)
     loader_fn = make_loader_fn(cfg, pre)
+
     def check_and_write() -> None:  # one rank decodes and caches; the others wait, then read the cache
         warm_images(prep.frame, loader_fn, t.progress)
         write_run_files(out, cfg, prep, pre)
