@@ -1,12 +1,17 @@
 """The model bundle: everything a prediction needs, as plain tensors and dicts, written atomically.
 
-Loading uses `torch.load(..., weights_only=True)` only, checks the format version, and checks that the
+Loading uses `torch.load(..., weights_only=True)` only, and only on a torch where that is safe (>= 2.6:
+CVE-2025-32434), checks the format version, that the backbone is a plain timm architecture name, and that the
 stored classes and vocabularies fit the stored weights before building anything.
+
+Files are written through a temporary file and a rename, with the permissions an ordinary `open()` would give
+(the user's umask, 0644 by default; an existing file keeps its mode), not `mkstemp`'s owner-only 0600.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -20,6 +25,8 @@ from .model import SkainNet, build_model
 FORMAT = "skain-bundle"
 FORMAT_VERSION = 1
 BUNDLE_NAME = "best_model.pt"
+SAFE_TORCH = (2, 6)  # torch.load(weights_only=True) allowed code execution before 2.6 (CVE-2025-32434)
+_TAG = re.compile(r"[A-Za-z0-9_]+")
 
 
 class BundleError(ValueError):
@@ -27,12 +34,17 @@ class BundleError(ValueError):
 
 
 def atomic_write(path: str | Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename over the target."""
+    """Write through a temporary file in the same folder, then rename over the target.
+
+    The result gets the mode a plain `open(path, "w")` would give: an existing file's own mode, else
+    0666 minus the umask (0644 by default), so a model written by one user can be served by another."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    mode = _mode_for(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), mode)
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
@@ -40,6 +52,26 @@ def atomic_write(path: str | Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _mode_for(path: Path) -> int:
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        return 0o666 & ~current_umask()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (os.umask is set-and-return)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
@@ -72,8 +104,34 @@ def resolve_path(model: str | Path) -> Path:
     return path
 
 
+def check_torch(version: str | None = None) -> None:
+    """Refuse to unpickle anything on a torch whose weights_only loader is unsafe (CVE-2025-32434)."""
+    version = version or torch.__version__
+    found = tuple(int(x) for x in re.findall(r"\d+", version.split("+")[0])[:2])
+    if found < SAFE_TORCH:
+        raise BundleError(f"torch {version} is too old to load model files safely: before torch 2.6, "
+                          "torch.load(weights_only=True) can run code hidden in a crafted file (CVE-2025-32434). "
+                          "Upgrade with: pip install 'torch>=2.6'")
+
+
+def check_backbone(name: Any, origin: str = "bundle") -> str:
+    """A bundle may name only a plain timm architecture (optionally with a pretrained tag, `resnet50.a1_in1k`):
+    `hf-hub:...`, `local-dir:...` or paths would make loading a model fetch from the network or read a folder."""
+    import timm
+    from timm.models import split_model_name_tag
+    if not isinstance(name, str) or not name or any(c in name for c in ":/\\"):
+        raise BundleError(f"{origin}: backbone {str(name)[:80]!r} is not a plain timm architecture name; "
+                          "bundles may not name hub, local-folder or file sources")
+    arch, tag = split_model_name_tag(name)
+    if arch not in timm.list_models() or (tag and not _TAG.fullmatch(tag)):
+        raise BundleError(f"{origin}: backbone {name[:80]!r} is not an architecture this timm "
+                          f"({timm.__version__}) knows; upgrade timm or retrain")
+    return name
+
+
 def read_bundle(model: str | Path) -> dict:
     path = resolve_path(model)
+    check_torch()
     try:
         bundle = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -91,6 +149,7 @@ def check_bundle(bundle: Any, origin: str) -> None:
                           f"{bundle.get('skain_version')}; this skAIn ({__version__}) reads format "
                           f"{FORMAT_VERSION}. Retrain, or use the matching skAIn version")
     _check_parts(bundle, origin)
+    check_backbone(bundle["model_args"].get("backbone"), origin)
     state, args, enc = bundle["state_dict"], bundle["model_args"], bundle["encoder"]
     head = [k for k in state if k.startswith("head.") and k.endswith(".weight")]
     n_out = state[sorted(head, key=lambda k: int(k.split(".")[1]))[-1]].shape[0] if head else -1
@@ -118,6 +177,7 @@ def _check_parts(bundle: dict, origin: str) -> None:
 
 
 def load_model(bundle: dict) -> SkainNet:
+    check_backbone(bundle["model_args"].get("backbone"))
     model = build_model(bundle["model_args"])
     try:
         model.load_state_dict(bundle["state_dict"])

@@ -424,6 +424,27 @@ COMMANDS["download"] = (add_download_args, run_download,
                         "download HAM10000, the ISIC 2018 test set or any ISIC Archive collection/search")
 
 
+def add_cache_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["info", "clear"], help="info: entries, size, limit, free disk; clear: delete "
+                   "the cached images (only the cache's own files)")
+    p.add_argument("--cache-dir", help="cache folder (default ~/.cache/skain/images, or $SKAIN_CACHE/images)")
+
+
+def run_cache(ns: argparse.Namespace) -> int:
+    from .data.cache import cache_stats, clear_cache
+    from .data.images import default_cache_dir
+    folder = ns.cache_dir or default_cache_dir()
+    if ns.action == "info":
+        print(cache_stats(folder).describe())
+        return 0
+    files, size = clear_cache(folder)
+    print(f"removed {files} file(s), {size / 2**30:.2f} GiB, from {folder}")
+    return 0
+
+
+COMMANDS["cache"] = (add_cache_args, run_cache, "show or clear the pre-resized image cache")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     parser = argparse.ArgumentParser(prog="skain", description="Skin-lesion classification on HAM10000 "

@@ -9,8 +9,9 @@ import datetime
 import logging
 import math
 import os
+import pickle
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -67,6 +68,40 @@ def broadcast(info: DistInfo, obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def on_main_rank(info: DistInfo, step: Callable[[], None]) -> None:
+    """Run `step` on rank 0 while the others wait; if it fails, every rank raises the same error.
+
+    Without this a failure on rank 0 (an unreadable image, a full disk) leaves the other ranks to walk into DDP
+    set-up against a process group rank 0 is tearing down: unrelated errors, or a hang until the timeout."""
+    failure: tuple[type, str] | None = None
+    error: BaseException | None = None
+    if info.main:
+        try:
+            step()
+        except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
+            error, failure = exc, _portable(exc)
+    failure = broadcast(info, failure)
+    if failure is None:
+        return
+    if error is not None:
+        raise error
+    kind, message = failure
+    try:
+        same = kind(message)
+    except Exception:  # noqa: BLE001 - a class that cannot be built from its message alone
+        same = RuntimeError(message)
+    raise same
+
+
+def _portable(exc: Exception) -> tuple[type, str]:
+    """(exception class, message) if the class can travel to the other ranks by name, else a RuntimeError."""
+    try:
+        pickle.dumps(type(exc))
+        return type(exc), str(exc)
+    except Exception:  # noqa: BLE001 - e.g. a class defined inside a function
+        return RuntimeError, f"{type(exc).__name__}: {exc}"
 
 
 def gather_predictions(info: DistInfo, res: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -60,6 +60,28 @@ def export_onnx(model: str | Path, output: str | Path | None = None, opset: int 
     return out
 
 
+def replace_if_stale(bundle: dict, path: str | Path) -> Path | bytes:
+    """`path` if it was exported from `bundle`; else re-export over it (with a warning), or, where the folder
+    cannot be written, return the fresh graph's bytes to run from memory. For `--precision fast`, which asks
+    for the fastest path, not for a particular file: a leftover export from an earlier run is not an error."""
+    from .onnx_runtime import read_fingerprint
+    path = Path(path)
+    try:
+        if read_fingerprint(path) == bundle_fingerprint(bundle):
+            return path
+    except Exception as exc:  # noqa: BLE001 - an unreadable file is as stale as an old one
+        log.debug("cannot read %s: %s", path, exc)
+    log.warning("%s was exported from a different bundle (an earlier run?); exporting this bundle again", path)
+    graph = export_bytes(bundle)
+    _check_parity(graph, bundle)
+    try:
+        atomic_write(path, lambda fh: fh.write(graph))
+    except OSError as exc:
+        log.warning("cannot replace %s (%s); using the fresh export from memory", path, exc)
+        return graph
+    return path
+
+
 class _WithFeatures(torch.nn.Module):
     """The network plus its backbone's pooled features as a second output (what the OOD scorer reads),
     taken with a forward hook so nothing of SkainNet.forward is written twice."""

@@ -83,13 +83,14 @@ class Predictor:
         self.tta = _check_tta(tta)
         # temperature, OOD scorer, triage threshold (all optional); under TTA only the OOD check applies
         self.trust = TrustLayer.from_bundle(bundle).for_views(self.tta)
+        replace_stale = precision == "fast" and backend == "torch"  # the user asked for speed, not for a file
         if precision == "fast" and backend == "torch":
             backend, precision = fast_choice(self.device)
         self.backend = _check_choice("backend", backend, BACKENDS)
         self.precision = "fp32" if precision == "fast" else precision
         self.dtype, self.channels_last = PRECISIONS[_check_choice("precision", self.precision, PRECISIONS)]
         if self.backend != "torch":
-            self.model = self._onnx_model(onnx_path)
+            self.model = self._onnx_model(onnx_path, replace_stale)
             self.dtype, self.channels_last, self.precision = None, False, "fp32"
         else:
             model = load_model(bundle).to(self.device)
@@ -104,9 +105,10 @@ class Predictor:
             kwargs["onnx_path"] = beside
         return cls(read_bundle(model), **kwargs)
 
-    def _onnx_model(self, path: str | Path | None) -> torch.nn.Module:
-        """The exported graph from `path`, or (no file) exported in memory from the bundle now."""
-        from .export import export_bytes
+    def _onnx_model(self, path: str | Path | None, replace_stale: bool = False) -> torch.nn.Module:
+        """The exported graph from `path`, or (no file) exported in memory from the bundle now. With
+        `replace_stale` (precision "fast"), a file exported from another bundle is re-exported over, not fatal."""
+        from .export import export_bytes, replace_if_stale
         from .onnx_runtime import OnnxModel
         runtime = GRAPH_RUNTIMES[self.backend]
         if self.device.type != "cpu":
@@ -114,6 +116,8 @@ class Predictor:
         if path is None:
             log.info("exporting the network to ONNX in memory (`skain export` saves it beside the bundle)")
             return OnnxModel(export_bytes(self.bundle), self.bundle, runtime)
+        if replace_stale:
+            path = replace_if_stale(self.bundle, path)
         return OnnxModel(path, self.bundle, runtime)
 
     @property
@@ -134,14 +138,14 @@ class Predictor:
         return ImageLoader(self.preprocess["resize"], cache_dir)
 
     # ------------------------------------------------------------------ single images (web app)
-    def image_tensor(self, image: bytes | str | Path) -> torch.Tensor:
-        """Decode and preprocess one image exactly as batch prediction does."""
-        return image_to_tensor(image, self.preprocess)
+    def image_tensor(self, image: bytes | str | Path, max_pixels: int | None = None) -> torch.Tensor:
+        """Decode and preprocess one image exactly as batch prediction does (`max_pixels`: a lower limit)."""
+        return image_to_tensor(image, self.preprocess, max_pixels)
 
     def predict_one(self, image: bytes | str | Path, age: float | None = None, sex: str | None = None,
-                    site: str | None = None) -> Prediction:
+                    site: str | None = None, max_pixels: int | None = None) -> Prediction:
         frame = metadata_frame(age, sex, site)
-        res = self._run([self._batch(self.image_tensor(image)[None], frame)], progress=False)
+        res = self._run([self._batch(self.image_tensor(image, max_pixels)[None], frame)], progress=False)
         return self._prediction(res["probs"][0], self.trust.annotate(res["probs"], res["features"]).iloc[0])
 
     def _prediction(self, probs: np.ndarray, trust: pd.Series | None = None) -> Prediction:

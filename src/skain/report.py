@@ -65,6 +65,11 @@ def _figure():
     return plt
 
 
+def save_figure(fig, path: str | Path, **kwargs) -> None:
+    """A matplotlib figure -> PNG, atomically (a killed run never leaves half a picture)."""
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", **kwargs))
+
+
 def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> None:
     """Row-normalised colours (recall per true class) with raw counts written in each cell."""
     plt = _figure()
@@ -79,7 +84,7 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> None:
            xlabel="predicted", ylabel="true", title="Confusion matrix (count, row fraction)")
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -98,7 +103,7 @@ def plot_roc(labels: np.ndarray, probs: np.ndarray, classes: list[str], path: Pa
            xlim=(0, 1), ylim=(0, 1.01))
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 

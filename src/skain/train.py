@@ -26,8 +26,8 @@ from .data.layout import discover, load_table
 from .data.schema import CLASSES, DataError
 from .data.split import holdout_split, lesion_split, split_table
 from .data.transforms import eval_transform, resolve_preprocess, train_transform
-from .distributed import (DistInfo, EpochSampler, ShardSampler, barrier, broadcast, cleanup, device_for,
-                          gather_predictions, init_distributed, reduce_mean, sync_buffers)
+from .distributed import (DistInfo, EpochSampler, ShardSampler, broadcast, cleanup, device_for,
+                          gather_predictions, init_distributed, on_main_rank, reduce_mean, sync_buffers)
 from .engine import (EarlyStopping, ModelEma, amp_dtype, predict_logits, resolve_device,
                      train_one_epoch)
 from .metrics import classification_metrics, history_row
@@ -91,14 +91,14 @@ class RunLock:
 
     def __enter__(self) -> "RunLock":
         try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)  # umask applies: 0644
         except FileExistsError:
             pid = self._pid()
             if pid and _alive(pid):
                 raise DataError(f"another training (pid {pid}) is writing into {self.path.parent}; "
                                 "wait for it or choose another --output") from None
             self.path.unlink(missing_ok=True)
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
         with os.fdopen(fd, "w") as fh:
             fh.write(str(os.getpid()))
         return self
@@ -191,14 +191,19 @@ def build_loaders(cfg: Config, prep: Prepared, pre: dict, loader_fn: ImageLoader
     val_ds = LesionDataset(va, prep.encoder, loader_fn, eval_transform(pre))
     common = {"num_workers": workers(cfg, device), "pin_memory": device.type == "cuda"}
     weights = None
-    if cfg.train.balance == "sampler":  # draw rare classes more often (square-root inverse frequency)
-        counts = np.bincount(train_ds.labels, minlength=len(CLASSES)).astype(float)
-        weights = 1.0 / np.sqrt(np.maximum(counts[train_ds.labels], 1))
+    if cfg.train.balance == "sampler":
+        weights = balanced_sample_weights(train_ds.labels)
     sampler = EpochSampler(len(train_ds), info, cfg.train.seed, weights)
     bs = cfg.train.batch_size
     train_dl = DataLoader(train_ds, bs, sampler=sampler, drop_last=len(sampler) > bs, **common)
     val_dl = DataLoader(val_ds, bs * 2, sampler=ShardSampler(len(val_ds), info), **common)
     return train_dl, val_dl
+
+
+def balanced_sample_weights(labels: np.ndarray) -> np.ndarray:
+    """Per-image draw weights 1 / (images of its class): every class present is drawn equally often."""
+    counts = np.bincount(labels, minlength=len(CLASSES)).astype(float)
+    return 1.0 / counts[labels]
 
 
 def class_weights(labels: np.ndarray, mode: str) -> torch.Tensor | None:
@@ -348,12 +353,13 @@ def _fit(cfg: Config, out: Path, info: DistInfo) -> dict:
         raise DataError(problem)
     model, args, pre, weights = build_network(cfg, prep.encoder)
     loader_fn = make_loader_fn(cfg, pre)
-    if info.main:  # one rank decodes and caches; the others wait, then read the cache
+
+    def check_and_write() -> None:  # one rank decodes and caches; the others wait, then read the cache
         warm_images(prep.frame, loader_fn, t.progress)
         if t.overwrite:  # only now that the new run's data and model are known to work
             clear_run(out)
         write_run_files(out, cfg, prep, pre)
-    barrier(info)
+    on_main_rank(info, check_and_write)  # a failure there stops every rank with the same error
     train_dl, val_dl = build_loaders(cfg, prep, pre, loader_fn, device, info)
     channels_last = t.channels_last and device.type in ("cuda", "cpu")
     model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)

@@ -1,11 +1,15 @@
 """Image decoding and the resize step shared by training, batch prediction and the web app.
 
-Every image, from disk or from an upload, goes through `open_image` -> `resize_shorter` -> (optional cache) ->
-the tensor transforms in `transforms.py`. Nothing else decodes or resizes images.
+Every image, from disk or from an upload, goes through `load_resized` (`open_image` -> `resize_shorter`) ->
+(optional cache, `cache.py`) -> the tensor transforms in `transforms.py`. Nothing else decodes or resizes images.
+
+`load_resized` asks the JPEG decoder for a reduced image (Pillow's draft mode: DCT scaling by 1/2, 1/4 or 1/8)
+whenever the image is at least twice the target size, so a 12-megapixel photo is never held at full size; the
+reduced image is still at least the target size, and the same resize follows. HAM10000's 600x450 images are
+below twice any preset's size, so they decode in full as before.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import os
@@ -26,11 +30,16 @@ class ImageError(ValueError):
     """An image that cannot be decoded; the message names the file and the reason."""
 
 
-def open_image(source: str | Path | bytes, name: str | None = None) -> Image.Image:
-    """Decode a JPEG/PNG from a path or bytes into an upright 8-bit RGB image."""
+def open_image(source: str | Path | bytes, name: str | None = None, max_pixels: int = MAX_PIXELS,
+               draft_to: int | None = None) -> Image.Image:
+    """Decode a JPEG/PNG from a path or bytes into an upright 8-bit RGB image.
+
+    Images over `max_pixels` are refused before decoding (the web app sets a lower limit than files have);
+    with `draft_to`, a JPEG is decoded at the smallest DCT scale whose shorter side is still >= draft_to."""
     label = name or (str(source) if not isinstance(source, bytes) else "upload")
     if isinstance(source, bytes) and not source:
         raise ImageError(f"{label}: empty file (0 bytes)")
+    limit = min(int(max_pixels), MAX_PIXELS)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -38,12 +47,14 @@ def open_image(source: str | Path | bytes, name: str | None = None) -> Image.Ima
             with fp, Image.open(fp) as img:
                 if img.format not in SUPPORTED_FORMATS:
                     raise ImageError(f"{label}: unsupported image format {img.format}; use JPEG or PNG")
-                if img.width * img.height > MAX_PIXELS:  # also when another library relaxed Pillow's global
+                if img.width * img.height > limit:  # also when another library relaxed Pillow's global
                     raise Image.DecompressionBombError(f"{img.width}x{img.height} pixels")
+                if draft_to and img.format in ("JPEG", "MPO"):
+                    img.draft(None, (draft_to, draft_to))
                 img.load()
                 return to_rgb(ImageOps.exif_transpose(img))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"{label}: image too large (over {MAX_PIXELS:,} pixels)") from exc
+        raise ImageError(f"{label}: image too large (over {limit:,} pixels)") from exc
     except UnidentifiedImageError as exc:
         if not isinstance(source, bytes) and _size_note(source):
             raise ImageError(f"{label}: empty file (0 bytes)") from exc
@@ -53,6 +64,12 @@ def open_image(source: str | Path | bytes, name: str | None = None) -> Image.Ima
     except OSError as exc:
         size = "" if isinstance(source, bytes) else _size_note(source)
         raise ImageError(f"{label}: cannot decode image{size} ({exc})") from exc
+
+
+def load_resized(source: str | Path | bytes, short_side: int, max_pixels: int = MAX_PIXELS,
+                 name: str | None = None) -> np.ndarray:
+    """The one decode + resize every path shares: -> uint8 HxWx3 with shorter side `short_side`."""
+    return resize_shorter(open_image(source, name, max_pixels, draft_to=short_side), short_side)
 
 
 def _size_note(path: str | Path) -> str:
@@ -97,46 +114,33 @@ def default_cache_dir() -> Path:
 
 
 class ImageLoader:
-    """path -> resized uint8 array, optionally through an on-disk cache of pre-resized images.
+    """path -> resized uint8 array, optionally through the on-disk cache of pre-resized images (`cache.py`).
 
-    Cache entries are keyed by the source's absolute path, size, mtime and the target size, so an edited
-    or replaced file, or a new resolution, misses and is re-read. The cache holds exactly what
-    `resize_shorter` returns, so cached and uncached predictions are identical.
+    Cache entries are keyed by the file's content and the target size, so an edited file or a new resolution
+    misses and a moved or re-extracted dataset hits. The cache holds exactly what `load_resized` returns, so
+    cached and uncached predictions are identical.
     """
 
-    def __init__(self, short_side: int, cache_dir: str | Path | None = None):
+    def __init__(self, short_side: int, cache_dir: str | Path | None = None, max_bytes: int | None = None):
+        from .cache import ImageCache
         self.short_side = short_side
-        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.cache = ImageCache(cache_dir, max_bytes) if cache_dir else None
         self.hits = 0
         self.misses = 0
 
+    @property
+    def cache_dir(self) -> Path | None:
+        return self.cache.folder if self.cache is not None else None
+
     def __call__(self, path: str | Path) -> np.ndarray:
-        if self.cache_dir is None:
-            return resize_shorter(open_image(path), self.short_side)
-        entry = self.cache_dir / f"{self.key(path)}.npy"
-        try:
-            arr = np.load(entry, allow_pickle=False)
-            self.hits += 1
-            return arr
-        except (OSError, ValueError):
-            pass
-        arr = resize_shorter(open_image(path), self.short_side)
-        self.misses += 1
-        self._store(entry, arr)
+        key = self.cache.key(path, self.short_side) if self.cache is not None else None
+        if key is not None:
+            arr = self.cache.get(key)
+            if arr is not None:
+                self.hits += 1
+                return arr
+        arr = load_resized(path, self.short_side)
+        if key is not None:
+            self.misses += 1
+            self.cache.put(key, arr)
         return arr
-
-    def key(self, path: str | Path) -> str:
-        st = os.stat(path)
-        raw = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{self.short_side}|v1"
-        return hashlib.sha1(raw.encode()).hexdigest()
-
-    def _store(self, entry: Path, arr: np.ndarray) -> None:
-        try:
-            entry.parent.mkdir(parents=True, exist_ok=True)
-            tmp = entry.with_suffix(f".{os.getpid()}.tmp")
-            with open(tmp, "wb") as fh:
-                np.save(fh, arr, allow_pickle=False)
-            os.replace(tmp, entry)
-        except OSError as exc:  # a read-only or full cache never stops the work
-            log.warning("image cache disabled (%s): %s", self.cache_dir, exc)
-            self.cache_dir = None

@@ -27,12 +27,13 @@ def resolve_preprocess(pretrained_cfg: dict[str, Any], input_size: int | None = 
     }
 
 
-def image_to_tensor(image, pre: dict[str, Any]) -> torch.Tensor:
+def image_to_tensor(image, pre: dict[str, Any], max_pixels: int | None = None) -> torch.Tensor:
     """One image (path or bytes) -> the model's input tensor: decode, resize, centre crop, normalise.
 
-    The single-image form of the path every batch takes (ImageLoader + eval_transform)."""
-    from .images import open_image, resize_shorter
-    return eval_transform(pre)(resize_shorter(open_image(image), pre["resize"]))
+    The single-image form of the path every batch takes (ImageLoader + eval_transform); `max_pixels` lowers
+    the decoder's pixel limit (the web app's)."""
+    from .images import MAX_PIXELS, load_resized
+    return eval_transform(pre)(load_resized(image, pre["resize"], max_pixels or MAX_PIXELS))
 
 
 def normalise(arr: np.ndarray, pre: dict[str, Any]) -> torch.Tensor:

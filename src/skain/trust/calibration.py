@@ -12,6 +12,7 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
 
+from ..bundle import atomic_write
 from ..metrics import expected_calibration_error
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,6 @@ def plot_reliability(logits: np.ndarray, labels: np.ndarray, temperature: float,
         fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110))
     plt.close(fig)
     return path

@@ -1,7 +1,7 @@
 """The web app: `create_app()` in the flaskr style. The Predictor is loaded once and kept in app.extensions.
 
 Configuration: defaults below < environment variables prefixed SKAIN_ (SKAIN_MODEL, SKAIN_CORS_ORIGIN,
-SKAIN_MAX_CONTENT_LENGTH, ...) < `config` passed in (what `skain serve` and the tests use).
+SKAIN_MAX_CONTENT_LENGTH, SKAIN_MAX_PIXELS, ...) < `config` passed in (what `skain serve` and the tests use).
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ DEFAULTS = {
     "DEVICE": "auto",
     "PRECISION": "fp32",             # "fast": the fastest inference path measured to agree with fp32
     "MAX_CONTENT_LENGTH": 10 * 2**20,  # bytes; larger uploads get 413
+    "MAX_PIXELS": 12_000_000,        # decoded size limit for uploads (files: 40 Mpx); larger images get 413
     "CORS_ORIGIN": None,             # e.g. "https://example.org" or "*"; None = no CORS headers
 }
 

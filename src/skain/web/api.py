@@ -40,6 +40,7 @@ def predict():
     upload = request.files.get("image")
     image = upload.read() if upload is not None else None  # in memory only; never written anywhere
     inputs = parse_inputs(image, request.form, svc.vocabularies)
+    inputs.max_pixels = current_app.config["MAX_PIXELS"]
     try:
         pred = svc.predict(inputs)
     except ImageError as exc:

@@ -39,6 +39,7 @@ class Inputs:
     age: float | None
     sex: str
     localization: str
+    max_pixels: int | None = None  # the web app's own pixel limit (bounds the memory one request can take)
 
 
 @dataclass
@@ -64,7 +65,8 @@ class Service:
         return cls(predictor, file_id(path), explainer)
 
     def predict(self, inputs: Inputs) -> Prediction:
-        return self.predictor.predict_one(inputs.image, inputs.age, inputs.sex, inputs.localization)
+        return self.predictor.predict_one(inputs.image, inputs.age, inputs.sex, inputs.localization,
+                                          inputs.max_pixels)
 
     def explain(self, inputs: Inputs, target: str):
         if self.explainer is None:
