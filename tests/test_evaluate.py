@@ -72,7 +72,7 @@ def test_unreadable_rows_are_left_out_and_counted():
                                                          ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")}})
     pred.loc[[0, 2], "p_mel"] = 1.0
     truth = pd.DataFrame({"image_id": ["a", "b", "c", "d"], "dx": ["mel", "nv", "nv", "bcc"]})
-    labels, probs, info = align(pred, truth)
+    labels, probs, info, _ = align(pred, truth)
     assert len(labels) == 2 and info["failed"] == 1 and info["truth_without_prediction"] == 1
     assert evaluate(labels, probs)["melanoma"]["specificity"] == 0.0
 

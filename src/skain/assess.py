@@ -60,16 +60,17 @@ def assess(predictor, frame: pd.DataFrame, batch_size: int = 64, num_workers: in
     metrics = {}
     for name, z in logits.items():
         probs = predictor.trust.calibrate(z)
-        m = classification_metrics(labels, probs, CLASSES)
+        m = classification_metrics(labels, probs, CLASSES, pred=predictor.decide(probs))
         m["melanoma_recall"] = m["per_class"]["mel"]["recall"]
         metrics[name] = m
-    table = predictions_table(frame, predictor.trust.calibrate(logits["present"]), logits["present"])
+    probs = predictor.trust.calibrate(logits["present"])
+    table = predictions_table(frame, probs, logits["present"], predictor.decide(probs))
     return metrics, table
 
 
-def predictions_table(frame: pd.DataFrame, probs: np.ndarray, logits: np.ndarray) -> pd.DataFrame:
+def predictions_table(frame: pd.DataFrame, probs: np.ndarray, logits: np.ndarray, pred: np.ndarray) -> pd.DataFrame:
     out = pd.DataFrame({"image_id": frame["image_id"].to_numpy(), "dx": frame["dx"].to_numpy()})
-    out["pred"] = np.array(CLASSES)[probs.argmax(1)]
+    out["pred"] = np.array(CLASSES)[pred]
     for j, c in enumerate(CLASSES):
         out[f"p_{c}"] = probs[:, j]
     for j, c in enumerate(CLASSES):

@@ -243,8 +243,8 @@ def _folder_trust(predictor, frame, data: str, pred, batch_size: int, workers: i
 def _report(pred, truth, folder, context: dict, trust: dict | None = None) -> None:
     from .evaluate import align, evaluate, headline
     from .report import write_report
-    labels, probs, info = align(pred, truth)
-    metrics = evaluate(labels, probs)
+    labels, probs, info, decided = align(pred, truth)
+    metrics = evaluate(labels, probs, decided=decided)
     write_report(metrics, labels, probs, folder, {**context, **info}, trust)
     print(headline(metrics))
     for name, run in (trust or {}).get("runs", {}).items():
@@ -443,6 +443,27 @@ def run_cache(ns: argparse.Namespace) -> int:
 
 
 COMMANDS["cache"] = (add_cache_args, run_cache, "show or clear the pre-resized image cache")
+
+
+# --------------------------------------------------------------------------------------------- decide
+def add_decide_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--oof", required=True, help="out-of-fold predictions of `skain train --all-folds` "
+                                                "(<output>/oof_predictions.csv)")
+    p.add_argument("--model", help="bundle or output folder to store the rule in (else only report it)")
+
+
+def run_decide(ns: argparse.Namespace) -> int:
+    from .decision import fit_from_oof
+    r = fit_from_oof(ns.oof, ns.model)
+    a, b = r["balanced_accuracy_argmax"], r["balanced_accuracy_adjusted"]
+    print(f"tau = {r['tau']:.2f} (chosen on all folds). Nested cross-validation, each fold scored with a tau chosen "
+          f"on the others: balanced accuracy {a['mean']:.4f} +- {a['std']:.4f} (argmax) -> {b['mean']:.4f} +- "
+          f"{b['std']:.4f} (adjusted)" + (f"; stored in {ns.model}" if ns.model else ""))
+    return 0
+
+
+COMMANDS["decide"] = (add_decide_args, run_decide,
+                      "fit the balanced-accuracy decision rule (prior adjustment) on out-of-fold predictions")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -75,6 +75,8 @@ def write_report(out: Path, folds: int) -> dict:
         "train_minutes": [float(m["train_minutes"]) for m in per_fold],
         "best_epochs": [int(m["best_epoch"]) for m in per_fold],
     }
+    from .decision import log_prior_from_counts, nested_estimate
+    report["decision_rule"] = nested_estimate(oof, log_prior_from_counts(oof["dx"].value_counts().to_dict()))
     atomic_json(report, out / REPORT_NAME)
     h = report["per_fold_mean_std"]
     log.info("cross-validated (%d folds, test folds chose nothing): balanced accuracy %.3f +- %.3f, macro AUC "

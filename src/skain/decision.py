@@ -14,6 +14,7 @@ cross-validation (chosen on k-1 folds' predictions, scored on the k-th), so the 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -26,16 +27,73 @@ log = logging.getLogger(__name__)
 GRID = tuple(round(x, 2) for x in np.arange(0.0, 1.51, 0.05))
 
 
+def decision_scores(probs: np.ndarray, log_prior: np.ndarray, tau: float) -> np.ndarray:
+    """p_c * prior_c^-tau, renormalised per row: scores whose arg-max is the adjusted decision (what an ISIC
+    submission needs, since the challenge scores the arg-max of what it is given). Not probabilities."""
+    logs = np.log(np.clip(np.asarray(probs, dtype=np.float64), 1e-12, 1.0)) - tau * np.asarray(log_prior)
+    scores = np.exp(logs - logs.max(1, keepdims=True))
+    return scores / scores.sum(1, keepdims=True)
+
+
 def adjusted_pred(probs: np.ndarray, log_prior: np.ndarray, tau: float) -> np.ndarray:
     """Class indices under the adjusted rule (tau = 0: arg-max)."""
     scores = np.log(np.clip(np.asarray(probs, dtype=np.float64), 1e-12, 1.0)) - tau * np.asarray(log_prior)
     return scores.argmax(1)
 
 
+class Decision:
+    """The bundle's decision rule (`bundle["decision"]`), or plain arg-max for bundles without one."""
+
+    def __init__(self, state: dict | None = None, classes=CLASSES):
+        state = state or {}
+        self.tau = float(state.get("tau", 0.0))
+        self.log_prior = np.asarray(state.get("log_prior", np.zeros(len(classes))), dtype=np.float64)
+        if state and list(state.get("classes", classes)) != list(classes):
+            raise ValueError("the decision rule was fit for other classes than the model's")
+
+    @property
+    def adjusted(self) -> bool:
+        return self.tau != 0.0
+
+    def __call__(self, probs: np.ndarray) -> np.ndarray:
+        probs = np.atleast_2d(probs)
+        return adjusted_pred(probs, self.log_prior, self.tau) if self.adjusted else probs.argmax(1)
+
+    def scores(self, probs: np.ndarray) -> np.ndarray:
+        return decision_scores(probs, self.log_prior, self.tau) if self.adjusted else np.asarray(probs)
+
+    def summary(self) -> dict:
+        return {"rule": "argmax log p - tau * log prior" if self.adjusted else "argmax", "tau": self.tau}
+
+
 def fit_tau(probs: np.ndarray, labels: np.ndarray, log_prior: np.ndarray, grid=GRID) -> float:
     """The tau of `grid` with the highest balanced accuracy (ties: the smallest adjustment)."""
     scores = [balanced_accuracy_score(labels, adjusted_pred(probs, log_prior, t)) for t in grid]
     return float(grid[int(np.argmax(scores))])
+
+
+def fit_from_oof(oof_csv: str | Path, model: str | Path | None = None) -> dict:
+    """`skain decide`: fit tau on out-of-fold predictions (nested estimate included); with `model`, store the
+    rule in that bundle so `skain predict`, the API and the web app name classes by it."""
+    import torch
+
+    from .bundle import atomic_torch_save, read_bundle, resolve_path
+    oof = pd.read_csv(oof_csv)
+    missing = [c for c in ("dx", "fold", *(f"p_{c}" for c in CLASSES)) if c not in oof.columns]
+    if missing:
+        raise ValueError(f"{oof_csv}: not out-of-fold predictions of `skain train --all-folds` "
+                         f"(missing {', '.join(missing)})")
+    counts = oof["dx"].value_counts().to_dict()
+    result = nested_estimate(oof, log_prior_from_counts(counts))
+    if model is not None:
+        path = resolve_path(model)
+        bundle = read_bundle(path)
+        bundle["decision"] = {k: result[k] for k in ("rule", "tau", "log_prior", "classes", "fit_on")}
+        bundle["decision"]["nested_balanced_accuracy"] = {"argmax": result["balanced_accuracy_argmax"],
+                                                          "adjusted": result["balanced_accuracy_adjusted"]}
+        atomic_torch_save(bundle, path)
+        log.info("decision rule tau=%.2f stored in %s", result["tau"], path)
+    return result
 
 
 def log_prior_from_counts(counts: dict[str, int], classes=CLASSES) -> np.ndarray:
@@ -59,6 +117,7 @@ def nested_estimate(oof: pd.DataFrame, log_prior: np.ndarray, classes=CLASSES) -
                                                                adjusted_pred(probs[inside], log_prior, tau)))})
     table = pd.DataFrame(rows)
     return {"rule": "argmax log p - tau * log prior", "tau": fit_tau(probs, labels, log_prior),
+            "fit_on": f"{len(oof)} out-of-fold predictions of {len(folds)}-fold lesion-grouped training",
             "log_prior": [float(x) for x in log_prior], "classes": list(classes),
             "nested": rows,
             "balanced_accuracy_argmax": {"mean": float(table["argmax"].mean()), "std": float(table["argmax"].std())},

@@ -45,7 +45,8 @@ def read_truth(path: str | Path) -> pd.DataFrame:
 
 
 def align(pred: pd.DataFrame, truth: pd.DataFrame, classes: tuple[str, ...] = CLASSES):
-    """-> (labels, probs, info) over the ground-truth images that were predicted. Truth rows without a
+    """-> (labels, probs, info, decided) over the ground-truth images that were predicted; `decided` holds the
+    class indices of a skAIn CSV's `pred` column (the model's decision rule), else None. Truth rows without a
     prediction and predictions without truth are counted (and warned about), never guessed; rows whose image
     failed to decode (NaN probabilities) are left out and counted."""
     merged = truth.merge(pred, on="image_id", how="inner")
@@ -66,14 +67,23 @@ def align(pred: pd.DataFrame, truth: pd.DataFrame, classes: tuple[str, ...] = CL
     labels = merged["dx"].map({c: i for i, c in enumerate(classes)}).to_numpy()
     info = {"scored": int(ok.sum()), "failed": int((~ok).sum()), "truth_without_prediction": unpredicted,
             "prediction_without_truth": extra}
-    return labels[ok], probs[ok], info
+    decided = None
+    if "pred" in merged.columns:
+        decided = merged["pred"].map({c: i for i, c in enumerate(classes)}).to_numpy()[ok]
+        decided = None if np.isnan(decided.astype(float)).any() else decided.astype(int)
+    return labels[ok], probs[ok], info, decided
 
 
-def evaluate(labels: np.ndarray, probs: np.ndarray, classes: tuple[str, ...] = CLASSES) -> dict:
-    """classification_metrics plus melanoma sensitivity/specificity at the argmax decision."""
-    metrics = classification_metrics(labels, probs, classes)
+def evaluate(labels: np.ndarray, probs: np.ndarray, classes: tuple[str, ...] = CLASSES,
+             decided: np.ndarray | None = None) -> dict:
+    """classification_metrics plus melanoma sensitivity/specificity at the decision that was made (the
+    predictions' `pred` column, i.e. the bundle's decision rule; arg-max of the probabilities otherwise)."""
+    rule = "argmax" if decided is None else "pred column"
+    decided = probs.argmax(1) if decided is None else decided
+    metrics = classification_metrics(labels, probs, classes, pred=decided)
+    metrics["decision"] = rule
     if "mel" in classes:
-        metrics["melanoma"] = one_vs_rest_rates(labels, probs.argmax(1), list(classes).index("mel"))
+        metrics["melanoma"] = one_vs_rest_rates(labels, decided, list(classes).index("mel"))
     return metrics
 
 
@@ -107,10 +117,10 @@ def trust_metrics(pred: pd.DataFrame, truth: pd.DataFrame, temperature: float | 
     from .trust.calibration import fit_temperature
     from .trust.fitting import triage_rates
     from .trust.triage import INVESTIGATE, MALIGNANT
-    labels, probs, info = align(pred, truth, classes)
+    labels, probs, info, decided = align(pred, truth, classes)
     merged = truth.merge(pred, on="image_id", how="inner")
     merged = merged[np.isfinite(merged[[f"p_{c}" for c in classes]].to_numpy(dtype=np.float64)).all(1)]
-    metrics = evaluate(labels, probs, classes)
+    metrics = evaluate(labels, probs, classes, decided)
     out = {"n": int(len(labels)), "balanced_accuracy": metrics["balanced_accuracy"],
            "macro_auc": metrics["macro_auc"], "recall": {c: m["recall"] for c, m in metrics["per_class"].items()},
            "melanoma_sensitivity_argmax": metrics.get("melanoma", {}).get("sensitivity"),

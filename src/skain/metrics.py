@@ -18,12 +18,14 @@ def _nanmean(values: Sequence[float]) -> float:
     return float(np.mean(finite)) if finite else float("nan")
 
 
-def classification_metrics(labels: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> dict:
+def classification_metrics(labels: np.ndarray, probs: np.ndarray, classes: Sequence[str],
+                           pred: np.ndarray | None = None) -> dict:
     """Headline and per-class metrics. AUCs are one-vs-rest; classes absent from `labels` get NaN AUC
-    and are left out of the macro averages over present classes (balanced accuracy, macro F1, macro AUC)."""
+    and are left out of the macro averages over present classes (balanced accuracy, macro F1, macro AUC).
+    `pred` (class indices) is the decision that was made; default the arg-max of `probs`."""
     labels = np.asarray(labels, dtype=int)
     probs = np.asarray(probs, dtype=np.float64)
-    pred = probs.argmax(1)
+    pred = probs.argmax(1) if pred is None else np.asarray(pred, dtype=int)
     k = len(classes)
     present = sorted(set(labels.tolist()))
     prec, rec, f1, support = precision_recall_fscore_support(labels, pred, labels=list(range(k)), zero_division=0)

@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .bundle import load_model, read_bundle, resolve_path
+from .decision import Decision
 from .data.dataset import LesionDataset
 from .data.encoder import MetadataEncoder
 from .data.images import ImageLoader
@@ -77,6 +78,7 @@ class Predictor:
         self.bundle = bundle
         self.classes: list[str] = list(bundle["classes"])
         self.encoder = MetadataEncoder.from_state(bundle["encoder"])
+        self.decide = Decision(bundle.get("decision"), self.classes)  # arg-max, or the bundle's prior adjustment
         self.preprocess: dict = dict(bundle["preprocess"])
         self.transform = eval_transform(self.preprocess)
         self.device = resolve_device(device)
@@ -128,6 +130,7 @@ class Predictor:
                 "image_only": bool(self.bundle["model_args"].get("image_only")),
                 "input_size": self.preprocess["input_size"], "vocabularies": self.encoder.vocabularies(),
                 "metrics": self.bundle.get("metrics", {}), "training": training,
+                "decision": self.decide.summary(),
                 "skain_version": self.bundle.get("skain_version"),
                 "model_card": self.bundle.get("model_card"), "trust": self.trust.summary(),
                 "inference": {"backend": self.backend, "precision": self.precision, "tta": self.tta,
@@ -149,7 +152,7 @@ class Predictor:
         return self._prediction(res["probs"][0], self.trust.annotate(res["probs"], res["features"]).iloc[0])
 
     def _prediction(self, probs: np.ndarray, trust: pd.Series | None = None) -> Prediction:
-        i = int(probs.argmax())
+        i = int(self.decide(probs)[0])
         pred = Prediction(self.classes[i], float(probs[i]), {c: float(p) for c, p in zip(self.classes, probs)})
         if trust is not None:
             pred.p_malignant = None if np.isnan(trust["p_malignant"]) else float(trust["p_malignant"])
@@ -195,10 +198,15 @@ class Predictor:
         probs, ok = res["probs"][order], res["ok"][order].astype(bool)
         features = res["features"][order] if res["features"] is not None else None
         out = pd.DataFrame({"image_id": frame["image_id"].to_numpy()})
-        out["pred"] = np.where(ok, np.array(self.classes)[probs.argmax(1)], "")
-        out["prob"] = np.where(ok, probs.max(1), np.nan)
+        chosen = self.decide(probs)
+        out["pred"] = np.where(ok, np.array(self.classes)[chosen], "")
+        out["prob"] = np.where(ok, probs[np.arange(len(probs)), chosen], np.nan)
         for j, c in enumerate(self.classes):
             out[f"p_{c}"] = np.where(ok, probs[:, j], np.nan)
+        if self.decide.adjusted:  # scores whose arg-max is the decision (the ISIC format writes these)
+            scores = self.decide.scores(probs)
+            for j, c in enumerate(self.classes):
+                out[f"s_{c}"] = np.where(ok, scores[:, j], np.nan)
         for name, column in self.trust.columns(probs, features, ok).items():  # ood, ood_score, p_malignant, triage
             out[name] = column.to_numpy()
         out["error"] = [_error_for(p, dataset.loader) if not k else "" for p, k in zip(frame["path"], ok)]

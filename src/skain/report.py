@@ -19,10 +19,11 @@ FORMATS = ("skain", "isic2018")
 def isic2018_table(pred: pd.DataFrame) -> pd.DataFrame:
     """ISIC 2018 Task 3 submission: image,MEL,NV,BCC,AKIEC,BKL,DF,VASC; images that failed are left out
     (the challenge format has no way to say "no prediction")."""
-    ok = pred[[f"p_{c.lower()}" for c in ISIC2018_COLUMNS]].notna().all(axis=1)
+    prefix = "s_" if "s_mel" in pred.columns else "p_"  # decision scores when the model has a decision rule
+    ok = pred[[f"{prefix}{c.lower()}" for c in ISIC2018_COLUMNS]].notna().all(axis=1)
     out = pd.DataFrame({"image": pred.loc[ok, "image_id"].to_numpy()})
     for col in ISIC2018_COLUMNS:
-        out[col] = pred.loc[ok, f"p_{col.lower()}"].to_numpy()
+        out[col] = pred.loc[ok, f"{prefix}{col.lower()}"].to_numpy()
     return out
 
 
