@@ -63,7 +63,8 @@ def test_ensemble_probabilities_are_the_mean_of_the_members(folds, ensemble, fra
     expected = np.mean([_untempered(b).predict_frame(frame, progress=False)[P_COLS].to_numpy() for b in members], 0)
     got = _untempered(read_bundle(ensemble)).predict_frame(frame, progress=False)[P_COLS].to_numpy()
     np.testing.assert_allclose(got, expected, atol=1e-6)
-    assert isinstance(Predictor.from_bundle(ensemble).model, EnsembleNet)
+    predictor = Predictor.from_bundle(ensemble)
+    assert isinstance(predictor.model, EnsembleNet) and predictor.info["members"] == 2
 
 
 def test_bundle_loads_with_weights_only_and_bad_members_are_caught(ensemble):
@@ -153,7 +154,7 @@ def test_predict_cli_runs_on_the_ensemble(ensemble, synth_root, tmp_path):
                  "--output", str(out), "--no-progress", "--tta", "2"]) == 0
     pred = pd.read_csv(out)
     assert len(pred) == 40 and pred["pred"].isin(CLASSES).all() and pred["ood_score"].notna().all()
-    assert np.allclose(pred[P_COLS].sum(1), 1.0, atol=1e-5)
+    assert np.allclose(pred[P_COLS].sum(axis=1), 1.0, atol=1e-5)
 
 
 def test_web_api_and_heatmap_run_on_the_ensemble(ensemble, synth_root):
@@ -193,3 +194,20 @@ def test_exported_ensemble_matches_pytorch(ensemble, frame, tmp_path, backend):
     got = Predictor.from_bundle(tmp_path, backend=backend).predict_frame(frame, progress=False)
     assert np.abs(ref[P_COLS].to_numpy() - got[P_COLS].to_numpy()).max() <= 1e-4
     np.testing.assert_allclose(got["ood_score"], ref["ood_score"], rtol=1e-3)
+
+
+def test_members_with_one_encoder_feed_it_straight_through_in_every_backend(folds, frame, tmp_path):
+    """Identical encoders (e.g. runs that differ only in seed): identity maps, no extra graph nodes, and an
+    ensemble of two copies of one network predicts exactly as that network, in PyTorch and in OpenVINO."""
+    copy_dir = tmp_path / "copy"
+    copy_dir.mkdir()
+    (copy_dir / "best_model.pt").write_bytes((folds[0] / "best_model.pt").read_bytes())
+    path = build_ensemble([folds[0], copy_dir], tmp_path / "ens")
+    bundle = read_bundle(path)
+    assert bundle["encoder"] == read_bundle(folds[0])["encoder"]
+    member = _untempered(read_bundle(folds[0])).predict_frame(frame, progress=False)[P_COLS].to_numpy()
+    got = _untempered(bundle).predict_frame(frame, progress=False)[P_COLS].to_numpy()
+    np.testing.assert_allclose(got, member, atol=1e-6)
+    assert main(["export", "--model", str(path)]) == 0
+    graph = Predictor.from_bundle(path, backend="openvino").predict_frame(frame, progress=False)[P_COLS].to_numpy()
+    assert np.abs(graph - Predictor.from_bundle(path).predict_frame(frame, progress=False)[P_COLS].to_numpy()).max() <= 1e-4

@@ -149,11 +149,14 @@ class EnsembleNet(nn.Module):
         """The ensemble's metadata inputs as member i's encoder would have given them."""
         if self.members[i].image_only:
             return age, sex, site  # unused: the exported graph of image-only members keeps only `image`
-        return (age * self.age_affine[i, 0] + self.age_affine[i, 1], self.sex_map[i][sex], self.site_map[i][site])
+        if self._same_encoders():
+            return age, sex, site
+        return age * self.age_affine[i, 0] + self.age_affine[i, 1], self.sex_map[i][sex], self.site_map[i][site]
 
-
-def ensemble_key(index: int, key: str) -> str:
-    """Where member `index`'s state-dict entry `key` lives in an EnsembleNet's state dict."""
-    if key.startswith("backbone."):
-        return f"backbone.parts.{index}.{key.removeprefix('backbone.')}"
-    return f"members.{index}.{key}"
+    def _same_encoders(self) -> bool:
+        """All maps are identities: then the inputs go straight in. (OpenVINO 2025 gets the batch size of
+        `age * 1 + 0` wrong when several branches read it; the exported graph then has no such nodes.)"""
+        dev = self.age_affine.device
+        return bool((self.age_affine == torch.tensor([1.0, 0.0], device=dev)).all()
+                    and (self.sex_map == torch.arange(self.sex_map.shape[1], device=dev)).all()
+                    and (self.site_map == torch.arange(self.site_map.shape[1], device=dev)).all())
