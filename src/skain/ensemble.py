@@ -172,12 +172,11 @@ def oof_logits(members: list[Member], oof: str | Path | None, cache_dir: str | P
                device: torch.device) -> tuple[pd.DataFrame | None, str]:
     """The out-of-fold logits and where they came from (None when there is no way to get them)."""
     classes = list(members[0].bundle["classes"])
-    beside = _common_parent([m.path.parent for m in members]) / OOF_NAME
-    for path in ([Path(oof)] if oof else [beside]):
-        if path.is_file():
-            return read_oof(path, classes), str(path)
-        if oof:
-            raise FileNotFoundError(f"no out-of-fold predictions at {oof}")
+    path = Path(oof) if oof else _common_parent([m.path.parent for m in members]) / OOF_NAME
+    if path.is_file():
+        return read_oof(path, classes), str(path)
+    if oof:
+        raise FileNotFoundError(f"no out-of-fold predictions at {oof}")
     try:
         return predict_own_validation(members, cache_dir, device), "the members' own validation splits"
     except (FileNotFoundError, KeyError, ValueError) as exc:
