@@ -20,7 +20,7 @@ import torch
 
 from . import __version__
 from .data.encoder import MetadataEncoder
-from .model import SkainNet, build_model
+from .model import build_model
 
 FORMAT = "skain-bundle"
 FORMAT_VERSION = 1
@@ -82,7 +82,7 @@ def atomic_json(obj: Any, path: str | Path) -> None:
     atomic_write(path, lambda fh: fh.write((json.dumps(obj, indent=2, allow_nan=True) + "\n").encode("utf-8")))
 
 
-def make_bundle(model: SkainNet, model_args: dict, preprocess: dict, encoder: MetadataEncoder,
+def make_bundle(model: torch.nn.Module, model_args: dict, preprocess: dict, encoder: MetadataEncoder,
                 classes: list[str], metrics: dict | None = None, **extra: Any) -> dict:
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "skain_version": __version__,
@@ -149,15 +149,54 @@ def check_bundle(bundle: Any, origin: str) -> None:
                           f"{bundle.get('skain_version')}; this skAIn ({__version__}) reads format "
                           f"{FORMAT_VERSION}. Retrain, or use the matching skAIn version")
     _check_parts(bundle, origin)
-    check_backbone(bundle["model_args"].get("backbone"), origin)
-    state, args, enc = bundle["state_dict"], bundle["model_args"], bundle["encoder"]
-    head = [k for k in state if k.startswith("head.") and k.endswith(".weight")]
-    n_out = state[sorted(head, key=lambda k: int(k.split(".")[1]))[-1]].shape[0] if head else -1
+    args = bundle["model_args"]
+    for name in backbone_names(args):
+        check_backbone(name, origin)
+    if "ensemble" not in args:
+        _check_weights(bundle, args, "", origin)
+        return
+    members = args["ensemble"]
+    if not isinstance(members, list) or not members or not all(isinstance(m, dict) and "ensemble" not in m
+                                                               for m in members):
+        raise BundleError(f"{origin}: model_args['ensemble'] must be a non-empty list of member model_args")
+    for i, member in enumerate(members):
+        sizes = {"sex_vocab": member.get("n_sex"), "site_vocab": member.get("n_site")}
+        _check_weights(bundle, member, f"members.{i}.", f"{origin} (ensemble member {i})", sizes)
+    _check_maps(bundle, len(members), origin)
+
+
+def backbone_names(args: dict) -> list:
+    """The timm architecture name(s) a bundle asks for: one, or each ensemble member's."""
+    members = args.get("ensemble")
+    if isinstance(members, list):
+        return [m.get("backbone") if isinstance(m, dict) else None for m in members]
+    return [args.get("backbone")]
+
+
+def _check_maps(bundle: dict, n: int, origin: str) -> None:
+    """An ensemble's per-member index maps cover its vocabularies and point inside each member's own."""
+    state, enc, members = bundle["state_dict"], bundle["encoder"], bundle["model_args"]["ensemble"]
+    for name, vocab, size in (("sex_map", "sex_vocab", "n_sex"), ("site_map", "site_vocab", "n_site")):
+        index = state.get(name)
+        if index is None or tuple(index.shape) != (n, len(enc[vocab])) or index.is_floating_point():
+            raise BundleError(f"{origin}: the ensemble's {name} does not match its {vocab} and {n} members")
+        if any(int(index[i].max()) >= int(m.get(size, 0)) or int(index[i].min()) < 0 for i, m in enumerate(members)):
+            raise BundleError(f"{origin}: the ensemble's {name} points outside a member's {vocab}")
+
+
+def _check_weights(bundle: dict, args: dict, prefix: str, origin: str, sizes: dict | None = None) -> None:
+    """Classes and vocabularies fit the weights of one network (an ensemble member's under `prefix`, whose
+    vocabulary sizes are its own, `sizes`, not the ensemble's)."""
+    state, enc = bundle["state_dict"], bundle["encoder"]
+    sizes = sizes or {v: len(enc[v]) for v in ("sex_vocab", "site_vocab")}
+    head = [k[len(prefix):] for k in state if k.startswith(prefix + "head.") and k.endswith(".weight")]
+    last = sorted(head, key=lambda k: int(k.split(".")[1]))[-1] if head else None
+    n_out = state[prefix + last].shape[0] if last else -1
     if n_out != len(bundle["classes"]) or args.get("num_classes") != n_out:
         raise BundleError(f"{origin}: {len(bundle['classes'])} class names but the weights have {n_out} outputs")
     if not args.get("image_only"):
         for key, vocab in (("meta.sex.weight", "sex_vocab"), ("meta.site.weight", "site_vocab")):
-            if key not in state or state[key].shape[0] != len(enc[vocab]):
+            if prefix + key not in state or state[prefix + key].shape[0] != sizes[vocab]:
                 raise BundleError(f"{origin}: the {vocab} vocabulary does not match the weights ({key})")
 
 
@@ -176,8 +215,10 @@ def _check_parts(bundle: dict, origin: str) -> None:
         raise BundleError(f"{origin}: bundle encoder is missing its sex/site vocabularies")
 
 
-def load_model(bundle: dict) -> SkainNet:
-    check_backbone(bundle["model_args"].get("backbone"))
+def load_model(bundle: dict) -> torch.nn.Module:
+    """The bundle's network (a SkainNet, or an EnsembleNet of them), in eval mode."""
+    for name in backbone_names(bundle["model_args"]):
+        check_backbone(name)
     model = build_model(bundle["model_args"])
     try:
         model.load_state_dict(bundle["state_dict"])

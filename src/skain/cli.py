@@ -466,6 +466,27 @@ COMMANDS["decide"] = (add_decide_args, run_decide,
                       "fit the balanced-accuracy decision rule (prior adjustment) on out-of-fold predictions")
 
 
+def add_ensemble_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runs", nargs="+", required=True, metavar="DIR",
+                   help="trained output folders (or .pt bundles), e.g. outputs/fold0 ... outputs/fold4")
+    p.add_argument("--output", required=True, help="folder for the ensemble bundle (best_model.pt) and reports")
+    p.add_argument("--oof", help="out-of-fold predictions CSV to fit the trust layer on (default: "
+                                 "oof_predictions.csv beside the runs, else the runs' own validation splits)")
+    p.add_argument("--cache-dir", default=None, help="pre-resized image cache (when validation is predicted)")
+    p.add_argument("--device", default="auto")
+
+
+def run_ensemble(ns: argparse.Namespace) -> int:
+    from .ensemble import build_ensemble
+    path = build_ensemble(ns.runs, ns.output, ns.oof, ns.cache_dir, ns.device)
+    print(f"wrote an ensemble of {len(ns.runs)} runs to {path}; use it with `skain predict --model {ns.output}`")
+    return 0
+
+
+COMMANDS["ensemble"] = (add_ensemble_args, run_ensemble,
+                        "combine trained runs (e.g. k folds) into one bundle that averages their probabilities")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     parser = argparse.ArgumentParser(prog="skain", description="Skin-lesion classification on HAM10000 "

@@ -3,7 +3,8 @@
 The image goes through the Predictor's own preprocessing (`Predictor.image_tensor`) and the metadata through its
 encoder, so the map explains exactly the input a prediction saw. The feature map is taken at the input of the
 backbone's global pool (the last spatial features of any timm CNN), weighted by the pooled gradient of the class
-score (Selvaraju et al., 2017), rectified, upsampled to the model input and scaled to [0, 1].
+score (Selvaraju et al., 2017), rectified, upsampled to the model input and scaled to [0, 1]. For an ensemble,
+each member's map is taken against the averaged prediction and the maps are summed before scaling.
 """
 from __future__ import annotations
 
@@ -38,39 +39,41 @@ class GradCam:
     def __init__(self, predictor: Predictor):
         self.predictor = predictor
         self._local = threading.local()
-        pool = _global_pool(predictor.model)
-        pool.register_forward_pre_hook(self._capture)
+        for pool in _global_pools(predictor.model):
+            pool.register_forward_pre_hook(self._capture)
 
     def _capture(self, module: torch.nn.Module, inputs: tuple) -> None:
         if getattr(self._local, "active", False) and inputs and inputs[0].dim() == 4:
-            self._local.features = inputs[0]
+            self._local.features.append(inputs[0])
 
     def __call__(self, image: bytes | str | Path, age: float | None = None, sex: str | None = None,
                  site: str | None = None, target: str | None = None) -> Explanation:
         p = self.predictor
         x = p.image_tensor(image)[None].to(p.device).requires_grad_(True)
         meta = _meta_tensors(p, age, sex, site)
-        self._local.active, self._local.features = True, None
+        self._local.active, self._local.features = True, []
         try:
             with torch.enable_grad():
                 logits = p.model(x, *meta)
                 features = self._local.features
-                if features is None:
+                if not features:
                     raise ExplainError("the backbone's global pool saw no spatial feature map")
                 index = p.classes.index(target) if target else int(logits[0].argmax())
-                grad, = torch.autograd.grad(logits[0, index], features)
+                grads = torch.autograd.grad(logits[0, index], features)
         finally:
             self._local.active, self._local.features = False, None
-        heat = _cam(features.detach(), grad, x.shape[-2:])
+        heat = _cam([f.detach() for f in features], grads, x.shape[-2:])
         return Explanation(p.classes[index], heat, _display_image(x.detach()[0], p.preprocess))
 
 
-def _global_pool(model: torch.nn.Module) -> torch.nn.Module:
-    pool = getattr(getattr(model, "backbone", None), "global_pool", None)
-    if not isinstance(pool, torch.nn.Module):
-        raise ExplainError(f"{type(getattr(model, 'backbone', model)).__name__} has no global pool to take "
+def _global_pools(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The backbone's global pool; for an ensemble (EnsembleBackbone), every member backbone's."""
+    backbone = getattr(model, "backbone", None)
+    pools = [getattr(b, "global_pool", None) for b in getattr(backbone, "parts", [backbone])]
+    if not all(isinstance(pool, torch.nn.Module) for pool in pools):
+        raise ExplainError(f"{type(backbone or model).__name__} has no global pool to take "
                            "Grad-CAM features from; heatmaps need a CNN backbone")
-    return pool
+    return pools
 
 
 def _meta_tensors(p: Predictor, age: float | None, sex: str | None, site: str | None) -> tuple:
@@ -80,12 +83,18 @@ def _meta_tensors(p: Predictor, age: float | None, sex: str | None, site: str | 
             torch.from_numpy(l).to(p.device))
 
 
-def _cam(features: torch.Tensor, grad: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    weights = grad.mean(dim=(2, 3), keepdim=True)
-    cam = F.relu((weights * features).sum(1, keepdim=True)).float()
-    cam = F.interpolate(cam, size=tuple(size), mode="bilinear", align_corners=False)[0, 0]
+def _cam(features: list[torch.Tensor], grads: tuple[torch.Tensor, ...], size: tuple[int, int]) -> np.ndarray:
+    """One map per feature map (one per ensemble member), upsampled and summed: an ensemble member's map counts
+    as much as its gradient says it does towards the averaged probability."""
+    cam = sum(_member_cam(f, g, size) for f, g in zip(features, grads))
     top = float(cam.max())
     return (cam / top if top > 0 else torch.zeros_like(cam)).cpu().numpy().astype(np.float32)
+
+
+def _member_cam(features: torch.Tensor, grad: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    weights = grad.mean(dim=(2, 3), keepdim=True)
+    cam = F.relu((weights * features).sum(1, keepdim=True)).float()
+    return F.interpolate(cam, size=tuple(size), mode="bilinear", align_corners=False)[0, 0]
 
 
 def _display_image(x: torch.Tensor, preprocess: dict) -> np.ndarray:

@@ -75,6 +75,90 @@ class SkainNet(nn.Module):
         return self
 
 
-def build_model(args: dict[str, Any]) -> SkainNet:
-    """Rebuild from the plain dict stored in a bundle (backbone, n_sex, n_site, num_classes, ...)."""
+def build_model(args: dict[str, Any]) -> SkainNet | EnsembleNet:
+    """Rebuild from the plain dict stored in a bundle (backbone, n_sex, n_site, num_classes, ...); an ensemble's
+    dict lists its members' dicts under "ensemble"."""
+    if "ensemble" in args:
+        n = len(args["ensemble"])
+        return EnsembleNet([SkainNet(**member) for member in args["ensemble"]], None,
+                           [[0] * int(args["n_sex"])] * n, [[0] * int(args["n_site"])] * n)
     return SkainNet(**args)
+
+
+class EnsembleBackbone(nn.Module):
+    """The members' backbones side by side: image -> their pooled features, concatenated.
+
+    It is the ensemble's `backbone`, so whatever reads a model's backbone (the OOD feature tap, the ONNX export's
+    feature output, `model.backbone(images)`) sees all members' features at once; `widths` says which columns
+    belong to which member."""
+
+    def __init__(self, parts: list[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.widths = [int(p.num_features) for p in parts]
+        self.num_features = sum(self.widths)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part(image) for part in self.parts], dim=1)
+
+
+class EnsembleNet(nn.Module):
+    """N SkainNets behind one forward(image, age, sex, site) -> logits, where the "logits" are the log of the
+    members' mean softmax: softmax(output) is the averaged probability, so everything that takes logits
+    (temperature, TTA, ONNX, Grad-CAM) works unchanged.
+
+    Each member's backbone moves into `self.backbone` (an EnsembleBackbone) and is replaced in the member by an
+    identity, so a member's own forward runs its metadata branch and head on features computed once. State
+    dict keys: `backbone.parts.<i>.<key>` for member i's backbone, `members.<i>.<key>` for the rest.
+
+    Members trained on different folds fit their metadata encoders on different training splits, so each
+    gets its own view of the ensemble's metadata inputs: `age_affine[i] = (scale, shift)` turns the ensemble's
+    age into member i's normalised age, and `sex_map[i]` / `site_map[i]` turn an index into the ensemble's
+    (union) vocabulary into member i's index (0, `unknown`, for a value it never saw, as its own encoder does).
+    All are identities when the members agree."""
+
+    def __init__(self, members: list[SkainNet], age_affine: list[tuple[float, float]] | None = None,
+                 sex_map: list[list[int]] | None = None, site_map: list[list[int]] | None = None):
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        n = len(members)
+        affine = age_affine if age_affine is not None else [(1.0, 0.0)] * n
+        self.register_buffer("age_affine", torch.tensor(affine, dtype=torch.float32).reshape(n, 2))
+        for name, given in (("sex_map", sex_map), ("site_map", site_map)):
+            self.register_buffer(name, torch.tensor(given if given is not None else [[0]] * n, dtype=torch.int64))
+        backbones = []
+        for member in members:
+            backbones.append(member.backbone)
+            member.backbone = nn.Identity()
+        self.backbone = EnsembleBackbone(backbones)
+        self.members = nn.ModuleList(members)
+
+    def forward(self, image: torch.Tensor, age: torch.Tensor, sex: torch.Tensor, site: torch.Tensor) -> torch.Tensor:
+        pooled = self.backbone(image).split(self.backbone.widths, dim=1)
+        logp = torch.stack([m(f, *self._meta(i, age, sex, site)).float().log_softmax(1)
+                            for i, (m, f) in enumerate(zip(self.members, pooled))])
+        top = logp.max(dim=0).values  # log-mean-exp written out: OpenVINO mis-shapes ONNX's ReduceLogSumExp
+        return top + (logp - top).exp().mean(dim=0).log()
+
+    def features(self, image, age, sex, site) -> torch.Tensor:
+        """The members' fused representations, concatenated."""
+        pooled = self.backbone(image).split(self.backbone.widths, dim=1)
+        return torch.cat([m.features(f, *self._meta(i, age, sex, site))
+                          for i, (m, f) in enumerate(zip(self.members, pooled))], dim=1)
+
+    def _meta(self, i: int, age: torch.Tensor, sex: torch.Tensor, site: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The ensemble's metadata inputs as member i's encoder would have given them."""
+        if self.members[i].image_only:
+            return age, sex, site  # unused: the exported graph of image-only members keeps only `image`
+        if self._same_encoders():
+            return age, sex, site
+        return age * self.age_affine[i, 0] + self.age_affine[i, 1], self.sex_map[i][sex], self.site_map[i][site]
+
+    def _same_encoders(self) -> bool:
+        """All maps are identities: then the inputs go straight in. (OpenVINO 2025 gets the batch size of
+        `age * 1 + 0` wrong when several branches read it; the exported graph then has no such nodes.)"""
+        dev = self.age_affine.device
+        return bool((self.age_affine == torch.tensor([1.0, 0.0], device=dev)).all()
+                    and (self.sex_map == torch.arange(self.sex_map.shape[1], device=dev)).all()
+                    and (self.site_map == torch.arange(self.site_map.shape[1], device=dev)).all())

@@ -127,6 +127,7 @@ class Predictor:
         """What the bundle says about itself (for `GET /api/model` and reports)."""
         training = self.bundle.get("training", {})
         return {"backbone": self.bundle["model_args"]["backbone"], "classes": self.classes,
+                "members": len(self.bundle["model_args"].get("ensemble", [])) or 1,
                 "image_only": bool(self.bundle["model_args"].get("image_only")),
                 "input_size": self.preprocess["input_size"], "vocabularies": self.encoder.vocabularies(),
                 "metrics": self.bundle.get("metrics", {}), "training": training,

@@ -98,10 +98,41 @@ class MaxScorer:
         return cls([MahalanobisScorer.from_state(p) for p in state["parts"]], [float(s) for s in state["scales"]])
 
 
-def scorer_from_state(state: dict) -> "MahalanobisScorer | MaxScorer":
+@dataclass
+class EnsembleScorer:
+    """An ensemble's OOD score from its members' own scorers: member i scores its columns of the concatenated
+    backbone features (`widths`), in units of its own rejection threshold (set on its own validation split);
+    the score is the mean over members. A score above 1.0 means the members, on average, reject the image."""
+
+    parts: list
+    widths: list[int]
+    thresholds: list[float]
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        features = np.asarray(features)
+        if features.shape[1] != sum(self.widths):
+            raise ValueError(f"the ensemble's OOD scorer expects {sum(self.widths)} feature columns, "
+                             f"got {features.shape[1]}")
+        bounds = np.cumsum([0, *self.widths])
+        return np.mean([p.score(features[:, a:b]) / max(t, 1e-12)
+                        for p, t, a, b in zip(self.parts, self.thresholds, bounds[:-1], bounds[1:])], axis=0)
+
+    def state_dict(self) -> dict:
+        return {"method": "ensemble_mean", "features": "backbone", "parts": [p.state_dict() for p in self.parts],
+                "widths": [int(w) for w in self.widths], "thresholds": [float(t) for t in self.thresholds]}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "EnsembleScorer":
+        return cls([scorer_from_state(p) for p in state["parts"]], [int(w) for w in state["widths"]],
+                   [float(t) for t in state["thresholds"]])
+
+
+def scorer_from_state(state: dict) -> "MahalanobisScorer | MaxScorer | EnsembleScorer":
     """The OOD scorer a bundle stores (older bundles: a single Mahalanobis scorer)."""
     if state.get("method") == "mahalanobis_max":
         return MaxScorer.from_state(state)
+    if state.get("method") == "ensemble_mean":
+        return EnsembleScorer.from_state(state)
     return MahalanobisScorer.from_state(state)
 
 

@@ -1,0 +1,213 @@
+"""Ensembles: one bundle holding several trained runs (here the two folds of a tiny 2-fold training), used by
+prediction, the web API, ONNX/OpenVINO, Grad-CAM and the trust layer exactly as one model."""
+from __future__ import annotations
+
+import copy
+import io
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from skain.bundle import BundleError, atomic_torch_save, check_bundle, read_bundle
+from skain.cli import main
+from skain.data.schema import CLASSES
+from skain.ensemble import OOF_NAME, build_ensemble
+from skain.explain import GradCam
+from skain.model import EnsembleNet
+from skain.predict import GRAPH_RUNTIMES, Predictor, prediction_table
+
+from conftest import tiny_config
+
+P_COLS = [f"p_{c}" for c in CLASSES]
+
+
+@pytest.fixture(scope="module")
+def folds(synth_root, tmp_path_factory):
+    """Two tiny runs on complementary folds of a 2-fold lesion-grouped split (each with its trust block)."""
+    from skain.train import fit
+    root = tmp_path_factory.mktemp("kfold")
+    runs = []
+    for k in (0, 1):
+        cfg = tiny_config(synth_root / "dataset_train", root / f"fold{k}", epochs=2, seed=3)  # one split seed: complementary folds
+        cfg.data.folds, cfg.data.fold = 2, k
+        fit(cfg)
+        runs.append(root / f"fold{k}")
+    return runs
+
+
+@pytest.fixture(scope="module")
+def ensemble(folds, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ens")
+    assert main(["ensemble", "--runs", *map(str, folds), "--output", str(out), "--device", "cpu"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def frame(synth_root):
+    return prediction_table(synth_root / "dataset_test")[0].head(16)
+
+
+def _untempered(bundle: dict) -> Predictor:
+    """Raw softmax (T = 1), so members and ensemble can be compared before calibration."""
+    return Predictor({**bundle, "trust": {**(bundle.get("trust") or {}), "temperature": 1.0}})
+
+
+def test_ensemble_probabilities_are_the_mean_of_the_members(folds, ensemble, frame):
+    members = [read_bundle(r) for r in folds]
+    # Each fold fit age statistics and vocabularies on its own training split: one fold never saw 'chest'.
+    a, b = (m["encoder"] for m in members)
+    assert a["age_mean"] != b["age_mean"] and a["site_vocab"] != b["site_vocab"]
+    assert frame["localization"].isin(set(a["site_vocab"]) ^ set(b["site_vocab"])).any()
+    expected = np.mean([_untempered(b).predict_frame(frame, progress=False)[P_COLS].to_numpy() for b in members], 0)
+    got = _untempered(read_bundle(ensemble)).predict_frame(frame, progress=False)[P_COLS].to_numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    predictor = Predictor.from_bundle(ensemble)
+    assert isinstance(predictor.model, EnsembleNet) and predictor.info["members"] == 2
+
+
+def test_bundle_loads_with_weights_only_and_bad_members_are_caught(ensemble):
+    bundle = torch.load(ensemble / "best_model.pt", map_location="cpu", weights_only=True)
+    check_bundle(bundle, "ensemble")
+    assert len(bundle["model_args"]["ensemble"]) == 2 and "ensemble of 2" in bundle["model_args"]["backbone"]
+    broken = copy.deepcopy(bundle)
+    broken["state_dict"]["members.1.meta.sex.weight"] = broken["state_dict"]["members.1.meta.sex.weight"][:1]
+    with pytest.raises(BundleError, match="member 1.*sex_vocab"):
+        check_bundle(broken, "ensemble")
+    broken = copy.deepcopy(bundle)
+    broken["model_args"]["ensemble"] = []
+    with pytest.raises(BundleError, match="non-empty list"):
+        check_bundle(broken, "ensemble")
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda b: b["preprocess"].update(input_size=96), "preprocessing.*input_size 64 vs 96"),
+    (lambda b: b["preprocess"].update(mean=[0.5, 0.5, 0.5]), "preprocessing.*mean"),
+    (lambda b: b["encoder"].update(site_vocab=b["encoder"]["site_vocab"][::-1]), "encoders differ.*site_vocab"),
+    (lambda b: b.update(classes=list(reversed(b["classes"]))), "class names"),
+])
+def test_members_that_do_not_share_preprocessing_or_encoder_are_refused(folds, tmp_path, change, words):
+    other = read_bundle(folds[1])
+    change(other)
+    atomic_torch_save(other, tmp_path / "other.pt")
+    with pytest.raises(BundleError, match=words):
+        build_ensemble([folds[0], tmp_path / "other.pt"], tmp_path / "ens")
+    assert main(["ensemble", "--runs", str(folds[0]), str(tmp_path / "other.pt"), "--output", str(tmp_path / "e")]) == 2
+
+
+def test_a_single_run_or_the_same_run_twice_is_refused(folds, tmp_path):
+    with pytest.raises(ValueError, match="at least two"):
+        build_ensemble([folds[0]], tmp_path / "ens")
+    with pytest.raises(ValueError, match="twice"):
+        build_ensemble([folds[0], folds[0] / "best_model.pt"], tmp_path / "ens")
+
+
+def test_trust_layer_is_fit_on_out_of_fold_logits(folds, ensemble, tmp_path):
+    bundle = read_bundle(ensemble)
+    trust = bundle["trust"]
+    figures = trust["figures"]
+    assert figures["out_of_fold_source"] == "the members' own validation splits"
+    assert figures["validation_images"] == 240  # two complementary folds cover every image once
+    assert trust["temperature"] != 1.0 and "held_out" in figures["calibration"]
+    assert bundle["metrics"]["n"] == 240 and "out-of-fold" in bundle["metrics"]["source"]
+    assert (ensemble / "model_card.md").is_file() and (ensemble / "reliability.png").is_file()
+    # The same logits from an oof_predictions.csv beside the runs (the `--all-folds` layout) give the same T.
+    oof = _oof_csv(folds)
+    oof.to_csv(folds[0].parent / OOF_NAME, index=False)
+    try:
+        again = read_bundle(build_ensemble(folds, tmp_path / "from_csv"))
+    finally:
+        (folds[0].parent / OOF_NAME).unlink()
+    assert again["trust"]["figures"]["out_of_fold_source"].endswith(OOF_NAME)
+    assert again["trust"]["temperature"] == pytest.approx(trust["temperature"], rel=1e-4)
+
+
+def _oof_csv(folds) -> pd.DataFrame:
+    """Each fold's member on its own validation images, in the `skain predict` CSV format plus fold/logits."""
+    from skain.trust.fitting import folder_split
+    parts = []
+    for k, run in enumerate(folds):
+        frame, _, val_idx, _ = folder_split(run)
+        val = frame.iloc[val_idx]
+        p = _untempered(read_bundle(run))
+        logits = []
+        p.trust.calibrate = lambda x, logits=logits: (logits.append(np.asarray(x)), torch.from_numpy(
+            np.asarray(x)).softmax(1).numpy())[1]
+        pred = p.predict_frame(val, progress=False)
+        parts.append(pred.assign(dx=val["dx"].to_numpy(), fold=k,
+                                 **{f"logit_{c}": np.concatenate(logits)[:, j] for j, c in enumerate(CLASSES)}))
+    return pd.concat(parts)
+
+
+def test_ood_score_is_the_mean_of_the_members_scores(folds, ensemble, synth_root):
+    image = next((synth_root / "dataset_test" / "image").glob("*.jpg"))
+    members = [Predictor.from_bundle(r).predict_one(image, 50, "male", "back").ood_score for r in folds]
+    got = Predictor.from_bundle(ensemble).predict_one(image, 50, "male", "back")
+    assert got.ood_score == pytest.approx(np.mean(members), rel=1e-4)
+    assert got.in_distribution is not None and got.triage is not None
+
+
+def test_predict_cli_runs_on_the_ensemble(ensemble, synth_root, tmp_path):
+    out = tmp_path / "pred.csv"
+    assert main(["predict", "--data", str(synth_root / "dataset_test"), "--model", str(ensemble),
+                 "--output", str(out), "--no-progress", "--tta", "2"]) == 0
+    pred = pd.read_csv(out)
+    assert len(pred) == 40 and pred["pred"].isin(CLASSES).all() and pred["ood_score"].notna().all()
+    assert np.allclose(pred[P_COLS].sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_web_api_and_heatmap_run_on_the_ensemble(ensemble, synth_root):
+    from skain.web import create_app
+    from skain.web.service import Service
+    service = Service.load(ensemble, device="cpu")
+    client = create_app({"TESTING": True}, service=service).test_client()
+    assert "ensemble of 2" in client.get("/api/model").json["backbone"]
+    image = next((synth_root / "dataset_test" / "image").glob("*.jpg")).read_bytes()
+    r = client.post("/api/predict", data={"image": (io.BytesIO(image), "x.jpg"), "age": "50", "heatmap": "1"},
+                    content_type="multipart/form-data")
+    assert r.status_code == 200, r.json
+    ref = service.predictor.predict_one(image, 50.0, None, None)
+    assert r.json["probabilities"] == pytest.approx(ref.probabilities, abs=1e-6)
+    assert r.json["heatmap"]["target"] == ref.diagnosis
+
+
+def test_gradcam_combines_every_members_map(ensemble, synth_root):
+    predictor = Predictor.from_bundle(ensemble)
+    image = next((synth_root / "dataset_test" / "image").glob("*.jpg"))
+    seen = []
+    for part in predictor.model.backbone.parts:
+        part.global_pool.register_forward_pre_hook(lambda _m, inputs: seen.append(inputs[0].shape))
+    ex = GradCam(predictor)(image, 50, "male", "back")
+    assert len(seen) == 2
+    size = predictor.preprocess["input_size"]
+    assert ex.heat.shape == (size, size) and ex.heat.min() >= 0 and ex.heat.max() == pytest.approx(1.0)
+    assert ex.target == predictor.predict_one(image, 50, "male", "back").diagnosis
+
+
+@pytest.mark.parametrize("backend", list(GRAPH_RUNTIMES))
+def test_exported_ensemble_matches_pytorch(ensemble, frame, tmp_path, backend):
+    bundle = tmp_path / "best_model.pt"
+    bundle.write_bytes((ensemble / "best_model.pt").read_bytes())
+    assert main(["export", "--model", str(tmp_path)]) == 0
+    ref = Predictor.from_bundle(tmp_path).predict_frame(frame, progress=False)
+    got = Predictor.from_bundle(tmp_path, backend=backend).predict_frame(frame, progress=False)
+    assert np.abs(ref[P_COLS].to_numpy() - got[P_COLS].to_numpy()).max() <= 1e-4
+    np.testing.assert_allclose(got["ood_score"], ref["ood_score"], rtol=1e-3)
+
+
+def test_members_with_one_encoder_feed_it_straight_through_in_every_backend(folds, frame, tmp_path):
+    """Identical encoders (e.g. runs that differ only in seed): identity maps, no extra graph nodes, and an
+    ensemble of two copies of one network predicts exactly as that network, in PyTorch and in OpenVINO."""
+    copy_dir = tmp_path / "copy"
+    copy_dir.mkdir()
+    (copy_dir / "best_model.pt").write_bytes((folds[0] / "best_model.pt").read_bytes())
+    path = build_ensemble([folds[0], copy_dir], tmp_path / "ens")
+    bundle = read_bundle(path)
+    assert bundle["encoder"] == read_bundle(folds[0])["encoder"]
+    member = _untempered(read_bundle(folds[0])).predict_frame(frame, progress=False)[P_COLS].to_numpy()
+    got = _untempered(bundle).predict_frame(frame, progress=False)[P_COLS].to_numpy()
+    np.testing.assert_allclose(got, member, atol=1e-6)
+    assert main(["export", "--model", str(path)]) == 0
+    graph = Predictor.from_bundle(path, backend="openvino").predict_frame(frame, progress=False)[P_COLS].to_numpy()
+    assert np.abs(graph - Predictor.from_bundle(path).predict_frame(frame, progress=False)[P_COLS].to_numpy()).max() <= 1e-4
