@@ -244,7 +244,8 @@ def run_evaluate(ns: argparse.Namespace) -> int:
 
 
 def add_export_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="outputs", help="trained output folder or .pt bundle (default outputs)")
+    p.add_argument("--model", default="outputs",
+                   help="trained output folder, .pt bundle or .safetensors file (default outputs)")
     p.add_argument("--format", choices=["onnx", "safetensors"], default="onnx",
                    help="onnx: the network as an ONNX graph; safetensors: the whole bundle as one portable file "
                         "(no pickle) that every --model accepts")
