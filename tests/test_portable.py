@@ -60,7 +60,9 @@ def test_file_holds_tensors_by_dotted_path_and_the_rest_as_json(bundle, tmp_path
     path = export_portable(bundle, tmp_path / "m.safetensors", "float16")
     head = header(path)
     assert head["state_dict.head.0.weight"]["dtype"] == "F16"
-    assert head["state_dict.backbone.bn1.running_var"]["dtype"] == "F16"              # buffers too
+    assert head["state_dict.backbone.conv_stem.weight"]["dtype"] == "F16"             # kernels too
+    assert head["state_dict.backbone.bn1.running_var"]["dtype"] == "F32"              # BN vectors stay exact
+    assert head["state_dict.head.0.bias"]["dtype"] == "F32"
     assert head["state_dict.backbone.bn1.num_batches_tracked"]["dtype"] == "I64"      # integers unchanged
     assert head["trust.ood.parts.0.whitener"]["dtype"] == "F32"                        # OOD stays float32
     doc = json.loads(head["__metadata__"][META_KEY])
@@ -99,10 +101,11 @@ def test_values_a_portable_file_cannot_hold_are_refused_by_name(bundle, tmp_path
 
 def test_weights_beyond_float16_range_stay_float32(bundle, tmp_path):
     state = dict(bundle["state_dict"])
-    state["head.0.bias"] = state["head.0.bias"].clone().fill_(1e6)
+    state["head.0.weight"] = state["head.0.weight"].clone().fill_(1e6)
     path = export_portable({**bundle, "state_dict": state}, tmp_path / "m.safetensors", "float16")
-    assert header(path)["state_dict.head.0.bias"]["dtype"] == "F32"
-    assert torch.equal(read_bundle(path)["state_dict"]["head.0.bias"], state["head.0.bias"])
+    head = header(path)
+    assert head["state_dict.head.0.weight"]["dtype"] == "F32" and head["state_dict.head.3.weight"]["dtype"] == "F16"
+    assert torch.equal(read_bundle(path)["state_dict"]["head.0.weight"], state["head.0.weight"])
 
 
 def test_folder_with_only_a_portable_file_resolves_to_it(bundle, tmp_path):

@@ -68,7 +68,7 @@ def resolve_path(model: str | Path) -> Path:
         portable = path / Path(BUNDLE_NAME).with_suffix(".safetensors")
         path = portable if portable.is_file() and not (path / BUNDLE_NAME).is_file() else path / BUNDLE_NAME
     if not path.is_file():
-        raise BundleError(f"no trained model at {model}: train one with `skain train` (or `make demo`), "
+        raise BundleError(f"no trained model at {model}: train one with `skain train` (or `skain demo --synthetic`), "
                           "or pass --model with an output folder, a .pt bundle or a .safetensors file")
     return path
 
