@@ -3,18 +3,24 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 EXTRAS ?= dev
+DEMO_EXTRAS ?= web
+SYNTHETIC_DEMO := outputs/demo-synthetic
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo demo-synthetic test test-fast clean
 
 setup: $(VENV)/.installed-$(EXTRAS)
 
-$(VENV)/.installed-$(EXTRAS): pyproject.toml
+# .installed-<extras>: skAIn installed (editable) with those extras; redone when pyproject.toml changes
+$(VENV)/.installed-%: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	$(BIN)/python -m pip install -q -e ".[$*]"
 	touch $@
 
-demo: setup  ## synthetic demo data -> short cpu-preset training -> web app on http://localhost:5000
+demo: $(VENV)/.installed-$(DEMO_EXTRAS)  ## the HAM10000 model shipped with skAIn on http://localhost:5000 (no training)
 	$(BIN)/skain demo
+
+demo-synthetic: $(VENV)/.installed-$(DEMO_EXTRAS)  ## SYNTHETIC images -> short cpu training -> web app (in $(SYNTHETIC_DEMO)/)
+	$(BIN)/skain demo --synthetic --output $(SYNTHETIC_DEMO)
 
 test: setup  ## the whole test suite (what CI runs)
 	$(BIN)/python -m pytest -q --durations=15
@@ -22,5 +28,5 @@ test: setup  ## the whole test suite (what CI runs)
 test-fast: setup  ## skip the slow (real-data, browser, multi-process) tests
 	$(BIN)/python -m pytest -q -m "not slow"
 
-clean:
-	rm -rf outputs dataset_train dataset_test .pytest_cache
+clean:  ## only what the demo and the tests made; never outputs/ runs or dataset_train/ (real data lives there)
+	rm -rf $(SYNTHETIC_DEMO) .pytest_cache

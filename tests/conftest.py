@@ -45,3 +45,17 @@ def shared_data() -> Path:
     if not (SHARED / "images").is_dir():
         pytest.skip(f"real HAM10000 sample not found at {SHARED}")
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def default_model(trained, tmp_path_factory) -> Path:
+    """The model commands fall back to: the shipped HAM10000 file when this checkout has it, else a stand-in
+    exported from the tiny trained bundle (without its OOD check, which knows only synthetic drawings and would
+    turn every real lesion away). Tests point SKAIN_DEFAULT_MODEL at it."""
+    from skain.bundle import read_bundle
+    from skain.portable import SHIPPED_MODEL, export_portable
+    if SHIPPED_MODEL.is_file():
+        return SHIPPED_MODEL
+    bundle = read_bundle(trained)
+    bundle["trust"] = {k: v for k, v in bundle["trust"].items() if k != "ood"}
+    return export_portable(bundle, tmp_path_factory.mktemp("stand_in") / "ham10000.safetensors", "float32")

@@ -128,3 +128,84 @@ def test_keyboard_only_user_can_open_the_file_chooser_and_sees_api_errors(server
     page.wait_for_selector("#status.error")
     assert "age must be between 0 and 120" in page.locator("#status").inner_text()
     page.close()
+
+
+# ------------------------------------------------------------------------------------------- out of the box
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def default_server(browser, default_model, tmp_path_factory):
+    """`skain serve` as a user starts it: its own process, no --model, no outputs/ in the working folder, so it
+    falls back to the default model (the shipped file, or the stand-in through SKAIN_DEFAULT_MODEL).
+    Yields the URL, the start time and the seconds until /api/health answered."""
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from skain.portable import DEFAULT_MODEL_ENV
+    cwd, port = tmp_path_factory.mktemp("fresh_user"), free_port()
+    log = (cwd / "serve.log").open("w")
+    env = {**os.environ, DEFAULT_MODEL_ENV: str(default_model),
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "skain", "serve", "--port", str(port)], cwd=cwd, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"skain serve exited with {proc.returncode}:\n{(cwd / 'serve.log').read_text()}")
+            if time.perf_counter() - start > 180:
+                pytest.fail("skain serve did not answer /api/health within 180 s")
+            try:
+                urllib.request.urlopen(url + "/api/health", timeout=2).read()
+                break
+            except OSError:
+                time.sleep(0.1)
+        yield url, start, time.perf_counter() - start, cwd / "serve.log"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        log.close()
+
+
+def test_fresh_user_drops_a_real_lesion_on_the_default_model_and_gets_a_diagnosis(default_server, browser,
+                                                                                   shared_data, default_model):
+    import time
+
+    from skain.portable import SHIPPED_MODEL
+    url, start, ready, log = default_server
+    image = real_image(shared_data)
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    errors = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(url)
+    about = page.locator("#about-model-file")
+    assert default_model.name in about.inner_text() and about.get_attribute("data-kind") == "shipped"
+    assert "shipped with skAIn" in about.inner_text() and "CC BY-NC 4.0" in about.inner_text()
+    drop_file(page, "#dropzone", image)
+    page.wait_for_selector("#preview:not([hidden])")
+    with page.expect_response(lambda r: r.url.endswith("/api/predict")) as answer:
+        page.click("#submit")
+    api = answer.value.json()
+    page.wait_for_selector('#results[data-state="done"]', timeout=30_000)
+    first_diagnosis = time.perf_counter() - start
+    print(f"\nskain serve start -> /api/health {ready:.1f} s -> first diagnosis of {image.name} in the browser "
+          f"{first_diagnosis:.1f} s (model {default_model.name}"
+          f"{', the real shipped file' if default_model == SHIPPED_MODEL else ', the stand-in'})")
+    assert answer.value.status == 200, api
+    assert not api["rejected"], "a real HAM10000 lesion was turned away as 'not dermoscopic'"
+    assert page.locator("#rejected").is_hidden()
+    assert page.locator("#bars .bar").count() == 7
+    assert page.locator("#top-code").inner_text() == api["diagnosis"]
+    assert sum(api["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+    assert "shipped with skAIn" in log.read_text()  # the start-up line names the model
+    assert errors == []
+    assert first_diagnosis < 120, "far slower than the issue's 30 s from start to a first diagnosis"
+    page.close()

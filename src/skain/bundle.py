@@ -97,10 +97,11 @@ def resolve_path(model: str | Path) -> Path:
     """--model accepts an output folder (its best_model.pt) or a bundle file."""
     path = Path(model)
     if path.is_dir():
-        path = path / BUNDLE_NAME
+        portable = path / Path(BUNDLE_NAME).with_suffix(".safetensors")
+        path = portable if portable.is_file() and not (path / BUNDLE_NAME).is_file() else path / BUNDLE_NAME
     if not path.is_file():
-        raise BundleError(f"no trained model at {model}: train one with `skain train` (or `make demo`), "
-                          "or pass --model with an output folder or a .pt bundle")
+        raise BundleError(f"no trained model at {model}: train one with `skain train` (or `skain demo --synthetic`), "
+                          "or pass --model with an output folder, a .pt bundle or a .safetensors file")
     return path
 
 
@@ -130,8 +131,12 @@ def check_backbone(name: Any, origin: str = "bundle") -> str:
 
 
 def read_bundle(model: str | Path) -> dict:
+    """A .pt bundle (torch.load, weights_only) or a portable .safetensors file (skain.portable), checked."""
     path = resolve_path(model)
     check_torch()
+    if path.suffix == ".safetensors":
+        from .portable import read_portable
+        return read_portable(path)
     try:
         bundle = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:

@@ -131,32 +131,30 @@ def run_synth(ns: argparse.Namespace) -> int:
 
 
 def add_demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--output", default="outputs")
-    p.add_argument("--data", default="dataset_train")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--no-serve", action="store_true", help="train only; do not start the web app")
+    p.add_argument("--synthetic", action="store_true",
+                   help="instead: draw SYNTHETIC images, train a small model on them for a few minutes and serve "
+                        "that (everything inside --output)")
+    p.add_argument("--output", default="outputs/demo-synthetic",
+                   help="--synthetic: the demo's own folder; one holding anything else is refused "
+                        "(default outputs/demo-synthetic)")
+    p.add_argument("--epochs", type=int, default=3, help="--synthetic: training epochs")
+    p.add_argument("--no-serve", action="store_true", help="do not start the web app (say which model it would serve)")
     p.add_argument("--port", type=int, default=5000)
 
 
 def run_demo(ns: argparse.Namespace) -> int:
-    """Synthetic data (unless present) -> a short cpu-preset training -> the web app."""
-    from pathlib import Path
-
-    from .config import build_config
-    from .data.synthetic import SYNTHETIC_NOTE, make_synthetic
-    from .train import fit
-    if not Path(ns.data).exists():
-        make_synthetic(ns.data, 600, seed=0)
-        make_synthetic(Path(ns.data).parent / "dataset_test", 120, seed=1, split="test")
-    print(SYNTHETIC_NOTE)
-    cfg = build_config("cpu", flags={"data": {"data": ns.data},
-                                     "train": {"epochs": ns.epochs, "output": ns.output, "overwrite": True}})
-    fit(cfg)
-    serve = COMMANDS.get("serve")
-    if ns.no_serve or serve is None:
-        print(f"trained demo model in {ns.output}/")
+    """The shipped HAM10000 model in the web app at once; or SYNTHETIC data -> short training -> web app."""
+    from .demo import shipped_demo_model, synthetic_demo
+    if ns.synthetic:
+        from .data.synthetic import SYNTHETIC_NOTE
+        print(SYNTHETIC_NOTE)
+        model = synthetic_demo(ns.output, ns.epochs)
+    else:
+        model = shipped_demo_model()
+    if ns.no_serve:
+        print(f"demo model: {model}")
         return 0
-    return serve[1](argparse.Namespace(model=ns.output, host="127.0.0.1", port=ns.port, **_serve_defaults()))
+    return run_serve(argparse.Namespace(model=str(model), host="127.0.0.1", port=ns.port, **_serve_defaults()))
 
 
 def _serve_defaults() -> dict:
@@ -172,7 +170,8 @@ def run_check_gpu(ns: argparse.Namespace) -> int:
 COMMANDS.update({
     "train": (add_train_args, run_train, "train the multimodal classifier"),
     "synth": (add_synth_args, run_synth, "write a SYNTHETIC demo dataset in the seed layout"),
-    "demo": (add_demo_args, run_demo, "synthetic data -> short CPU training -> web app"),
+    "demo": (add_demo_args, run_demo, "serve the HAM10000 model shipped with skAIn (--synthetic: train a "
+                                      "demo model on synthetic images first)"),
     "check-gpu": (lambda p: None, run_check_gpu, "show device, CUDA, mixed precision and a timed matmul"),
 })
 
@@ -181,13 +180,15 @@ COMMANDS.update({
 PARTIAL_FAILURE = 3  # exit code: predictions written, but some images could not be read
 
 
+MODEL_HELP = ("output folder, .pt bundle or .safetensors file (default: outputs/ if a model was trained there, "
+              "else the HAM10000 model shipped with skAIn)")
 PRECISION_HELP = ("fp32 (reference); fast: the fastest variant measured to agree with fp32 (OpenVINO, else ONNX "
                   "Runtime, on CPU; channels_last on GPU); bf16 variants are faster but less exact")
 
 
 def add_predict_args(p: argparse.ArgumentParser) -> None:
     add_data_args(p, "./dataset_test")
-    p.add_argument("--model", default="outputs", help="trained output folder or .pt bundle (default outputs)")
+    p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--output", default="outputs/test_predictions.csv", help="predictions CSV to write")
     p.add_argument("--format", choices=["skain", "isic2018"], default="skain",
                    help="skain: image_id,pred,prob,p_<class>,error; isic2018: image,MEL,NV,BCC,AKIEC,BKL,DF,VASC")
@@ -205,10 +206,12 @@ def add_predict_args(p: argparse.ArgumentParser) -> None:
 def run_predict(ns: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from .portable import choose_model
     from .predict import Predictor, default_workers, prediction_table
     from .report import write_predictions
     frame, src = prediction_table(ns.data, ns.csv, ns.images, bool(ns.skip_missing))
-    predictor = Predictor.from_bundle(ns.model, device=ns.device, precision=ns.precision, tta=ns.tta,
+    model = choose_model(ns.model).path
+    predictor = Predictor.from_bundle(model, device=ns.device, precision=ns.precision, tta=ns.tta,
                                       backend=ns.backend)
     workers = ns.num_workers if ns.num_workers is not None else default_workers(predictor.device)
     cache = None if ns.cache_dir in (None, "off") else ns.cache_dir
@@ -221,7 +224,7 @@ def run_predict(ns: argparse.Namespace) -> int:
     if "dx" in frame and len(failed) < len(pred):
         data = str(src.csv or src.image_dirs[0])
         _report(pred, frame[["image_id", "dx"]], Path(ns.report or Path(ns.output).parent / "report"),
-                {"model": str(ns.model), "data": data, **_inference_context(predictor)},
+                {"model": str(model), "data": data, **_inference_context(predictor)},
                 _folder_trust(predictor, frame, data, pred, ns.batch_size, workers, cache, ns.progress))
     if len(failed):
         print(f"{len(failed)} image(s) could not be read; see the error column", file=sys.stderr)
@@ -312,12 +315,28 @@ def _evaluate_model(ns: argparse.Namespace) -> int:
 
 
 def add_export_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="outputs", help="trained output folder or .pt bundle (default outputs)")
-    p.add_argument("--output", help="ONNX file to write (default: beside the bundle, <bundle>.onnx)")
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--model", default="outputs",
+                   help="trained output folder, .pt bundle or .safetensors file (default outputs)")
+    p.add_argument("--format", choices=["onnx", "safetensors"], default="onnx",
+                   help="onnx: the network as an ONNX graph; safetensors: the whole bundle as one portable file "
+                        "(no pickle) that every --model accepts")
+    p.add_argument("--output", help="file to write (default: beside the bundle, <bundle>.onnx / .safetensors)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset")
+    s = p.add_argument_group("safetensors")
+    s.add_argument("--dtype", choices=["float16", "float32"], default="float16",
+                   help="storage of the network's weights (the OOD check stays float32; default float16)")
+    s.add_argument("--check-images", metavar="DIR", help="real images to prove parity on: a reduced-precision "
+                   "file is written only if it agrees with float32 (top-1 >= 99.5%%, max prob. diff <= 0.02)")
+    s.add_argument("--check-csv", metavar="FILE", help="metadata CSV for the parity images (age, sex, site)")
+    s.add_argument("--check-n", type=int, default=500, help="how many images the parity check uses (default 500)")
 
 
 def run_export(ns: argparse.Namespace) -> int:
+    if ns.format == "safetensors":
+        from .portable import export_checked
+        path, parity = export_checked(ns.model, ns.output, ns.dtype, ns.check_images, ns.check_csv, ns.check_n)
+        print((f"parity: {parity.line()}\n" if parity else "") + f"wrote {path}; use it with `--model {path}`")
+        return 0
     from .export import export_onnx
     path = export_onnx(ns.model, ns.output, ns.opset)
     print(f"wrote {path}; use it with `skain predict --backend onnx --model {ns.model}`")
@@ -333,7 +352,7 @@ COMMANDS.update({
 
 # --------------------------------------------------------------------------------------------- serve
 def add_serve_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="outputs", help="output folder or .pt bundle (default outputs)")
+    p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 = all; default 127.0.0.1)")
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--max-mb", type=float, help="largest accepted upload in MB (default 10)")
@@ -348,7 +367,9 @@ def run_serve(ns: argparse.Namespace) -> int:
         from .web.server import serve
     except ImportError as exc:
         raise ValueError(f"the web app needs Flask and waitress ({exc}): pip install 'skain[web]'") from exc
-    config = {"MODEL": ns.model, "CORS_ORIGIN": ns.cors, "PRECISION": ns.precision}
+    config = {"CORS_ORIGIN": ns.cors, "PRECISION": ns.precision}
+    if ns.model is not None:  # else SKAIN_MODEL, else outputs/ if trained there, else the shipped model
+        config["MODEL"] = ns.model
     if ns.max_mb is not None:
         if ns.max_mb <= 0:
             raise ValueError("--max-mb must be positive")

@@ -14,7 +14,8 @@ from . import api, errors, pages
 from .service import EXTENSION, Service
 
 DEFAULTS = {
-    "MODEL": "outputs",              # an output folder or a .pt bundle
+    "MODEL": None,                   # output folder, .pt bundle or .safetensors file; None: outputs/ if a
+                                     # model was trained there, else the HAM10000 model shipped with skAIn
     "DEVICE": "auto",
     "PRECISION": "fp32",             # "fast": the fastest inference path measured to agree with fp32
     "MAX_CONTENT_LENGTH": 10 * 2**20,  # bytes; larger uploads get 413

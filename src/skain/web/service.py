@@ -14,9 +14,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..bundle import resolve_path
 from ..data.schema import MAX_AGE, UNKNOWN
 from ..explain import ExplainError, GradCam
+from ..portable import ModelChoice, choose_model
 from ..predict import Prediction, Predictor
 from .content import describe
 
@@ -47,14 +47,17 @@ class Service:
     predictor: Predictor
     model_id: str
     explainer: GradCam | None = None
+    source: ModelChoice | None = None  # which model answers: the user's own or the one shipped with skAIn
 
     @classmethod
-    def load(cls, model: str | Path, device: str = "auto", precision: str = "fp32") -> "Service":
-        """Read the bundle once; the id is the first 12 hex digits of its SHA-256.
+    def load(cls, model: str | Path | None = None, device: str = "auto", precision: str = "fp32") -> "Service":
+        """Read the bundle once; the id is the first 12 hex digits of its SHA-256. No `model`: outputs/ if a
+        model was trained there, else the shipped HAM10000 model (`skain.portable.choose_model`).
 
         With precision "fast" predictions may run in OpenVINO/ONNX Runtime; heatmaps need gradients, so they
         then come from a PyTorch fp32 copy of the same network."""
-        path = resolve_path(model)
+        source = choose_model(model)
+        path = source.path
         predictor = Predictor.from_bundle(path, device=device, precision=precision)
         try:
             torch_side = predictor if predictor.backend == "torch" else Predictor(predictor.bundle, device=device)
@@ -62,7 +65,7 @@ class Service:
         except ExplainError as exc:
             log.warning("heatmaps off: %s", exc)
             explainer = None
-        return cls(predictor, file_id(path), explainer)
+        return cls(predictor, file_id(path), explainer, source)
 
     def predict(self, inputs: Inputs) -> Prediction:
         return self.predictor.predict_one(inputs.image, inputs.age, inputs.sex, inputs.localization,
@@ -173,7 +176,8 @@ def model_summary(service: Service) -> dict:
     training.pop("config", None)
     metrics = info.get("metrics", {})
     return jsonable({
-        "model_id": service.model_id, "backbone": info["backbone"], "image_only": info["image_only"],
+        "model_id": service.model_id, "model_file": service.source.summary() if service.source else None,
+        "backbone": info["backbone"], "image_only": info["image_only"],
         "input_size": info["input_size"], "classes": [describe(c) for c in info["classes"]],
         "vocabularies": info["vocabularies"], "skain_version": info.get("skain_version"),
         "heatmaps": service.explainer is not None, "inference": info["inference"],
