@@ -36,7 +36,7 @@ print(json.dumps({"used": used, "loaded": loaded_allocator(), "pid": pid, "final
 def run_probe(tmp_path: Path, allocator: str | None, *args: str) -> dict:
     script = tmp_path / "probe.py"
     script.write_text(PROBE)
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", runtime_env.REEXEC_VAR)
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", runtime_env.REEXEC_VAR, runtime_env.MODE_VAR)
            and not k.startswith("MALLOC_")}
     env["PYTHONPATH"] = SRC
     if allocator is not None:
