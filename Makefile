@@ -8,7 +8,7 @@ EXTRAS ?= dev
 
 setup: $(VENV)/.installed-$(EXTRAS) allocator
 
-# tcmalloc keeps training's large buffers between steps (glibc maps and unmaps them: a third of the CPU time in
+# tcmalloc keeps training's large buffers between steps (glibc maps and unmaps them: 20-38% of the CPU time in
 # the kernel); skain preloads it when installed and tunes glibc otherwise (src/skain/runtime_env.py).
 # Installed here only as root with apt-get; anywhere else this says how and goes on.
 allocator:

@@ -3,7 +3,7 @@
 Why: glibc's malloc serves every block above its mmap threshold (128 KiB, raised on the fly to at most 32 MiB)
 with a fresh mmap and gives it back with munmap on free. A CPU training step at batch 32 and 224 px allocates
 activations and gradients of 25-100 MiB each, so every step maps them, page-faults them in page by page and
-unmaps them again: on 2 cores a third of the CPU time went to the kernel (munmap, page faults). Measured in
+unmaps them again: on 2 cores 20-38% of the CPU time went to the kernel (munmap, page faults). Measured in
 benchmarks/kernel_time.py.
 
 What `prepare_process()` does, once, first thing in `skain` (console script, `python -m skain`, root scripts):
