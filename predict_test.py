@@ -5,7 +5,7 @@
 """
 import sys
 
-from skain.cli import main
+from skain.runtime_env import run_cli  # allocator set-up first, then skain.cli (see skain.runtime_env)
 
 if __name__ == "__main__":
-    sys.exit(main(["predict", *sys.argv[1:]]))
+    sys.exit(run_cli(["predict", *sys.argv[1:]]))

@@ -10,6 +10,7 @@ from .bundle import BundleError
 from .data.images import ImageError
 from .data.schema import DataError
 from .data.split import LeakageError
+from .runtime_env import prepare_process
 from .weights import WeightsError
 
 USER_ERRORS = (DataError, ImageError, BundleError, WeightsError, LeakageError, ValueError, FileNotFoundError)
@@ -524,6 +525,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     setup_logging(ns.verbose)
     try:
+        if argv is None:  # the real command line: no-op after runtime_env.run_cli, else tunes malloc in-process
+            prepare_process(reexec=False)
         return COMMANDS[ns.command][1](ns)
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
