@@ -334,3 +334,25 @@ def test_trust_fitting_logs_its_timing_and_respects_a_spent_budget(trained, tmp_
     text = caplog.text
     assert "images/s" in text and "training features of" in text and "time budget" in text
     assert figures["fit_seconds"] > 0 and figures["calibration"]["held_out"]
+
+
+def test_triage_threshold_keeps_its_sensitivity_when_every_field_is_left_blank():
+    """Validation logits with metadata and (less confident about malignancy) with every field blank: the
+    threshold must reach the target on both, in-sample, and the cross-fit reports the blank figures held out."""
+    from skain.trust.fitting import TrustSettings, cross_fit, halves, triage_part
+    from skain.trust.triage import malignant_columns
+    va = _validation_outputs()
+    cols = malignant_columns(CLASSES)
+    blank = va.logits.copy()
+    blank[:, cols] -= 1.5  # without age/site the model sees less malignancy
+    va.blank_logits = blank
+    s = TrustSettings()
+    frame = pd.DataFrame({"lesion_id": [f"L{i}" for i in range(len(va.labels))], "dx": np.array(CLASSES)[va.labels]})
+    held = cross_fit(va, halves(frame, seed=0), cols, None, s)
+    probs, blank_probs = (np.exp(z) / np.exp(z).sum(1, keepdims=True) for z in (va.logits, blank))
+    with_blank = triage_part(probs, va.labels, CLASSES, held, s, blank_probs)
+    present_only = triage_part(probs, va.labels, CLASSES, None, s)
+    assert with_blank["all_blank"]["sensitivity"] >= s.target_sensitivity
+    assert with_blank["sensitivity"] >= s.target_sensitivity
+    assert with_blank["threshold"] < present_only["threshold"]
+    assert {"sensitivity", "specificity"} <= set(with_blank["held_out_all_blank"])

@@ -38,8 +38,9 @@ from .engine import resolve_device
 from .metrics import classification_metrics
 from .model import EnsembleNet
 from .trust.calibration import apply_temperature
-from .trust.fitting import (Outputs, TrustSettings, calibration_part, extract, folder_split, triage_part,
-                            write_reports)
+from .trust.fitting import (Outputs, TrustSettings, calibration_part, cross_fit, extract, folder_split,
+                            triage_part, write_reports)
+from .trust.triage import malignant_columns
 from .trust.modelcard import build_card
 from .trust.ood import EnsembleScorer, scorer_from_state
 
@@ -228,8 +229,9 @@ def fit_trust_oof(bundle: dict, oof: pd.DataFrame | None, source: str, ood: dict
         va = Outputs(oof[[f"logit_{c}" for c in classes]].to_numpy(np.float64), oof["label"].to_numpy(int),
                      np.zeros((len(oof), 0)))
         parts = fold_halves(oof["fold"].to_numpy())
-        t, calib, held = calibration_part(va, parts, settings)
-        triage = triage_part(apply_temperature(va.logits, t), held, va.labels, classes, parts, settings)
+        held = cross_fit(va, parts, malignant_columns(classes), None, settings) if parts else None
+        t, calib = calibration_part(va, held, settings)
+        triage = triage_part(apply_temperature(va.logits, t), va.labels, classes, held, settings)
         figures |= {"validation_images": int(len(oof)), "calibration": calib, "triage": triage,
                     "held_out_method": "out-of-fold (each image scored by the member that did not train on it), "
                                        "cross-fitted over two groups of folds" if parts else "none (one fold)"}

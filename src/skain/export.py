@@ -41,7 +41,7 @@ def example_inputs(bundle: dict, batch: int = 2) -> tuple[torch.Tensor, ...]:
     size = bundle["preprocess"]["input_size"]
     gen = torch.Generator().manual_seed(0)
     n_sex, n_site = len(bundle["encoder"]["sex_vocab"]), len(bundle["encoder"]["site_vocab"])
-    return (torch.randn(batch, 3, size, size, generator=gen), torch.randn(batch, bundle["model_args"].get("age_inputs", 1), generator=gen),
+    return (torch.randn(batch, 3, size, size, generator=gen), torch.randn(batch, 2 if bundle["encoder"].get("missing_flag") else 1, generator=gen),
             torch.randint(0, n_sex, (batch,), generator=gen), torch.randint(0, n_site, (batch,), generator=gen))
 
 

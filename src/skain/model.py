@@ -153,7 +153,11 @@ class EnsembleNet(nn.Module):
             return age, sex, site  # unused: the exported graph of image-only members keeps only `image`
         if self._same_encoders():
             return age, sex, site
-        return age * self.age_affine[i, 0] + self.age_affine[i, 1], self.sex_map[i][sex], self.site_map[i][site]
+        years = age[:, :1] * self.age_affine[i, 0] + self.age_affine[i, 1]
+        if age.shape[1] > 1:  # (age, missing flag): a missing age stays 0 for every member, whatever its mean
+            flag = age[:, 1:]
+            years = torch.cat([years * (1 - flag), flag], dim=1)
+        return years, self.sex_map[i][sex], self.site_map[i][site]
 
     def _same_encoders(self) -> bool:
         """All maps are identities: then the inputs go straight in. (OpenVINO 2025 gets the batch size of

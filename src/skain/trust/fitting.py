@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from ..bundle import BUNDLE_NAME, atomic_torch_save, atomic_write, load_model, read_bundle
 from ..data.dataset import LesionDataset
-from ..data.encoder import MetadataEncoder
+from ..data.encoder import FIELDS, MetadataEncoder
 from ..data.images import ImageLoader
 from ..data.transforms import eval_transform, image_to_tensor
 from ..engine import predict_logits, resolve_device
@@ -60,6 +60,7 @@ class Outputs:
     logits: np.ndarray
     labels: np.ndarray
     features: np.ndarray
+    blank_logits: np.ndarray | None = None  # the same images with age, sex and site all left empty
 
 
 def extract(model: torch.nn.Module, bundle: dict, frame: pd.DataFrame, loader_fn: ImageLoader,
@@ -71,6 +72,19 @@ def extract(model: torch.nn.Module, bundle: dict, frame: pd.DataFrame, loader_fn
     with BackboneTap(model) as tap:
         res = predict_logits(model, DataLoader(ds, batch_size, shuffle=False), device, None, False, desc, progress)
     return Outputs(res["logits"].astype(np.float64), res["label"].astype(int), tap.features())
+
+
+@torch.no_grad()
+def blank_logits(model: torch.nn.Module, bundle: dict, frame: pd.DataFrame, features: np.ndarray,
+                 device: torch.device) -> np.ndarray | None:
+    """Logits of the same images with age, sex and site all left empty, from the backbone features already
+    extracted (only the metadata branch and head run again). None for image-only models and ensembles."""
+    if getattr(model, "meta", None) is None or not hasattr(model, "head"):
+        return None
+    enc = MetadataEncoder.from_state(bundle["encoder"])
+    age, sex, site = (torch.as_tensor(x, device=device) for x in enc.blank(*enc.transform(frame), set(FIELDS)))
+    z = torch.cat([torch.as_tensor(features, dtype=torch.float32, device=device), model.eval().meta(age, sex, site)], 1)
+    return model.head(z).float().cpu().numpy().astype(np.float64)
 
 
 @torch.no_grad()
@@ -104,15 +118,24 @@ class Chosen:
     ood_threshold: float | None = None
 
 
+def triage_threshold(prob_sets: list[np.ndarray], positive: np.ndarray, cols: list[int], target: float) -> float:
+    """The highest P(malignant) threshold that reaches the target sensitivity on every probability set given
+    (metadata as entered and metadata left blank): the promise holds whether or not the form is filled."""
+    return min(threshold_for_sensitivity(p[:, cols].sum(1), positive, target) for p in prob_sets)
+
+
 def choose(logits: np.ndarray, labels: np.ndarray, features: np.ndarray | None, cols: list[int] | None,
-           base_ood: MahalanobisScorer | MaxScorer | None, s: TrustSettings) -> Chosen:
-    """Temperature, triage threshold (on softmax(z / T) with this T) and OOD scales/threshold, all from
-    these rows alone: the cross-fit calls it on one half and applies the result to the other."""
+           base_ood: MahalanobisScorer | MaxScorer | None, s: TrustSettings,
+           blank_logits: np.ndarray | None = None) -> Chosen:
+    """Temperature, triage threshold (on softmax(z / T) with this T, with and without metadata) and OOD
+    scales/threshold, all from these rows alone: the cross-fit calls it on one half and applies the result to
+    the other."""
     t = fit_temperature(logits, labels)
     thr = None
     positive = np.isin(labels, cols) if cols is not None else None
     if positive is not None and positive.any():
-        thr = threshold_for_sensitivity(apply_temperature(logits, t)[:, cols].sum(1), positive, s.target_sensitivity)
+        sets = [apply_temperature(z, t) for z in (logits, blank_logits) if z is not None]
+        thr = triage_threshold(sets, positive, cols, s.target_sensitivity)
     if base_ood is None or features is None:
         return Chosen(t, thr)
     scorer = base_ood.rescaled(features, s.false_rejection)
@@ -125,6 +148,7 @@ class HeldOut:
 
     probs: np.ndarray                # softmax(z / T_other)
     flagged: np.ndarray | None       # P(malignant) under T_other >= threshold_other (None: a half lacks malignant)
+    flagged_blank: np.ndarray | None  # the same with every metadata field left empty (None: not measured)
     ood_ratio: np.ndarray | None     # OOD score / threshold, scales and threshold from the other half (> 1: rejected)
 
 
@@ -132,21 +156,26 @@ def cross_fit(va: Outputs, parts: list[np.ndarray], cols: list[int] | None,
               base_ood: MahalanobisScorer | MaxScorer | None, s: TrustSettings) -> HeldOut:
     """Each half is scored with the temperature, triage threshold and OOD scales/threshold chosen on the other
     half alone, so no row's held-out figure ever sees that row's half (labels or features)."""
-    chosen = [choose(va.logits[p], va.labels[p], va.features[p] if base_ood else None, cols, base_ood, s)
-              for p in parts]
+    blank = va.blank_logits
+    chosen = [choose(va.logits[p], va.labels[p], va.features[p] if base_ood else None, cols, base_ood, s,
+                     None if blank is None else blank[p]) for p in parts]
     n = len(va.labels)
     probs = np.zeros((n, va.logits.shape[1]))
     has_triage = cols is not None and all(c.triage_threshold is not None for c in chosen)
     flagged = np.zeros(n, dtype=bool) if has_triage else None
+    flagged_blank = np.zeros(n, dtype=bool) if has_triage and blank is not None else None
     ood_ratio = np.zeros(n) if base_ood is not None else None
     for i, part in enumerate(parts):
         other = chosen[1 - i]
         probs[part] = apply_temperature(va.logits[part], other.temperature)
         if flagged is not None:
             flagged[part] = probs[part][:, cols].sum(1) >= other.triage_threshold
+        if flagged_blank is not None:
+            p_blank = apply_temperature(blank[part], other.temperature)[:, cols].sum(1)
+            flagged_blank[part] = p_blank >= other.triage_threshold
         if ood_ratio is not None:
             ood_ratio[part] = other.ood.score(va.features[part]) / max(other.ood_threshold, 1e-12)
-    return HeldOut(probs, flagged, ood_ratio)
+    return HeldOut(probs, flagged, flagged_blank=flagged_blank, ood_ratio=ood_ratio)
 
 
 # ----------------------------------------------------------------------------- the three pieces
@@ -165,8 +194,9 @@ def calibration_part(va: Outputs, held: HeldOut | None, s: TrustSettings) -> tup
 
 
 def triage_part(probs: np.ndarray, labels: np.ndarray, classes: list[str], held: HeldOut | None,
-                s: TrustSettings) -> dict:
-    """Threshold on P(malignant) for the target sensitivity; melanoma sensitivity at fixed specificities."""
+                s: TrustSettings, blank_probs: np.ndarray | None = None) -> dict:
+    """Threshold on P(malignant) for the target sensitivity with metadata as entered and (when `blank_probs`
+    is given) with every field left empty; melanoma sensitivity at fixed specificities."""
     cols = malignant_columns(classes)
     if cols is None:
         return {"threshold": None, "reason": f"model lacks one of {', '.join(MALIGNANT)}"}
@@ -174,14 +204,21 @@ def triage_part(probs: np.ndarray, labels: np.ndarray, classes: list[str], held:
     if not positive.any() or positive.all():
         return {"threshold": None, "reason": "validation split has no malignant (or no benign) lesions"}
     p_mal = probs[:, cols].sum(1)
+    sets = [probs] + ([blank_probs] if blank_probs is not None else [])
+    threshold = triage_threshold(sets, positive, cols, s.target_sensitivity)
     out = {"malignant_classes": list(MALIGNANT), "target_sensitivity": s.target_sensitivity,
-           **operating_point(p_mal, positive, threshold_for_sensitivity(p_mal, positive, s.target_sensitivity))}
+           "threshold_holds_for": "metadata as entered and all fields blank" if blank_probs is not None
+           else "metadata as entered", **operating_point(p_mal, positive, threshold)}
+    if blank_probs is not None:
+        out["all_blank"] = operating_point(blank_probs[:, cols].sum(1), positive, threshold)
     mel = classes.index("mel")
     out["melanoma_sensitivity_at_threshold"] = operating_point(p_mal, labels == mel, out["threshold"])["sensitivity"]
     out["melanoma_sensitivity_at_specificity"] = {
         f"{sp:.2f}": sensitivity_at_specificity(probs[:, mel], labels == mel, sp) for sp in (0.80, 0.90)}
     if held is not None and held.flagged is not None:
         out["held_out"] = triage_rates(held.flagged, positive, labels == mel)
+    if held is not None and held.flagged_blank is not None:
+        out["held_out_all_blank"] = triage_rates(held.flagged_blank, positive, labels == mel)
     return out
 
 
@@ -238,6 +275,7 @@ def fit_trust(bundle_path: str | Path, frame: pd.DataFrame, train_idx: np.ndarra
              f"; time budget {budget_s / 60:.1f} min" if budget_s is not None else "")
     va = extract(model, bundle, frame.iloc[val_idx], loader_fn, device, s.batch_size, progress,
                  "trust: validation features")
+    va.blank_logits = blank_logits(model, bundle, frame.iloc[val_idx], va.features, device)
     rate = len(val_idx) / max(time.perf_counter() - started, 1e-6)
     train_idx = budget_sample(train_idx, frame["dx"].to_numpy(), rate, _left(budget_s, started), s.seed)
     log.info("trust: validation features in %.0f s (%.1f images/s); training features of %d images: about %.1f min",
@@ -290,7 +328,8 @@ def assemble(bundle: dict, tr: Outputs, va: Outputs, parts, probes: dict[str, np
     scorer = ood_scorer(tr, va, s)
     held = cross_fit(va, parts, malignant_columns(classes), scorer, s) if parts else None
     t, calib = calibration_part(va, held, s)
-    triage = triage_part(apply_temperature(va.logits, t), va.labels, classes, held, s)
+    blank = None if va.blank_logits is None else apply_temperature(va.blank_logits, t)
+    triage = triage_part(apply_temperature(va.logits, t), va.labels, classes, held, s, blank)
     ood = ood_part(scorer, va, probes, held, s)
     figures = {"settings": asdict(s), "validation_images": int(len(va.labels)), "train_images": int(len(tr.labels)),
                "measured_on": "validation split of the training data (held-out lesions, same source)",

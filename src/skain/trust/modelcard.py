@@ -123,6 +123,12 @@ def _trust_sections(card: dict) -> list[str]:
                 f"({t['positives']} malignant / {t['negatives']} benign)",
                 f"- melanoma sensitivity: {_pct(t.get('melanoma_sensitivity_at_threshold'))} at the triage threshold, "
                 f"{_pct(mel.get('0.80'))} at 80% and {_pct(mel.get('0.90'))} at 90% specificity (P(mel), in-sample)"]
+        blank, ho_blank = t.get("all_blank"), t.get("held_out_all_blank")
+        if blank:
+            out += [f"- the threshold holds for {t.get('threshold_holds_for')}: with age, sex and site all left empty, "
+                    f"held-out sensitivity {_pct((ho_blank or {}).get('sensitivity'))}, specificity "
+                    f"{_pct((ho_blank or {}).get('specificity'))}; in-sample {_pct(blank['sensitivity'])} / "
+                    f"{_pct(blank['specificity'])}"]
     probes = o.get("probe_detection", {})
     out += ["", "### Out-of-distribution check",
             f"- {_ood_method(o)} on {o.get('features')} features; threshold set for "
