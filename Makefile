@@ -6,7 +6,7 @@ EXTRAS ?= dev
 DEMO_EXTRAS ?= web
 SYNTHETIC_DEMO := outputs/demo-synthetic
 
-.PHONY: setup allocator demo demo-synthetic test test-fast clean
+.PHONY: setup allocator demo demo-synthetic test test-fast model clean
 
 setup: $(VENV)/.installed-$(EXTRAS) allocator
 
@@ -37,6 +37,9 @@ test: setup  ## the whole test suite (what CI runs)
 
 test-fast: setup  ## skip the slow (real-data, browser, multi-process) tests
 	$(BIN)/python -m skain.runtime_env $(BIN)/python -m pytest -q -m "not slow"
+
+model: setup  ## rebuild the shipped model: make model CSV=.../HAM10000_metadata.csv IMAGES="dir1 dir2" (hours on 2 cores)
+	PATH=$(abspath $(BIN)):$$PATH bash scripts/build_model.sh
 
 clean:  ## only what the demo and the tests made; never outputs/ runs or dataset_train/ (real data lives there)
 	rm -rf $(SYNTHETIC_DEMO) .pytest_cache
