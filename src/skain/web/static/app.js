@@ -131,9 +131,12 @@
     $("top-name").textContent = r.name;
     $("top-code").textContent = r.diagnosis;
     $("top-tag").hidden = !r.malignant;
-    $("top-description").textContent = r.description;
+    const top = r.ranking[0];
+    $("top-description").textContent = top.code === r.diagnosis ? r.description : `${r.description} Named by the ` +
+      `balanced-accuracy decision rule, which weighs rare diagnoses up: the most probable class is ` +
+      `${top.name} (${pct(top.probability)}).`;
     countUp(r.probability);
-    renderBars(r.ranking);
+    renderBars(r.ranking, r.diagnosis);
     renderHeatmap(r.heatmap);
     renderExtras(r);
     if (window.matchMedia("(max-width: 820px)").matches) results.scrollIntoView({ behavior: "smooth" });
@@ -152,12 +155,12 @@
     requestAnimationFrame(step);
   }
 
-  function renderBars(ranking) {
+  function renderBars(ranking, chosen) {
     const list = $("bars");
     list.replaceChildren();
     ranking.forEach((c, i) => {
       const li = document.createElement("li");
-      li.className = "bar" + (i === 0 ? " top-class" : "");
+      li.className = "bar" + (c.code === chosen ? " top-class" : "");
       li.dataset.class = c.code;
       li.dataset.probability = String(c.probability);
       li.style.animationDelay = `${i * 70}ms`;
