@@ -104,8 +104,8 @@ def test_glibc_mode_keeps_large_blocks_in_the_heap(tmp_path):
 
 @pytest.mark.skipif(not LINUX_GLIBC or find_tcmalloc() is None,
                     reason="tcmalloc is not installed (apt-get install libtcmalloc-minimal4)")
-def test_auto_restarts_once_with_tcmalloc_keeping_pid_and_arguments(tmp_path):
-    got = run_probe(tmp_path, None, "--flag", "two words")
+def test_tcmalloc_mode_restarts_once_keeping_pid_and_arguments(tmp_path):
+    got = run_probe(tmp_path, "tcmalloc", "--flag", "two words")
     assert got["used"] == got["loaded"] == "tcmalloc"
     assert got["pid"] == got["final_pid"] and got["argv"] == ["--flag", "two words"]
     assert got["preload"].split()[0] == find_tcmalloc()
@@ -116,7 +116,7 @@ def test_no_second_restart_after_one_that_did_not_load_tcmalloc(monkeypatch):
     def execve(*args):
         raise AssertionError("restarted a second time")
     monkeypatch.setattr(runtime_env.os, "execve", execve)
-    monkeypatch.setenv(runtime_env.MODE_VAR, "auto")
+    monkeypatch.setenv(runtime_env.MODE_VAR, "tcmalloc")
     monkeypatch.setenv(runtime_env.REEXEC_VAR, str(os.getpid()))  # this process has restarted once already
     assert runtime_env.prepare_process() in ("glibc", *runtime_env.ALTERNATIVE_ALLOCATORS)
 
@@ -135,5 +135,12 @@ def test_runtime_env_runs_a_command_with_the_allocator(tmp_path):
     out = subprocess.run([sys.executable, "-m", "skain.runtime_env", sys.executable, "-c", code], env=env,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    expected = find_tcmalloc() or (str(runtime_env.MMAP_THRESHOLD) if LINUX_GLIBC else "")
-    assert expected in out.stdout
+    expected = str(runtime_env.MMAP_THRESHOLD) if LINUX_GLIBC else ""
+    assert expected in out.stdout and "tcmalloc" not in out.stdout  # auto = tuned glibc (OpenVINO aborts under tcmalloc)
+
+
+@pytest.mark.skipif(not LINUX_GLIBC, reason="glibc malloc tuning applies to Linux with glibc only")
+def test_default_tunes_glibc_and_never_preloads_tcmalloc(tmp_path):
+    """OpenVINO's compile_model aborted under a preloaded tcmalloc: the default must stay in-process glibc."""
+    got = run_probe(tmp_path, None)
+    assert got["used"] == "glibc" and got["loaded"] is None and not got["own_mapping"]

@@ -8,11 +8,13 @@ benchmarks/kernel_time.py.
 
 What `prepare_process()` does, once, first thing in `skain` (console script, `python -m skain`, root scripts):
 
-- ``SKAIN_ALLOCATOR=auto`` (default): re-executes the process once with tcmalloc preloaded when the system has
-  it (Debian/Ubuntu: ``apt-get install libtcmalloc-minimal4``); otherwise tunes glibc in-process (below).
-- ``tcmalloc``: the same, with a warning when tcmalloc is not installed.
-- ``glibc``: no re-exec; ``mallopt`` raises the mmap threshold and the trim threshold so freed activations stay
-  in the heap and are reused by the next step.
+- ``SKAIN_ALLOCATOR=auto`` (default) = ``glibc``: no re-exec; ``mallopt`` raises the mmap threshold and the
+  trim threshold so freed activations stay in the heap and are reused by the next step (within 2-3% of tcmalloc
+  in benchmarks/kernel_time.py).
+- ``tcmalloc``: opt-in; re-executes the process once with tcmalloc preloaded when the system has it
+  (Debian/Ubuntu: ``apt-get install libtcmalloc-minimal4``), else tuned glibc with a warning. Not the default:
+  OpenVINO (``--precision fast``, ``--backend openvino``) aborts in ``compile_model`` under a preloaded tcmalloc
+  (seen 2026-11-26 with OpenVINO's ensemble graph), and a crash in the fast path costs more than 2%.
 - ``system``: changes nothing.
 
 ``python -m skain.runtime_env CMD [ARGS...]`` runs another command (the test suite) with the same allocator,
@@ -111,7 +113,7 @@ def child_env(environ: dict | None = None) -> tuple[dict, str]:
     """The environment that gives another process the allocator `prepare_process` would pick -> (env, name)."""
     env = dict(os.environ if environ is None else environ)
     mode = allocator_mode(env)
-    lib = find_tcmalloc() if mode in ("auto", "tcmalloc") and sys.platform.startswith("linux") else None
+    lib = find_tcmalloc() if mode == "tcmalloc" and sys.platform.startswith("linux") else None
     if lib:
         return preload_env(lib, env), "tcmalloc"
     if mode != "system" and is_glibc():
@@ -132,7 +134,7 @@ def prepare_process(reexec: bool = True) -> str:
     loaded = loaded_allocator()
     if loaded:
         return loaded
-    if mode in ("auto", "tcmalloc") and reexec and os.environ.get(REEXEC_VAR) != str(os.getpid()):
+    if mode == "tcmalloc" and reexec and os.environ.get(REEXEC_VAR) != str(os.getpid()):
         lib = find_tcmalloc()
         if lib:
             _reexec(preload_env(lib))
