@@ -65,3 +65,5 @@ def test_holdout_keeps_validation_and_test_apart_and_labels_them(cv):
     assert metrics["data"]["holdout"] is True and metrics["metadata_ablation"]["split"] == "test"
     assert metrics["data"]["test_images"] > 0 and metrics["data"]["val_images"] > 0
     assert "SYNTHETIC" in metrics["note"]  # the synthetic note wins; real runs say the test fold chose nothing
+    card = (out / "fold0" / "model_card.md").read_text()
+    assert "With and without metadata (test fold (chose nothing))" in card and "| all three blank |" in card

@@ -503,6 +503,7 @@ def finish(out: Path, run: Run, prep: Prepared, bundle_extra: dict, trust: dict 
                "trust": trust or {}}
     summary.update(score_best(out, prep, device, cache_dir))
     atomic_json(summary, out / "metrics.json")
+    card_with_metadata(out, summary["metadata_ablation"])
     m = best["metrics"]
     log.info("best epoch %d: validation balanced accuracy %.3f, macro AUC %.3f, accuracy %.3f -> %s",
              summary["best_epoch"], m["balanced_accuracy"], m["macro_auc"], m["accuracy"], out / BUNDLE_NAME)
@@ -511,6 +512,17 @@ def finish(out: Path, run: Run, prep: Prepared, bundle_extra: dict, trust: dict 
         log.info("test fold (chose nothing): balanced accuracy %.3f, macro AUC %.3f, melanoma recall %.3f",
                  t["balanced_accuracy"], t["macro_auc"], t["melanoma_recall"])
     return summary
+
+
+def card_with_metadata(out: Path, table: dict) -> None:
+    """Put the with/without-metadata table into the bundle's model card (and model_card.md, if written)."""
+    from .trust.modelcard import to_markdown
+    bundle = torch.load(out / BUNDLE_NAME, map_location="cpu", weights_only=True)
+    if not bundle.get("model_card"):
+        return
+    bundle["model_card"]["metadata_ablation"] = table
+    atomic_torch_save(bundle, out / BUNDLE_NAME)
+    atomic_write(out / "model_card.md", lambda fh: fh.write(to_markdown(bundle["model_card"]).encode("utf-8")))
 
 
 def score_best(out: Path, prep: Prepared, device: torch.device | None, cache_dir: Path | None) -> dict:

@@ -66,7 +66,8 @@ def to_markdown(card: dict) -> str:
               "## Model", f"- backbone `{m['backbone']}` ({'image only' if m['image_only'] else 'image + age/sex/site'}), "
               f"input {m['input_size']} px, pretrained weights: {m['pretrained']}, preset: {m['preset']}",
               f"- skAIn {m['skain_version']}, card written {m['created']}", ""]
-    lines += _data_section(d) + _metrics_section(card["metrics"]) + _trust_sections(card)
+    lines += _data_section(d) + _metrics_section(card["metrics"]) + _metadata_section(card.get("metadata_ablation"))
+    lines += _trust_sections(card)
     lines += [line for ext in card.get("external") or [] for line in external_section(ext, validation_figures(card))]
     lines += ["## Known limitations"] + [f"- {x}" for x in card["limitations"]] + [""]
     return "\n".join(lines)
@@ -89,6 +90,26 @@ def _metrics_section(metrics: dict) -> list[str]:
            "| class | recall | precision | AUC | support |", "|---|---|---|---|---|"]
     for c, r in metrics.get("per_class", {}).items():
         out.append(f"| {c} | {_n(r.get('recall'))} | {_n(r.get('precision'))} | {_n(r.get('auc'))} | {r.get('support')} |")
+    return out + [""]
+
+
+VARIANT_NAMES = {"present": "fields as given", "age_blank": "age blank", "sex_blank": "sex blank",
+                 "site_blank": "site blank", "all_blank": "all three blank"}
+
+
+def _metadata_section(table: dict | None) -> list[str]:
+    """Scores with the metadata as given, each field blanked and all blanked (what a user who skips the form gets)."""
+    if not table:
+        return []
+    where = ("test fold (chose nothing)" if table.get("split") == "test"
+             else "validation split (it chose the epoch and thresholds)")
+    out = [f"## With and without metadata ({where})", "", "| input | balanced accuracy | macro AUC | melanoma recall |",
+           "|---|---|---|---|"]
+    for key, name in VARIANT_NAMES.items():
+        if key in table:
+            r = table[key]
+            out.append(f"| {name} | {_n(r.get('balanced_accuracy'))} | {_n(r.get('macro_auc'))} | "
+                       f"{_n(r.get('melanoma_recall'))} |")
     return out + [""]
 
 
