@@ -44,8 +44,7 @@ def variant_logits(predictor, frame: pd.DataFrame, variants: dict[str, set[str]]
                 if fields:
                     age, sex, site = (torch.as_tensor(x, device=predictor.device) for x in enc.blank(
                         age.cpu().numpy(), sex.cpu().numpy(), site.cpu().numpy(), fields))
-                z = feats if model.meta is None else torch.cat([feats, model.meta(age, sex, site)], dim=1)
-                out[name].append(model.head(z).float().cpu())
+                out[name].append(model.classify(feats, age, sex, site).float().cpu())
     return {name: torch.cat(chunks).numpy() for name, chunks in out.items()}
 
 

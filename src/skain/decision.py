@@ -75,8 +75,6 @@ def fit_tau(probs: np.ndarray, labels: np.ndarray, log_prior: np.ndarray, grid=G
 def fit_from_oof(oof_csv: str | Path, model: str | Path | None = None) -> dict:
     """`skain decide`: fit tau on out-of-fold predictions (nested estimate included); with `model`, store the
     rule in that bundle so `skain predict`, the API and the web app name classes by it."""
-    import torch
-
     from .bundle import atomic_torch_save, read_bundle, resolve_path
     oof = pd.read_csv(oof_csv)
     missing = [c for c in ("dx", "fold", *(f"p_{c}" for c in CLASSES)) if c not in oof.columns]

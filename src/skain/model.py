@@ -44,14 +44,20 @@ class SkainNet(nn.Module):
         )
 
     def forward(self, image: torch.Tensor, age: torch.Tensor, sex: torch.Tensor, site: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(image, age, sex, site))
+        return self.classify(self.backbone(image), age, sex, site)
 
     def features(self, image, age, sex, site) -> torch.Tensor:
         """The fused representation the head sees (also used for out-of-distribution scores)."""
-        feats = self.backbone(image)
-        if self.meta is not None:
-            feats = torch.cat([feats, self.meta(age, sex, site)], dim=1)
-        return feats
+        return self.fuse(self.backbone(image), age, sex, site)
+
+    def fuse(self, pooled: torch.Tensor, age, sex, site) -> torch.Tensor:
+        """Pooled backbone features (+ the metadata branch's): the head's input."""
+        return pooled if self.meta is None else torch.cat([pooled, self.meta(age, sex, site)], dim=1)
+
+    def classify(self, pooled: torch.Tensor, age, sex, site) -> torch.Tensor:
+        """Logits from already-pooled backbone features: other metadata for the same images costs only the
+        metadata branch and the head (the with/without-metadata scores and the blank-field triage use this)."""
+        return self.head(self.fuse(pooled, age, sex, site))
 
     def set_backbone_trainable(self, fraction: float) -> int:
         """Train only the last `fraction` of backbone parameters (by count); returns how many tensors train."""

@@ -79,12 +79,6 @@ class MetadataEncoder:
             site[...] = 0
         return age, sex, site
 
-    def encode_one(self, age: float | None, sex: str | None, site: str | None) -> tuple[float, int, int]:
-        frame = pd.DataFrame({"age": [age], "sex": [(sex or UNKNOWN).strip().lower()],
-                              "localization": [(site or UNKNOWN).strip().lower()]})
-        a, s, l = self.transform(frame)
-        return float(a[0]), int(s[0]), int(l[0])
-
     def state_dict(self) -> dict:
         return asdict(self)
 

@@ -79,12 +79,12 @@ def blank_logits(model: torch.nn.Module, bundle: dict, frame: pd.DataFrame, feat
                  device: torch.device) -> np.ndarray | None:
     """Logits of the same images with age, sex and site all left empty, from the backbone features already
     extracted (only the metadata branch and head run again). None for image-only models and ensembles."""
-    if getattr(model, "meta", None) is None or not hasattr(model, "head"):
+    if getattr(model, "meta", None) is None or not hasattr(model, "classify"):
         return None
     enc = MetadataEncoder.from_state(bundle["encoder"])
     age, sex, site = (torch.as_tensor(x, device=device) for x in enc.blank(*enc.transform(frame), set(FIELDS)))
-    z = torch.cat([torch.as_tensor(features, dtype=torch.float32, device=device), model.eval().meta(age, sex, site)], 1)
-    return model.head(z).float().cpu().numpy().astype(np.float64)
+    pooled = torch.as_tensor(features, dtype=torch.float32, device=device)
+    return model.eval().classify(pooled, age, sex, site).float().cpu().numpy().astype(np.float64)
 
 
 @torch.no_grad()
