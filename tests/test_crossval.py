@@ -67,3 +67,75 @@ def test_holdout_keeps_validation_and_test_apart_and_labels_them(cv):
     assert "SYNTHETIC" in metrics["note"]  # the synthetic note wins; real runs say the test fold chose nothing
     card = (out / "fold0" / "model_card.md").read_text()
     assert "With and without metadata (test fold (chose nothing))" in card and "| all three blank |" in card
+
+
+def test_test_fold_tta_figures_are_reproduced_by_predict_tta_and_logits_are_saved(cv, synth_root, tmp_path):
+    """The TTA row of metrics.json is what `skain predict --tta 8` + `skain evaluate` give on the test fold, and
+    test_logits.npz holds every variant's logits for the same images (what ensembles of runs average)."""
+    out, report = cv
+    fold = out / "fold2"
+    metrics = json.loads((fold / "metrics.json").read_text())
+    split = pd.read_csv(fold / "split.csv")
+    frame = pd.read_csv(next((synth_root / "dataset_train" / "text").glob("*.csv")))
+    test = frame[frame["image_id"].isin(split.loc[split["split"] == "test", "image_id"])]
+    test.to_csv(tmp_path / "test.csv", index=False)
+    assert main(["predict", "--model", str(fold), "--csv", str(tmp_path / "test.csv"), "--images",
+                 str(synth_root / "dataset_train" / "image"), "--output", str(tmp_path / "pred.csv"),
+                 "--tta", "8", "--no-progress"]) == 0
+    assert main(["evaluate", "--predictions", str(tmp_path / "pred.csv"), "--csv", str(tmp_path / "test.csv"),
+                 "--report", str(tmp_path / "report")]) == 0
+    scored = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    tta = metrics["test_tta8"]["present"]
+    assert scored["n"] == tta["n"] and scored["balanced_accuracy"] == pytest.approx(tta["balanced_accuracy"], abs=1e-9)
+    assert scored["macro_auc"] == pytest.approx(tta["macro_auc"], abs=1e-4)
+    saved = np.load(fold / "test_logits.npz")
+    assert {"present", "all_blank", "age_blank", "present_tta8", "all_blank_tta8"} <= set(saved.files)
+    table = pd.read_csv(fold / "test_predictions.csv")
+    assert list(saved["image_id"]) == list(table["image_id"])
+    assert np.allclose(saved["present"], table[[f"logit_{c}" for c in CLASSES]].to_numpy(), atol=1e-4)
+    assert not np.allclose(saved["present"], saved["present_tta8"])
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def test_cv_report_of_one_run_matches_its_test_folds_and_ensembles_average_runs(cv, tmp_path):
+    """`skain cv-report`: one run reproduces each fold's test balanced accuracy; two runs on the same split are
+    scored as the average of their probabilities; an image-only run stands in with its one variant; runs on
+    other test images are refused."""
+    import shutil
+    from skain.crossval import cross_run_report
+    out, _ = cv
+    one = cross_run_report([out], tmp_path / "one", "present")
+    for k in range(3):
+        test = json.loads((out / f"fold{k}" / "metrics.json").read_text())["test"]
+        assert one["per_fold_mean_std"]["balanced_accuracy"]["folds"][k] == pytest.approx(test["balanced_accuracy"])
+    other = tmp_path / "image_only"  # a stand-in image-only run on the same folds: one variant, other logits
+    rng = np.random.default_rng(0)
+    for k in range(3):
+        (other / f"fold{k}").mkdir(parents=True)
+        saved = np.load(out / f"fold{k}" / "test_logits.npz")
+        fake = {"present": rng.normal(size=saved["present"].shape), "present_tta8": rng.normal(size=saved["present"].shape)}
+        np.savez(other / f"fold{k}" / "test_logits.npz", image_id=saved["image_id"], dx=saved["dx"], **fake)
+        if k == 0:
+            fake_k = fake["present_tta8"]
+    assert main(["cv-report", str(out), str(other), "--output", str(tmp_path / "ens"), "--variant", "all_blank_tta8"]) == 0
+    ens = pd.read_csv(tmp_path / "ens" / "oof_all_blank_tta8.csv")
+    first = np.load(out / "fold0" / "test_logits.npz")
+    expected = (_softmax(first["all_blank_tta8"].astype(float)) + _softmax(fake_k)) / 2
+    got = ens.loc[ens["fold"] == 0, [f"p_{c}" for c in CLASSES]].to_numpy()
+    assert np.allclose(got, expected, atol=1e-6)
+    report = json.loads((tmp_path / "ens" / "cv_all_blank_tta8.json").read_text())
+    assert report["images"] == len(ens) == len(pd.read_csv(out / "oof_predictions.csv")) and "tau" in report["decision_rule"]
+    with pytest.raises(ValueError, match="no 'colour' logits"):
+        cross_run_report([out], tmp_path / "bad", "colour")
+    shuffled = dict(np.load(other / "fold1" / "test_logits.npz"))
+    shuffled["image_id"] = shuffled["image_id"][::-1]
+    np.savez(other / "fold1" / "test_logits.npz", **shuffled)
+    with pytest.raises(ValueError, match="fold1: other test images"):
+        cross_run_report([out, other], tmp_path / "bad", "present")
+    shutil.rmtree(other / "fold2")
+    with pytest.raises(ValueError, match="fold2 is missing"):
+        cross_run_report([out, other], tmp_path / "bad", "present")

@@ -50,6 +50,22 @@ def test_official_layout_with_two_image_parts_and_mixed_case_extensions(tmp_path
     assert frame["path"].str.endswith((".JPG", ".png")).all()
 
 
+def test_official_csv_with_renamed_image_folders_finds_them(tmp_path):
+    """HAM10000_metadata.csv beside images/ and images_part_2/ (folders renamed after unzipping) trains as is;
+    a missing image's error names the folders that were searched."""
+    root = tmp_path / "ham"
+    make_images(root / "images", ["ISIC_1"])
+    make_images(root / "images_part_2", ["ISIC_2"])
+    (root / "notes").mkdir()
+    (root / "HAM10000_metadata.csv").write_text(HEADER + GOOD)
+    src = discover(root)
+    assert src.layout == "official" and [p.name for p in src.image_dirs] == ["images", "images_part_2"]
+    with pytest.raises(DataError, match=r"1 of 3 image\(s\) not found in the image folder\(s\) .*images, "
+                                        r".*images_part_2 \(first: ISIC_3\)"):
+        load_table(src)
+    assert len(load_table(src, skip_missing=True)) == 2
+
+
 def test_explicit_csv_and_several_image_folders(tmp_path):
     make_images(tmp_path / "a", ["ISIC_1"])
     make_images(tmp_path / "b", ["ISIC_2", "ISIC_3"])

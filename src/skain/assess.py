@@ -28,43 +28,64 @@ VARIANTS: dict[str, set[str]] = {"present": set(), "age_blank": {"age"}, "sex_bl
 
 @torch.no_grad()
 def variant_logits(predictor, frame: pd.DataFrame, variants: dict[str, set[str]], batch_size: int = 64,
-                   num_workers: int = 0, progress: bool = False, cache_dir=None) -> dict[str, np.ndarray]:
-    """Raw logits of every image in `frame` for each metadata variant (fields blanked as if left empty)."""
+                   num_workers: int = 0, progress: bool = False, cache_dir=None,
+                   views: int = 1) -> dict[str, np.ndarray]:
+    """Raw logits of every image in `frame` for each metadata variant (fields blanked as if left empty).
+
+    With `views` > 1 (test-time augmentation: flips and 90-degree turns), the probabilities of the views are
+    averaged and their logarithm returned, as `skain predict --tta` does."""
     from tqdm.auto import tqdm
+    from .data.transforms import tta_views
     model, enc = predictor.model, predictor.encoder
     dataset = LesionDataset(frame, enc, predictor.loader(cache_dir), predictor.transform)
     loader = DataLoader(dataset, batch_size, shuffle=False, num_workers=num_workers)
     out: dict[str, list] = {name: [] for name in variants}
     for batch in tqdm(loader, desc="scoring", leave=False, disable=None if progress else True):
         batch = to_device(batch, predictor.device, predictor.channels_last)
+        meta = {name: _blanked(enc, batch, fields, predictor.device) for name, fields in variants.items()}
+        images = tta_views(batch["image"], views) if views > 1 else [batch["image"]]
+        summed: dict[str, torch.Tensor] = {}
         with autocast(predictor.device, predictor.dtype):
-            feats = model.backbone(batch["image"])
-            for name, fields in variants.items():
-                age, sex, site = batch["age"], batch["sex"], batch["site"]
-                if fields:
-                    age, sex, site = (torch.as_tensor(x, device=predictor.device) for x in enc.blank(
-                        age.cpu().numpy(), sex.cpu().numpy(), site.cpu().numpy(), fields))
-                out[name].append(model.classify(feats, age, sex, site).float().cpu())
+            for image in images:
+                feats = model.backbone(image)
+                for name in variants:
+                    z = model.classify(feats, *meta[name]).float()
+                    summed[name] = summed.get(name, 0) + (z.softmax(1) if views > 1 else z)
+        for name, z in summed.items():
+            out[name].append((z / len(images)).clamp_min(1e-12).log().cpu() if len(images) > 1 else z.cpu())
     return {name: torch.cat(chunks).numpy() for name, chunks in out.items()}
 
 
-def assess(predictor, frame: pd.DataFrame, batch_size: int = 64, num_workers: int = 0,
-           progress: bool = False, cache_dir=None) -> tuple[dict, pd.DataFrame]:
-    """-> (metrics per variant, per-image table of the 'present' variant with p_ and logit_ columns).
+def _blanked(enc, batch: dict, fields: set[str], device) -> tuple[torch.Tensor, ...]:
+    """The batch's (age, sex, site) inputs with `fields` blanked as if left empty."""
+    age, sex, site = batch["age"], batch["sex"], batch["site"]
+    if not fields:
+        return age, sex, site
+    return tuple(torch.as_tensor(x, device=device) for x in enc.blank(
+        age.cpu().numpy(), sex.cpu().numpy(), site.cpu().numpy(), fields))
 
-    Image-only models have one variant. Probabilities are temperature-calibrated like `skain predict`'s."""
-    variants = {"present": set()} if predictor.model.meta is None else VARIANTS
-    logits = variant_logits(predictor, frame, variants, batch_size, num_workers, progress, cache_dir)
+
+def assess(predictor, frame: pd.DataFrame, batch_size: int = 64, num_workers: int = 0,
+           progress: bool = False, cache_dir=None, views: int = 1,
+           variants: dict[str, set[str]] | None = None) -> tuple[dict, pd.DataFrame, dict[str, np.ndarray]]:
+    """-> (metrics per variant, per-image table of the 'present' variant with p_ and logit_ columns, the raw
+    logits per variant).
+
+    Image-only models have one variant. Probabilities are temperature-calibrated like `skain predict`'s (with
+    `views` > 1 they are the plain average of the views, as under `skain predict --tta`)."""
+    variants = {"present": set()} if predictor.model.meta is None else (variants or VARIANTS)
+    logits = variant_logits(predictor, frame, variants, batch_size, num_workers, progress, cache_dir, views)
+    trust = predictor.trust.for_views(views)
     labels = frame["dx"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
     metrics = {}
     for name, z in logits.items():
-        probs = predictor.trust.calibrate(z)
+        probs = trust.calibrate(z)
         m = classification_metrics(labels, probs, CLASSES, pred=predictor.decide(probs))
         m["melanoma_recall"] = m["per_class"]["mel"]["recall"]
         metrics[name] = m
-    probs = predictor.trust.calibrate(logits["present"])
+    probs = trust.calibrate(logits["present"])
     table = predictions_table(frame, probs, logits["present"], predictor.decide(probs))
-    return metrics, table
+    return metrics, table, logits
 
 
 def predictions_table(frame: pd.DataFrame, probs: np.ndarray, logits: np.ndarray, pred: np.ndarray) -> pd.DataFrame:

@@ -85,6 +85,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="torch.compile the training step (opt-in: 60 s to compile and no gain on 2 CPU cores "
                    "here; untested on GPU)")
     t.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    t.add_argument("--test-tta", type=int, help="with --holdout: also score the test fold averaged over this many "
+                                                "TTA views, 1-8 (default 8; 1 = off)")
     t.add_argument("--no-trust", dest="fit_trust", action="store_false", default=None,
                    help="skip fitting calibration / OOD check / triage after training (fit later: skain calibrate)")
 
@@ -102,7 +104,7 @@ def config_from_args(ns: argparse.Namespace):
         "model": model,
         "train": _pick(ns, ["epochs", "frozen_epochs", "lr", "lr_frozen", "unfreeze_fraction", "batch_size",
                             "patience", "balance", "meta_dropout", "max_minutes", "seed", "amp", "compile",
-                            "progress", "fit_trust", "output",
+                            "progress", "fit_trust", "test_tta", "output",
                             "resume", "overwrite"]),
     }
     return build_config(preset, ns.config, flags)
@@ -486,6 +488,30 @@ def run_decide(ns: argparse.Namespace) -> int:
 
 COMMANDS["decide"] = (add_decide_args, run_decide,
                       "fit the balanced-accuracy decision rule (prior adjustment) on out-of-fold predictions")
+
+
+def add_cv_report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", metavar="RUN", help="k-fold output folders (fold<k>/ with test_logits.npz); "
+                   "several runs trained on the same split are scored as one ensemble (probabilities averaged)")
+    p.add_argument("--output", required=True, help="folder for oof_<variant>.csv and cv_<variant>.json")
+    p.add_argument("--variant", default="present", help="present, all_blank, age_blank, sex_blank, site_blank; "
+                   "add _tta8 for the 8-view scores (default present)")
+
+
+def run_cv_report(ns: argparse.Namespace) -> int:
+    from .crossval import cross_run_report
+    r = cross_run_report(ns.runs, ns.output, ns.variant)
+    h, d = r["per_fold_mean_std"], r["decision_rule"]
+    print(f"{r['folds']} folds, {r['images']} test images, {ns.variant}: balanced accuracy "
+          f"{h['balanced_accuracy']['mean']:.4f} +- {h['balanced_accuracy']['std']:.4f} (argmax), "
+          f"{d['balanced_accuracy_adjusted']['mean']:.4f} +- {d['balanced_accuracy_adjusted']['std']:.4f} with the "
+          f"decision rule (nested); macro AUC {h['macro_auc']['mean']:.4f}; melanoma recall "
+          f"{h['melanoma_recall']['mean']:.4f} -> {ns.output}")
+    return 0
+
+
+COMMANDS["cv-report"] = (add_cv_report_args, run_cv_report,
+                         "cross-validated report of k-fold runs, or of their ensemble, from the test-fold logits")
 
 
 def add_ensemble_args(p: argparse.ArgumentParser) -> None:

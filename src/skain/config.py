@@ -55,6 +55,7 @@ class TrainConfig:
     balance: str = "sqrt"            # none | sqrt | inverse (loss weights) | sampler
     label_smoothing: float = 0.0
     fit_trust: bool = True           # calibration, OOD check and triage fit after training
+    test_tta: int = 8                # with --holdout: the test fold is also scored with this many TTA views
     meta_dropout: float = 0.0        # blank all metadata fields (else each one) at this rate during training
     ema_decay: float = 0.0           # 0 disables the weight EMA
     warmup_epochs: float = 0.0

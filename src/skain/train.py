@@ -319,6 +319,8 @@ def fit(cfg: Config) -> dict:
     Under torchrun every rank calls this; rank 0 alone checks and locks the output folder and writes files.
     """
     out = Path(cfg.train.output)
+    if not 1 <= cfg.train.test_tta <= 8:
+        raise ValueError(f"test_tta must be between 1 and 8 views (got {cfg.train.test_tta})")
     info = init_distributed()
     try:
         error = None
@@ -388,7 +390,7 @@ def _fit(cfg: Config, out: Path, info: DistInfo) -> dict:
         budget = t.max_minutes * 60 - run.elapsed if t.max_minutes else None
         trust = after_training(out / BUNDLE_NAME, prep.frame, prep.train_idx, prep.val_idx, loader_fn, device,
                                t.progress, budget_s=budget) if t.fit_trust else {}
-        summary = finish(out, run, prep, bundle_extra, trust, device, loader_fn.cache_dir)
+        summary = finish(out, run, prep, bundle_extra, trust, device, loader_fn.cache_dir, cfg.train.test_tta)
     return broadcast(info, summary)
 
 
@@ -490,7 +492,7 @@ def write_run_files(out: Path, cfg: Config, prep: Prepared, pre: dict) -> None:
 
 
 def finish(out: Path, run: Run, prep: Prepared, bundle_extra: dict, trust: dict | None = None,
-           device: torch.device | None = None, cache_dir: Path | None = None) -> dict:
+           device: torch.device | None = None, cache_dir: Path | None = None, test_views: int = 1) -> dict:
     """metrics.json from the best epoch's bundle (what predictions will use), with the trust figures and the
     held-out scores (`score_best`)."""
     best = torch.load(out / BUNDLE_NAME, map_location="cpu", weights_only=True)
@@ -501,7 +503,7 @@ def finish(out: Path, run: Run, prep: Prepared, bundle_extra: dict, trust: dict 
                else "validation = held-out lesions (lesion-grouped split) that chose the epoch, temperature and "
                "thresholds; `test` (with --holdout) = a lesion-grouped fold that chose nothing",
                "trust": trust or {}}
-    summary.update(score_best(out, prep, device, cache_dir))
+    summary.update(score_best(out, prep, device, cache_dir, test_views))
     atomic_json(summary, out / "metrics.json")
     card_with_metadata(out, summary["metadata_ablation"])
     m = best["metrics"]
@@ -525,24 +527,49 @@ def card_with_metadata(out: Path, table: dict) -> None:
     atomic_write(out / "model_card.md", lambda fh: fh.write(to_markdown(bundle["model_card"]).encode("utf-8")))
 
 
-def score_best(out: Path, prep: Prepared, device: torch.device | None, cache_dir: Path | None) -> dict:
+def score_best(out: Path, prep: Prepared, device: torch.device | None, cache_dir: Path | None,
+               test_views: int = 1) -> dict:
     """Score the saved bundle through the Predictor (what `skain predict` runs) on the test fold (with
     --holdout) or else on validation, with metadata present / each field blanked / all blanked; writes the
-    per-image predictions beside the bundle."""
-    from .assess import assess, summary_row
+    per-image predictions beside the bundle. On a test fold, also with `test_views` TTA views (metadata
+    present and all blank), and every variant's logits to test_logits.npz (ensembles of runs, paired tests)."""
+    from .assess import VARIANTS, assess, summary_row
     from .predict import Predictor
     held_out = prep.test_idx is not None
     idx = prep.test_idx if held_out else prep.val_idx
     frame = prep.frame.iloc[idx].reset_index(drop=True)
     predictor = Predictor.from_bundle(out / BUNDLE_NAME, device=device.type if device else "auto")
     started = time.perf_counter()
-    variants, table = assess(predictor, frame, cache_dir=cache_dir)
+    variants, table, logits = assess(predictor, frame, cache_dir=cache_dir)
     name = "test_predictions.csv" if held_out else "val_predictions.csv"
     atomic_write(out / name, lambda fh: fh.write(table.to_csv(index=False).encode()))
-    log.info("scored %d %s images with %d metadata variant(s) in %.0f s", len(frame),
-             "test" if held_out else "validation", len(variants), time.perf_counter() - started)
     result = {"metadata_ablation": {"split": "test" if held_out else "validation",
                                     **{k: summary_row(v) for k, v in variants.items()}}}
     if held_out:
         result["test"] = variants["present"]
+        if test_views > 1:
+            wanted = {k: VARIANTS[k] for k in ("present", "all_blank")}
+            tta, _, tta_logits = assess(predictor, frame, cache_dir=cache_dir, views=test_views, variants=wanted)
+            result[f"test_tta{test_views}"] = {k: summary_row(v) for k, v in tta.items()}
+            logits.update({f"{k}_tta{test_views}": v for k, v in tta_logits.items()})
+        save_logits(out / TEST_LOGITS, frame, logits)
+    log.info("scored %d %s images with %d metadata variant(s)%s in %.0f s", len(frame),
+             "test" if held_out else "validation", len(variants),
+             f" and {test_views} TTA views" if held_out and test_views > 1 else "", time.perf_counter() - started)
     return result
+
+
+TEST_LOGITS = "test_logits.npz"
+
+
+def save_logits(path: Path, frame: pd.DataFrame, logits: dict[str, np.ndarray]) -> None:
+    """image_id, dx and one (n, classes) float32 array per scored variant."""
+    import io
+
+    def write(fh) -> None:
+        buf = io.BytesIO()
+        np.savez_compressed(buf, image_id=np.asarray(frame["image_id"], dtype=str),
+                            dx=np.asarray(frame["dx"], dtype=str),
+                            **{k: np.asarray(v, dtype=np.float32) for k, v in logits.items()})
+        fh.write(buf.getvalue())
+    atomic_write(path, write)

@@ -52,10 +52,11 @@ def _layout_of(root: Path) -> Source:
     if (root / "image").is_dir() or (root / "text").is_dir():
         return Source(_largest_csv(root / "text"), [root / "image"], "seed")
     official = sorted(p for p in root.iterdir() if p.is_dir() and p.name.lower().startswith("ham10000_images"))
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and _has_images(p))
     meta = root / "HAM10000_metadata.csv"
-    if meta.is_file() or official:
-        return Source(meta if meta.is_file() else _largest_csv(root), official or [root], "official")
-    subdirs = [p for p in root.iterdir() if p.is_dir() and _has_images(p)]
+    if meta.is_file() or official:  # image folders renamed after unzipping (images/, part_2/) are found too
+        images = official or ([root] if _has_images(root) else []) + subdirs or [root]
+        return Source(meta if meta.is_file() else _largest_csv(root), images, "official")
     csv = _largest_csv(root, required=False)
     return Source(csv, subdirs or [root], "isic" if csv is not None and _is_archive_csv(csv) else "folder")
 
@@ -95,14 +96,17 @@ def index_images(image_dirs: list[Path]) -> dict[str, Path]:
 
 
 def attach_paths(frame: pd.DataFrame, index: dict[str, Path], source: str,
-                 skip_missing: bool = False) -> pd.DataFrame:
-    """Add a `path` column; stop (or with skip_missing, warn and drop) when images are missing."""
+                 skip_missing: bool = False, folders: list[Path] | None = None) -> pd.DataFrame:
+    """Add a `path` column; stop (or with skip_missing, warn and drop) when images are missing (the message
+    names the `folders` searched)."""
+    folders = folders or []
     stems = frame["image_id"].map(lambda s: Path(s).stem if Path(s).suffix.lower() in IMAGE_SUFFIXES else s)
     paths = stems.map(index)
     missing = frame.loc[paths.isna(), "image_id"]
     if len(missing):
         first = ", ".join(missing.iloc[:5])
-        msg = f"{source}: {len(missing)} of {len(frame)} image(s) not found in the image folder(s) (first: {first})"
+        msg = (f"{source}: {len(missing)} of {len(frame)} image(s) not found in the image folder(s) "
+               f"{', '.join(map(str, folders)) or '(none)'} (first: {first})")
         if not skip_missing:
             raise DataError(msg + "; fix the paths, or pass --skip-missing to train on the rest")
         log.warning("%s; skipping them (--skip-missing)", msg)
@@ -124,9 +128,9 @@ def load_table(src: Source, require: tuple[str, ...] = TRAIN_COLUMNS, skip_missi
             raise DataError(f"no .jpg/.jpeg/.png images in {', '.join(map(str, src.image_dirs))}")
         frame = pd.DataFrame({"image_id": list(index)})
         frame = clean_metadata(frame, "images", require=("image_id",), warn_absent=False)  # no CSV at all
-        return attach_paths(frame, index, "images")
+        return attach_paths(frame, index, "images", folders=src.image_dirs)
     raw = read_csv(src.csv)
     if isic.is_archive_export(raw):
         raw = isic.from_archive(raw, str(src.csv), need_dx="dx" in require)
     frame = clean_metadata(raw, str(src.csv), require)
-    return attach_paths(frame, index, str(src.csv), skip_missing)
+    return attach_paths(frame, index, str(src.csv), skip_missing, src.image_dirs)

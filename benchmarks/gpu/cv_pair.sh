@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The fair metadata comparison (issue 11) and the longer cross-validation (issue 12) in one call on a lent GPU
+# machine (16 cores, one H100/H200, no internet), with `.gpu/` from benchmarks/gpu/pack.py carried along
+# (`--quality 65`: 33 MiB of images, so that they, the weights and the repository with its 22 MB shipped model stay
+# under the 64 MiB a call may carry).
+# Ten trainings at once, the cpu recipe with --max-minutes $MIN each (the cosine schedule follows the clock):
+#   mm/fold<k>   multimodal (metadata dropout 0.2), --holdout --fold k     k = 0..4
+#   img/fold<k>  image-only, the same split, the same recipe              k = 0..4
+# Every test fold is scored with metadata present / each field blank / all blank, single view and 8 TTA views
+# (test_logits.npz), so the reports, the paired differences and the two-model ensembles are computed back home:
+#   python -m skain cv-report /tmp/gpu/mm ...
+# Dry run on a small CPU machine: SUBSET=300 FOLDS="0 1" MIN=0.3 WK=0 bash benchmarks/gpu/cv_pair.sh
+set -u
+OUT=${OUT:-/tmp/skain-out}; W=${W:-/tmp/skain}; G=${G:-.gpu}; MIN=${MIN:-6}; FOLDS=${FOLDS:-0 1 2 3 4}
+WK=${WK:-2}; SUBSET=${SUBSET:-0}; LIMIT=${LIMIT:-500}
+mkdir -p "$W/images" "$OUT"
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
+python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, 'cuda', torch.cuda.is_available())"
+t0=$(date +%s)
+G=$G W=$W SUBSET=$SUBSET python3 - <<'PY'
+import io, os, zipfile
+from concurrent.futures import ProcessPoolExecutor
+import pandas as pd, torch
+from PIL import Image
+from skain.data.images import ImageLoader
+W, G, subset = os.environ["W"], os.environ["G"], int(os.environ["SUBSET"])
+meta = pd.read_csv(f"{G}/HAM10000_metadata.csv")
+if subset:  # dry run: the first lesions' images only
+    meta = meta[meta["lesion_id"].isin(meta["lesion_id"].drop_duplicates().iloc[:subset])]
+meta.to_csv(f"{W}/metadata.csv", index=False)
+wanted = {f"{i}.webp" for i in meta["image_id"]}
+def to_png(item):
+    name, data = item
+    path = f"{W}/images/{name[:-5]}.png"
+    Image.open(io.BytesIO(data)).convert("RGB").save(path, compress_level=1)
+    ImageLoader(256, f"{W}/cache")(path)
+with zipfile.ZipFile(f"{G}/images.zip") as z:
+    items = [(n, z.read(n)) for n in z.namelist() if n in wanted]
+with ProcessPoolExecutor(os.cpu_count()) as pool:
+    list(pool.map(to_png, items, chunksize=64))
+sd = torch.load(f"{G}/tf_efficientnet_lite0_fp16.pt", weights_only=True)
+torch.save({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, f"{W}/lite0.pt")
+print(f"{len(items)} images unpacked and cached, {len(meta)} metadata rows")
+PY
+echo "unpacked in $(( $(date +%s) - t0 )) s"
+common=(--csv "$W/metadata.csv" --images "$W/images" --preset cpu --pretrained-file "$W/lite0.pt"
+        --cache-dir "$W/cache" --no-progress --epochs 30 --patience 8 --overwrite --holdout --no-trust
+        --test-tta 8 --max-minutes "$MIN" --workers "$WK")
+start=$(date +%s)
+for k in $FOLDS; do
+  timeout "$LIMIT" python3 -m skain train "${common[@]}" --fold "$k" --output "$W/runs/mm/fold$k" \
+    >"$W/mm$k.log" 2>&1 &
+  timeout "$LIMIT" python3 -m skain train "${common[@]}" --fold "$k" --image-only --output "$W/runs/img/fold$k" \
+    >"$W/img$k.log" 2>&1 &
+done
+while [ "$(jobs -r | wc -l)" -gt 0 ]; do
+  sleep 30
+  echo "$(( $(date +%s) - start )) s: $(cat "$W"/*.log | grep -c 'img/s') epochs done;" \
+       "$(nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null)"
+done
+echo "all trainings ended after $(( $(date +%s) - start )) s"
+for f in "$W"/mm*.log "$W"/img*.log; do
+  echo "== $f"; grep -v "Warn\|warn" "$f" | grep "epoch\|test fold\|scored\|Error\|error" | tail -n 3
+done
+for k in $FOLDS; do cp "$W/mm$k.log" "$W/runs/mm/fold$k/train.log"; cp "$W/img$k.log" "$W/runs/img/fold$k/train.log"; done
+(cd "$W/runs" && tar czf "$OUT/runs.tgz" --exclude='*.pt' --exclude='*.onnx' .)
+ls -la "$OUT"
