@@ -96,6 +96,17 @@ def test_test_fold_tta_figures_are_reproduced_by_predict_tta_and_logits_are_save
     assert not np.allclose(saved["present"], saved["present_tta8"])
 
 
+def _fake_image_only(out, dest, seed=0):
+    """A stand-in image-only run on the same folds as `out`: one variant (plus its TTA views), other logits."""
+    rng = np.random.default_rng(seed)
+    for k in range(3):
+        (dest / f"fold{k}").mkdir(parents=True)
+        saved = np.load(out / f"fold{k}" / "test_logits.npz")
+        fake = {"present": rng.normal(size=saved["present"].shape), "present_tta8": rng.normal(size=saved["present"].shape)}
+        np.savez(dest / f"fold{k}" / "test_logits.npz", image_id=saved["image_id"], dx=saved["dx"], **fake)
+    return dest
+
+
 def _softmax(z):
     e = np.exp(z - z.max(1, keepdims=True))
     return e / e.sum(1, keepdims=True)
@@ -112,15 +123,8 @@ def test_cv_report_of_one_run_matches_its_test_folds_and_ensembles_average_runs(
     for k in range(3):
         test = json.loads((out / f"fold{k}" / "metrics.json").read_text())["test"]
         assert one["per_fold_mean_std"]["balanced_accuracy"]["folds"][k] == pytest.approx(test["balanced_accuracy"])
-    other = tmp_path / "image_only"  # a stand-in image-only run on the same folds: one variant, other logits
-    rng = np.random.default_rng(0)
-    for k in range(3):
-        (other / f"fold{k}").mkdir(parents=True)
-        saved = np.load(out / f"fold{k}" / "test_logits.npz")
-        fake = {"present": rng.normal(size=saved["present"].shape), "present_tta8": rng.normal(size=saved["present"].shape)}
-        np.savez(other / f"fold{k}" / "test_logits.npz", image_id=saved["image_id"], dx=saved["dx"], **fake)
-        if k == 0:
-            fake_k = fake["present_tta8"]
+    other = _fake_image_only(out, tmp_path / "image_only")
+    fake_k = np.load(other / "fold0" / "test_logits.npz")["present_tta8"]
     assert main(["cv-report", str(out), str(other), "--output", str(tmp_path / "ens"), "--variant", "all_blank_tta8"]) == 0
     ens = pd.read_csv(tmp_path / "ens" / "oof_all_blank_tta8.csv")
     first = np.load(out / "fold0" / "test_logits.npz")
@@ -139,3 +143,29 @@ def test_cv_report_of_one_run_matches_its_test_folds_and_ensembles_average_runs(
     shutil.rmtree(other / "fold2")
     with pytest.raises(ValueError, match="fold2 is missing"):
         cross_run_report([out, other], tmp_path / "bad", "present")
+
+
+def test_cv_report_image_only_writes_the_paired_metadata_table(cv, tmp_path, capsys):
+    """`skain cv-report MM --image-only IMG`: every metadata variant, the image-only row and their ensemble, single
+    view and 8 views, each paired per fold against the image-only row of the same views."""
+    from sklearn.metrics import balanced_accuracy_score
+    from skain.crossval import fold_probs
+    out, _ = cv
+    img = _fake_image_only(out, tmp_path / "img", seed=3)
+    assert main(["cv-report", str(out), "--image-only", str(img), "--output", str(tmp_path / "t")]) == 0
+    table = json.loads((tmp_path / "t" / "metadata_table.json").read_text())["rows"]
+    assert "| multimodal, all blank |" in (tmp_path / "t" / "metadata_table.md").read_text()
+    assert {"image-only", "multimodal, site blank", "ensemble mm + image-only, all blank, 8-view TTA"} <= set(table)
+    diffs = []
+    for k in range(3):
+        ba = []
+        for folder, variant in ((out, "all_blank"), (img, "present")):
+            t = fold_probs(folder / f"fold{k}", variant)
+            ba.append(balanced_accuracy_score(t["dx"], np.array(CLASSES)[t[[f"p_{c}" for c in CLASSES]].to_numpy().argmax(1)]))
+        diffs.append(ba[0] - ba[1])
+    paired = table["multimodal, all blank"]["vs_image_only_paired"]["balanced_accuracy_argmax"]
+    assert paired["folds"] == pytest.approx(diffs, abs=1e-4) and paired["mean"] == pytest.approx(np.mean(diffs))
+    assert "vs_image_only_paired" not in table["image-only"]
+    capsys.readouterr()
+    assert main(["cv-report", str(out), str(img), "--image-only", str(img), "--output", str(tmp_path / "t")]) == 2
+    assert "give one RUN" in capsys.readouterr().err

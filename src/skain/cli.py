@@ -496,10 +496,17 @@ def add_cv_report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, help="folder for oof_<variant>.csv and cv_<variant>.json")
     p.add_argument("--variant", default="present", help="present, all_blank, age_blank, sex_blank, site_blank; "
                    "add _tta8 for the 8-view scores (default present)")
+    p.add_argument("--image-only", metavar="RUN", help="an image-only k-fold run on the same split: write the "
+                   "metadata table instead (every variant of RUN beside the image-only model, paired per fold)")
 
 
 def run_cv_report(ns: argparse.Namespace) -> int:
-    from .crossval import cross_run_report
+    from .crossval import cross_run_report, metadata_markdown, write_metadata_table
+    if ns.image_only:
+        if len(ns.runs) != 1:
+            raise ValueError("--image-only compares one multimodal run with the image-only run; give one RUN")
+        print(metadata_markdown(write_metadata_table(ns.runs[0], ns.image_only, ns.output)), end="")
+        return 0
     r = cross_run_report(ns.runs, ns.output, ns.variant)
     h, d = r["per_fold_mean_std"], r["decision_rule"]
     print(f"{r['folds']} folds, {r['images']} test images, {ns.variant}: balanced accuracy "

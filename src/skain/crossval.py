@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from sklearn.metrics import balanced_accuracy_score, recall_score
 
 from .bundle import atomic_json, atomic_write
 from .config import Config
 from .data.schema import CLASSES
+from .decision import adjusted_pred, log_prior_from_counts, nested_estimate
 from .metrics import classification_metrics
 
 log = logging.getLogger(__name__)
 
+MEL = CLASSES.index("mel")
 HEADLINE = ("balanced_accuracy", "macro_auc", "accuracy", "macro_f1", "melanoma_recall")
 OOF_NAME = "oof_predictions.csv"
 REPORT_NAME = "cv_report.json"
@@ -75,7 +79,6 @@ def write_report(out: Path, folds: int) -> dict:
         "train_minutes": [float(m["train_minutes"]) for m in per_fold],
         "best_epochs": [int(m["best_epoch"]) for m in per_fold],
     }
-    from .decision import log_prior_from_counts, nested_estimate
     report["decision_rule"] = nested_estimate(oof, log_prior_from_counts(oof["dx"].value_counts().to_dict()))
     atomic_json(report, out / REPORT_NAME)
     h = report["per_fold_mean_std"]
@@ -143,7 +146,6 @@ def ensemble_oof(runs: list[Path], variant: str = "present") -> pd.DataFrame:
 
 def summarize_oof(oof: pd.DataFrame) -> dict:
     """Per-fold mean +- std of the headline metrics (arg-max), pooled metrics and the nested decision rule."""
-    from .decision import log_prior_from_counts, nested_estimate
     cols = [f"p_{c}" for c in CLASSES]
     index = {c: i for i, c in enumerate(CLASSES)}
     per_fold = []
@@ -177,3 +179,117 @@ def cross_run_report(runs: list[str | Path], output: str | Path, variant: str = 
     atomic_write(out / f"oof_{variant}.csv", lambda fh: fh.write(oof.to_csv(index=False).encode()))
     atomic_json(report, out / f"cv_{variant}.json")
     return report
+
+
+# ------------------------------------------------------------------ metadata vs image only (`cv-report --image-only`)
+
+
+def _fold_scores(oof: pd.DataFrame, nested: list[dict], log_prior: np.ndarray) -> pd.DataFrame:
+    """Balanced accuracy and melanoma recall per fold, arg-max and under the nested rule."""
+    taus = {r["fold"]: r["tau"] for r in nested}
+    rows = []
+    for k, part in oof.groupby("fold", sort=True):
+        y = part["dx"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
+        p = part[[f"p_{c}" for c in CLASSES]].to_numpy()
+        for rule, pred in (("argmax", p.argmax(1)), ("rule", adjusted_pred(p, log_prior, taus[k]))):
+            rows.append({"fold": int(k), "rule": rule, "balanced_accuracy": balanced_accuracy_score(y, pred),
+                         "melanoma_recall": recall_score(y == MEL, pred == MEL)})
+    return pd.DataFrame(rows)
+
+
+def variant_row(runs: list[Path], variant: str) -> tuple[dict, pd.DataFrame]:
+    """One row of the metadata table (mean +- std over folds) and its per-fold scores."""
+    oof = ensemble_oof(runs, variant)
+    s = summarize_oof(oof)
+    d = s["decision_rule"]
+    folds = _fold_scores(oof, d["nested"], np.asarray(d["log_prior"]))
+    by = {r: folds[folds["rule"] == r] for r in ("argmax", "rule")}
+    summary = {
+        "balanced_accuracy": s["per_fold_mean_std"]["balanced_accuracy"],
+        "balanced_accuracy_rule": d["balanced_accuracy_adjusted"],
+        "macro_auc": s["per_fold_mean_std"]["macro_auc"],
+        "melanoma_recall": s["per_fold_mean_std"]["melanoma_recall"],
+        "melanoma_recall_rule": float(by["rule"]["melanoma_recall"].mean()),
+        "akiec_recall": s["per_fold_mean_std"]["akiec_recall"],
+        "per_class_recall_mean": s["per_class_recall_mean"],
+        "tau_per_fold": [r["tau"] for r in d["nested"]],
+    }
+    return summary, folds
+
+
+def _paired(a: pd.DataFrame, b: pd.DataFrame) -> dict:
+    """a - b per fold and rule (same test images)."""
+    out = {}
+    for rule in ("argmax", "rule"):
+        x = a[a["rule"] == rule].set_index("fold")
+        y = b[b["rule"] == rule].set_index("fold")
+        for metric in ("balanced_accuracy", "melanoma_recall"):
+            diff = (x[metric] - y[metric]).to_numpy()
+            out[f"{metric}_{rule}"] = {"mean": float(diff.mean()), "std": float(diff.std(ddof=1)),
+                                       "folds": [round(float(v), 4) for v in diff], "folds_not_worse":
+                                       int((diff >= 0).sum())}
+    return out
+
+
+def _tta_views(run: Path) -> int | None:
+    """N when the run's test folds were also scored with N TTA views (`<variant>_ttaN` logits), else None."""
+    from .train import TEST_LOGITS
+    with np.load(fold_dirs(run)[0][1] / TEST_LOGITS) as saved:
+        found = [int(m.group(1)) for m in (re.fullmatch(r"present_tta(\d+)", f) for f in saved.files) if m]
+    return found[0] if found else None
+
+
+METADATA_PLAN = (("image-only", "img", ""), ("multimodal, fields present", "mm", "present"),
+                 ("multimodal, age blank", "mm", "age_blank"), ("multimodal, sex blank", "mm", "sex_blank"),
+                 ("multimodal, site blank", "mm", "site_blank"), ("multimodal, all blank", "mm", "all_blank"),
+                 ("ensemble mm + image-only, fields present", "both", "present"),
+                 ("ensemble mm + image-only, all blank", "both", "all_blank"))
+
+
+def metadata_table(mm: Path, img: Path) -> dict[str, dict]:
+    """The multimodal model with fields present / each blank / all blank, the image-only model trained on the same
+    folds, and their ensemble; single view and, when the runs scored them, TTA views; each row paired per fold
+    against the image-only row of the same views."""
+    tta = _tta_views(Path(mm))
+    runs = {"mm": [Path(mm)], "img": [Path(img)], "both": [Path(mm), Path(img)]}
+    table, folds = {}, {}
+    for views in ("",) + ((f"_tta{tta}",) if tta else ()):
+        for name, which, variant in METADATA_PLAN:
+            if views and variant in ("age_blank", "sex_blank", "site_blank"):
+                continue
+            key = name + (f", {tta}-view TTA" if views else "")
+            table[key], folds[key] = variant_row(runs[which], (variant or "present") + views)
+    for key in table:
+        base = "image-only" + (f", {tta}-view TTA" if "TTA" in key else "")
+        if key != base:
+            table[key]["vs_image_only_paired"] = _paired(folds[key], folds[base])
+    return table
+
+
+def metadata_markdown(table: dict[str, dict]) -> str:
+    lines = ["| test folds | balanced accuracy (argmax) | with the decision rule (nested) | macro AUC | "
+             "melanoma recall (argmax / rule) | vs image only, paired (argmax; folds not worse) |",
+             "|---|---|---|---|---|---|"]
+    for key, r in table.items():
+        p = r.get("vs_image_only_paired")
+        vs = (f"{p['balanced_accuracy_argmax']['mean']:+.3f} ({p['balanced_accuracy_argmax']['folds_not_worse']}/"
+              f"{len(p['balanced_accuracy_argmax']['folds'])}); mel {p['melanoma_recall_argmax']['mean']:+.3f} "
+              f"({p['melanoma_recall_argmax']['folds_not_worse']}/{len(p['melanoma_recall_argmax']['folds'])})"
+              if p else "")
+        lines.append(f"| {key} | {r['balanced_accuracy']['mean']:.3f} +- {r['balanced_accuracy']['std']:.3f} | "
+                     f"{r['balanced_accuracy_rule']['mean']:.3f} +- {r['balanced_accuracy_rule']['std']:.3f} | "
+                     f"{r['macro_auc']['mean']:.3f} | {r['melanoma_recall']['mean']:.3f} / "
+                     f"{r['melanoma_recall_rule']:.3f} | {vs} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_metadata_table(mm: str | Path, img: str | Path, output: str | Path) -> dict[str, dict]:
+    """`skain cv-report MM --image-only IMG`: <output>/metadata_table.json and .md."""
+    table = metadata_table(Path(mm), Path(img))
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_json({"what": "test folds that chose nothing; rule = prior-adjusted decision, tau chosen on the other "
+                         "folds; paired = this row minus the image-only row of the same views, per fold",
+                 "multimodal": str(mm), "image_only": str(img), "rows": table}, out / "metadata_table.json")
+    atomic_write(out / "metadata_table.md", lambda fh: fh.write(metadata_markdown(table).encode("utf-8")))
+    return table
