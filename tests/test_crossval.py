@@ -133,8 +133,16 @@ def test_cv_report_of_one_run_matches_its_test_folds_and_ensembles_average_runs(
     assert np.allclose(got, expected, atol=1e-6)
     report = json.loads((tmp_path / "ens" / "cv_all_blank_tta8.json").read_text())
     assert report["images"] == len(ens) == len(pd.read_csv(out / "oof_predictions.csv")) and "tau" in report["decision_rule"]
-    with pytest.raises(ValueError, match="no 'colour' logits"):
-        cross_run_report([out], tmp_path / "bad", "colour")
+    with pytest.raises(ValueError, match="unknown variant 'colour'"):
+        cross_run_report([other], tmp_path / "bad", "colour")  # not even on an image-only run
+    single = tmp_path / "single" / "fold0"  # one fold: reported, without a decision rule to nest
+    shutil.copytree(out / "fold0", single)
+    alone = cross_run_report([single.parent], tmp_path / "alone", "present")
+    assert alone["folds"] == 1 and "2 folds" in alone["decision_rule"]["note"]
+    shutil.copytree(out / "fold0", tmp_path / "stale" / "fold0")  # a fold left from another split
+    shutil.copytree(out / "fold0", tmp_path / "stale" / "fold7")
+    with pytest.raises(ValueError, match="is a test image of fold0 and fold7"):
+        cross_run_report([tmp_path / "stale"], tmp_path / "bad", "present")
     shuffled = dict(np.load(other / "fold1" / "test_logits.npz"))
     shuffled["image_id"] = shuffled["image_id"][::-1]
     np.savez(other / "fold1" / "test_logits.npz", **shuffled)
@@ -169,3 +177,5 @@ def test_cv_report_image_only_writes_the_paired_metadata_table(cv, tmp_path, cap
     capsys.readouterr()
     assert main(["cv-report", str(out), str(img), "--image-only", str(img), "--output", str(tmp_path / "t")]) == 2
     assert "give one RUN" in capsys.readouterr().err
+    assert main(["cv-report", str(img), "--image-only", str(out), "--output", str(tmp_path / "t")]) == 2
+    assert "an image-only run; give the multimodal run first" in capsys.readouterr().err

@@ -43,6 +43,10 @@ def test_nested_estimate_never_chooses_a_folds_tau_on_that_fold():
     poisoned.loc[inside, "dx"] = "df"  # fold 2's labels changed: fold 2's own tau must not move
     a, b = nested_estimate(frame, log_prior), nested_estimate(poisoned, log_prior)
     assert a["nested"][2]["tau"] == b["nested"][2]["tau"]
+    assert a["nested"][2]["log_prior"] == b["nested"][2]["log_prior"]  # nor its prior: the other folds' labels
+    assert a["nested"][1]["log_prior"] != b["nested"][1]["log_prior"]
+    with pytest.raises(ValueError, match="at least 2 folds"):
+        nested_estimate(frame[inside], log_prior)
     assert fit_tau(frame[inside].iloc[:, :7].to_numpy(), np.full(inside.sum(), 3), log_prior) > 0
 
 

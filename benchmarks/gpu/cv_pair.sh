@@ -6,8 +6,9 @@
 # Ten trainings at once, the cpu recipe with --max-minutes $MIN each (the cosine schedule follows the clock):
 #   mm/fold<k>   multimodal (metadata dropout 0.2), --holdout --fold k     k = 0..4
 #   img/fold<k>  image-only, the same split, the same recipe              k = 0..4
-# Every test fold is scored with metadata present / each field blank / all blank, single view and 8 TTA views
-# (test_logits.npz), so the reports, the paired differences and the two-model ensembles are computed back home:
+# Every test fold is scored with metadata present / each field blank / all blank, and with 8 TTA views for present
+# and all blank (test_logits.npz), so the reports, the paired differences and the ensembles are computed back home
+# (the measured run used MIN=6.5 LIMIT=520):
 #   python -m skain cv-report /tmp/gpu/mm ...
 # Dry run on a small CPU machine: SUBSET=300 FOLDS="0 1" MIN=0.3 WK=0 bash benchmarks/gpu/cv_pair.sh
 set -u

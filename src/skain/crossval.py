@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import balanced_accuracy_score, recall_score
 
 from .bundle import atomic_json, atomic_write
 from .config import Config
@@ -20,7 +19,6 @@ from .metrics import classification_metrics
 
 log = logging.getLogger(__name__)
 
-MEL = CLASSES.index("mel")
 HEADLINE = ("balanced_accuracy", "macro_auc", "accuracy", "macro_f1", "melanoma_recall")
 OOF_NAME = "oof_predictions.csv"
 REPORT_NAME = "cv_report.json"
@@ -96,22 +94,35 @@ def fold_dirs(run: Path) -> list[tuple[int, Path]]:
     found = sorted((int(p.name[4:]), p) for p in Path(run).glob("fold*")
                    if p.name[4:].isdigit() and (p / TEST_LOGITS).is_file())
     if not found:
-        raise ValueError(f"{run}: no fold<k>/{TEST_LOGITS} (train with --all-folds or --holdout --fold k)")
+        raise ValueError(f"{run}: no fold<k>/{TEST_LOGITS} (train with --all-folds --output {run}, or with "
+                         f"--holdout --fold k --output {run}/fold<k>)")
     return found
 
 
-def fold_probs(folder: Path, variant: str) -> pd.DataFrame:
-    """One fold's test images: image_id, dx and p_<class> = softmax of the stored logits of `variant`.
+VARIANT_NAME = re.compile(r"(present|age_blank|sex_blank|site_blank|all_blank)(_tta\d+)?")
 
-    An image-only run has nothing to blank: its `present` logits stand for every metadata variant."""
+
+def is_image_only(folder: Path) -> bool:
+    """A fold of an image-only run: it scored one metadata variant, `present` (nothing to blank)."""
     from .train import TEST_LOGITS
     with np.load(folder / TEST_LOGITS) as saved:
-        key = variant
+        return "all_blank" not in saved.files
+
+
+def fold_probs(folder: Path, variant: str) -> pd.DataFrame:
+    """One fold's test images: image_id, dx and p_<class> = softmax of the stored logits of `variant`
+    (uncalibrated: the temperature is not applied; arg-max and per-class ranks within a row do not change).
+
+    An image-only run has nothing to blank: its `present` logits (same views) stand for every metadata variant."""
+    from .train import TEST_LOGITS
+    name = VARIANT_NAME.fullmatch(variant)
+    if not name:
+        raise ValueError(f"unknown variant {variant!r}: one of present, age_blank, sex_blank, site_blank, "
+                         "all_blank, optionally with _tta<N> (e.g. all_blank_tta8)")
+    with np.load(folder / TEST_LOGITS) as saved:
+        key = variant if "all_blank" in saved.files else "present" + (name.group(2) or "")
         if key not in saved.files:
-            fallback = "present" + variant[len(variant.split("_tta")[0]):]  # all_blank_tta8 -> present_tta8
-            if "all_blank" in saved.files or fallback not in saved.files:
-                raise ValueError(f"{folder}: no {variant!r} logits (has {', '.join(saved.files[2:])})")
-            key = fallback
+            raise ValueError(f"{folder}: no {key!r} logits (has {', '.join(saved.files[2:])})")
         z = saved[key].astype(np.float64)
         table = pd.DataFrame({"image_id": saved["image_id"], "dx": saved["dx"]})
     probs = np.exp(z - z.max(1, keepdims=True))
@@ -130,9 +141,14 @@ def ensemble_oof(runs: list[Path], variant: str = "present") -> pd.DataFrame:
             missing = sorted(set(folds) ^ set(dirs))
             raise ValueError(f"{run}: folds {sorted(dirs)} but {runs[0]} has {folds} (fold{missing[0]} is missing "
                              "in one); every run must have the same folds")
-    frames = []
+    frames, seen = [], {}
     for k in folds:
         tables = [fold_probs(dirs[k], variant) for dirs in per_run]
+        again = [i for i in tables[0]["image_id"] if i in seen]
+        if again:
+            raise ValueError(f"{runs[0]}: {again[0]} is a test image of fold{seen[again[0]]} and fold{k}; the "
+                             "folds come from different splits (a fold left from an earlier run?)")
+        seen.update(dict.fromkeys(tables[0]["image_id"], k))
         first = tables[0]
         for run, t in zip(runs[1:], tables[1:]):  # same split: the same test images in the same order
             if list(t["image_id"]) != list(first["image_id"]):
@@ -144,24 +160,40 @@ def ensemble_oof(runs: list[Path], variant: str = "present") -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+def _headline(labels: np.ndarray, probs: np.ndarray, pred: np.ndarray | None = None) -> dict:
+    m = classification_metrics(labels, probs, CLASSES, pred=pred)
+    m["melanoma_recall"] = m["per_class"]["mel"]["recall"]
+    m["akiec_recall"] = m["per_class"]["akiec"]["recall"]
+    return m
+
+
 def summarize_oof(oof: pd.DataFrame) -> dict:
-    """Per-fold mean +- std of the headline metrics (arg-max), pooled metrics and the nested decision rule."""
+    """Per-fold mean +- std of the headline metrics, by arg-max and (with 2 folds or more) by the decision rule
+    whose prior and tau come from the other folds (nested); pooled metrics; the rule's nested estimate."""
     cols = [f"p_{c}" for c in CLASSES]
     index = {c: i for i, c in enumerate(CLASSES)}
-    per_fold = []
-    for _, part in oof.groupby("fold", sort=True):
-        m = classification_metrics(part["dx"].map(index).to_numpy(), part[cols].to_numpy(), CLASSES)
-        m["melanoma_recall"] = m["per_class"]["mel"]["recall"]
-        m["akiec_recall"] = m["per_class"]["akiec"]["recall"]
-        per_fold.append(m)
-    pooled = classification_metrics(oof["dx"].map(index).to_numpy(), oof[cols].to_numpy(), CLASSES)
+    folds = sorted(oof["fold"].unique())
+    rule = (nested_estimate(oof, log_prior_from_counts(oof["dx"].value_counts().to_dict()))
+            if len(folds) > 1 else None)
+    nested = {r["fold"]: r for r in rule["nested"]} if rule else {}
+    per_fold, per_fold_rule = [], []
+    for k in folds:
+        part = oof[oof["fold"] == k]
+        y, p = part["dx"].map(index).to_numpy(), part[cols].to_numpy()
+        per_fold.append(_headline(y, p))
+        if rule:
+            r = nested[int(k)]
+            per_fold_rule.append(_headline(y, p, adjusted_pred(p, np.asarray(r["log_prior"]), r["tau"])))
     keys = HEADLINE + ("akiec_recall",)
     return {"images": int(len(oof)), "folds": len(per_fold),
             "per_fold_mean_std": {k: mean_std([m[k] for m in per_fold]) for k in keys},
+            "per_fold_rule_mean_std": ({k: mean_std([m[k] for m in per_fold_rule])
+                                        for k in ("balanced_accuracy", "melanoma_recall", "akiec_recall")}
+                                       if rule else None),
             "per_class_recall_mean": {c: float(np.mean([m["per_class"][c]["recall"] for m in per_fold]))
                                       for c in CLASSES},
-            "pooled_oof": pooled,
-            "decision_rule": nested_estimate(oof, log_prior_from_counts(oof["dx"].value_counts().to_dict()))}
+            "pooled_oof": _headline(oof["dx"].map(index).to_numpy(), oof[cols].to_numpy()),
+            "decision_rule": rule or {"note": "the decision rule needs 2 folds or more"}}
 
 
 def cross_run_report(runs: list[str | Path], output: str | Path, variant: str = "present") -> dict:
@@ -184,59 +216,41 @@ def cross_run_report(runs: list[str | Path], output: str | Path, variant: str = 
 # ------------------------------------------------------------------ metadata vs image only (`cv-report --image-only`)
 
 
-def _fold_scores(oof: pd.DataFrame, nested: list[dict], log_prior: np.ndarray) -> pd.DataFrame:
-    """Balanced accuracy and melanoma recall per fold, arg-max and under the nested rule."""
-    taus = {r["fold"]: r["tau"] for r in nested}
-    rows = []
-    for k, part in oof.groupby("fold", sort=True):
-        y = part["dx"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
-        p = part[[f"p_{c}" for c in CLASSES]].to_numpy()
-        for rule, pred in (("argmax", p.argmax(1)), ("rule", adjusted_pred(p, log_prior, taus[k]))):
-            rows.append({"fold": int(k), "rule": rule, "balanced_accuracy": balanced_accuracy_score(y, pred),
-                         "melanoma_recall": recall_score(y == MEL, pred == MEL)})
-    return pd.DataFrame(rows)
+def variant_row(runs: list[Path], variant: str) -> dict:
+    """One row of the metadata table: mean +- std over folds (with per-fold values), by arg-max and by the nested
+    decision rule."""
+    s = summarize_oof(ensemble_oof(runs, variant))
+    if s["per_fold_rule_mean_std"] is None:
+        raise ValueError(f"{runs[0]}: the metadata table needs test folds of 2 folds or more (found {s['folds']})")
+    h, r = s["per_fold_mean_std"], s["per_fold_rule_mean_std"]
+    return {"balanced_accuracy": h["balanced_accuracy"], "balanced_accuracy_rule": r["balanced_accuracy"],
+            "macro_auc": h["macro_auc"], "melanoma_recall": h["melanoma_recall"],
+            "melanoma_recall_rule": r["melanoma_recall"], "akiec_recall": h["akiec_recall"],
+            "per_class_recall_mean": s["per_class_recall_mean"],
+            "tau_per_fold": [x["tau"] for x in s["decision_rule"]["nested"]]}
 
 
-def variant_row(runs: list[Path], variant: str) -> tuple[dict, pd.DataFrame]:
-    """One row of the metadata table (mean +- std over folds) and its per-fold scores."""
-    oof = ensemble_oof(runs, variant)
-    s = summarize_oof(oof)
-    d = s["decision_rule"]
-    folds = _fold_scores(oof, d["nested"], np.asarray(d["log_prior"]))
-    by = {r: folds[folds["rule"] == r] for r in ("argmax", "rule")}
-    summary = {
-        "balanced_accuracy": s["per_fold_mean_std"]["balanced_accuracy"],
-        "balanced_accuracy_rule": d["balanced_accuracy_adjusted"],
-        "macro_auc": s["per_fold_mean_std"]["macro_auc"],
-        "melanoma_recall": s["per_fold_mean_std"]["melanoma_recall"],
-        "melanoma_recall_rule": float(by["rule"]["melanoma_recall"].mean()),
-        "akiec_recall": s["per_fold_mean_std"]["akiec_recall"],
-        "per_class_recall_mean": s["per_class_recall_mean"],
-        "tau_per_fold": [r["tau"] for r in d["nested"]],
-    }
-    return summary, folds
-
-
-def _paired(a: pd.DataFrame, b: pd.DataFrame) -> dict:
-    """a - b per fold and rule (same test images)."""
+def _paired(a: dict, b: dict) -> dict:
+    """a - b per fold (same test images), for balanced accuracy and melanoma recall, arg-max and rule."""
     out = {}
-    for rule in ("argmax", "rule"):
-        x = a[a["rule"] == rule].set_index("fold")
-        y = b[b["rule"] == rule].set_index("fold")
-        for metric in ("balanced_accuracy", "melanoma_recall"):
-            diff = (x[metric] - y[metric]).to_numpy()
+    for metric in ("balanced_accuracy", "melanoma_recall"):
+        for rule, suffix in (("argmax", ""), ("rule", "_rule")):
+            diff = np.asarray(a[metric + suffix]["folds"]) - np.asarray(b[metric + suffix]["folds"])
             out[f"{metric}_{rule}"] = {"mean": float(diff.mean()), "std": float(diff.std(ddof=1)),
-                                       "folds": [round(float(v), 4) for v in diff], "folds_not_worse":
-                                       int((diff >= 0).sum())}
+                                       "folds": [round(float(v), 4) for v in diff],
+                                       "folds_not_worse": int((diff >= 0).sum())}
     return out
 
 
 def _tta_views(run: Path) -> int | None:
-    """N when the run's test folds were also scored with N TTA views (`<variant>_ttaN` logits), else None."""
+    """N when every test fold of the run was also scored with N TTA views (`present_ttaN` logits), else None."""
     from .train import TEST_LOGITS
-    with np.load(fold_dirs(run)[0][1] / TEST_LOGITS) as saved:
-        found = [int(m.group(1)) for m in (re.fullmatch(r"present_tta(\d+)", f) for f in saved.files) if m]
-    return found[0] if found else None
+    views = set()
+    for _, folder in fold_dirs(run):
+        with np.load(folder / TEST_LOGITS) as saved:
+            views.add(next((int(m.group(1)) for m in (re.fullmatch(r"present_tta(\d+)", f) for f in saved.files)
+                            if m), None))
+    return views.pop() if len(views) == 1 else None
 
 
 METADATA_PLAN = (("image-only", "img", ""), ("multimodal, fields present", "mm", "present"),
@@ -248,21 +262,27 @@ METADATA_PLAN = (("image-only", "img", ""), ("multimodal, fields present", "mm",
 
 def metadata_table(mm: Path, img: Path) -> dict[str, dict]:
     """The multimodal model with fields present / each blank / all blank, the image-only model trained on the same
-    folds, and their ensemble; single view and, when the runs scored them, TTA views; each row paired per fold
+    folds, and their ensemble; single view and, when both runs scored them, TTA views; each row paired per fold
     against the image-only row of the same views."""
-    tta = _tta_views(Path(mm))
-    runs = {"mm": [Path(mm)], "img": [Path(img)], "both": [Path(mm), Path(img)]}
-    table, folds = {}, {}
+    mm, img = Path(mm), Path(img)
+    if is_image_only(fold_dirs(mm)[0][1]):
+        raise ValueError(f"{mm}: an image-only run; give the multimodal run first and the image-only one after "
+                         "--image-only")
+    if not is_image_only(fold_dirs(img)[0][1]):
+        raise ValueError(f"{img}: not an image-only run (it scored blanked metadata); train it with --image-only")
+    tta = _tta_views(mm)
+    tta = tta if tta is not None and tta == _tta_views(img) else None
+    runs = {"mm": [mm], "img": [img], "both": [mm, img]}
+    table = {}
     for views in ("",) + ((f"_tta{tta}",) if tta else ()):
         for name, which, variant in METADATA_PLAN:
             if views and variant in ("age_blank", "sex_blank", "site_blank"):
                 continue
-            key = name + (f", {tta}-view TTA" if views else "")
-            table[key], folds[key] = variant_row(runs[which], (variant or "present") + views)
+            table[name + (f", {tta}-view TTA" if views else "")] = variant_row(runs[which], (variant or "present") + views)
     for key in table:
         base = "image-only" + (f", {tta}-view TTA" if "TTA" in key else "")
         if key != base:
-            table[key]["vs_image_only_paired"] = _paired(folds[key], folds[base])
+            table[key]["vs_image_only_paired"] = _paired(table[key], table[base])
     return table
 
 
@@ -279,7 +299,7 @@ def metadata_markdown(table: dict[str, dict]) -> str:
         lines.append(f"| {key} | {r['balanced_accuracy']['mean']:.3f} +- {r['balanced_accuracy']['std']:.3f} | "
                      f"{r['balanced_accuracy_rule']['mean']:.3f} +- {r['balanced_accuracy_rule']['std']:.3f} | "
                      f"{r['macro_auc']['mean']:.3f} | {r['melanoma_recall']['mean']:.3f} / "
-                     f"{r['melanoma_recall_rule']:.3f} | {vs} |")
+                     f"{r['melanoma_recall_rule']['mean']:.3f} | {vs} |")
     return "\n".join(lines) + "\n"
 
 

@@ -100,19 +100,23 @@ def log_prior_from_counts(counts: dict[str, int], classes=CLASSES) -> np.ndarray
 
 
 def nested_estimate(oof: pd.DataFrame, log_prior: np.ndarray, classes=CLASSES) -> dict:
-    """Per fold: tau chosen on the other folds' out-of-fold predictions, balanced accuracy on this fold,
-    with and without the adjustment; plus the tau chosen on all folds (what a bundle stores)."""
+    """Per fold: the prior and tau taken from the other folds' labels and out-of-fold predictions only, balanced
+    accuracy on this fold with and without the adjustment; plus the tau chosen on all folds with `log_prior`
+    (what a bundle stores)."""
     probs = oof[[f"p_{c}" for c in classes]].to_numpy()
     labels = oof["dx"].map({c: i for i, c in enumerate(classes)}).to_numpy()
     folds = sorted(oof["fold"].unique())
+    if len(folds) < 2:
+        raise ValueError(f"the decision rule's nested estimate needs predictions of at least 2 folds (got {len(folds)})")
     rows = []
     for k in folds:
         inside, outside = (oof["fold"] == k).to_numpy(), (oof["fold"] != k).to_numpy()
-        tau = fit_tau(probs[outside], labels[outside], log_prior)
-        rows.append({"fold": int(k), "tau": tau,
+        prior = log_prior_from_counts(oof.loc[outside, "dx"].value_counts().to_dict(), classes)
+        tau = fit_tau(probs[outside], labels[outside], prior)
+        rows.append({"fold": int(k), "tau": tau, "log_prior": [float(x) for x in prior],
                      "argmax": float(balanced_accuracy_score(labels[inside], probs[inside].argmax(1))),
                      "adjusted": float(balanced_accuracy_score(labels[inside],
-                                                               adjusted_pred(probs[inside], log_prior, tau)))})
+                                                               adjusted_pred(probs[inside], prior, tau)))})
     table = pd.DataFrame(rows)
     return {"rule": "argmax log p - tau * log prior", "tau": fit_tau(probs, labels, log_prior),
             "fit_on": f"{len(oof)} out-of-fold predictions of {len(folds)}-fold lesion-grouped training",

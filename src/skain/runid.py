@@ -35,7 +35,8 @@ KEY = "run_id"  # where the fingerprints live in last.pt
 NOT_IDENTITY = frozenset({
     "data.data", "data.csv", "data.images", "data.skip_missing", "data.cache_dir", "data.num_workers",
     "train.output", "train.resume", "train.overwrite", "train.progress", "train.max_minutes", "train.epochs",
-    "train.patience", "train.compile", "train.amp", "train.channels_last"})
+    "train.patience", "train.compile", "train.amp", "train.channels_last",
+    "train.test_tta", "train.fit_trust"})  # scoring and trust fitting after training, not the training itself
 ROW_COLUMNS = ("lesion_id", *META_COLUMNS)  # with dx (kept apart so a changed label is named as such)
 SHOW = 3  # example ids named in a message
 
@@ -44,7 +45,7 @@ SHOW = 3  # example ids named in a message
 RUN_FILES = ("last.pt", "best_model.pt", "best_model.onnx", "metrics.json", "train_history.csv", "split.csv",
              "config.json", "label_map.json", "vocabularies.json", "age_stats.json", "model_card.md",
              "reliability.png", "test_predictions.csv", "val_predictions.csv", "oof_predictions.csv",
-             "cv_report.json")
+             "cv_report.json", "test_logits.npz")
 REPORT_DIR, REPORT_FILES = "report", ("report.md", "metrics.json", "confusion_matrix.png", "roc_curves.png")
 FOLD_DIR = re.compile(r"fold[-_]?\d+")
 
