@@ -6,6 +6,7 @@
 # Ten trainings at once, the cpu recipe with --max-minutes $MIN each (the cosine schedule follows the clock):
 #   mm/fold<k>   multimodal (metadata dropout 0.2), --holdout --fold k     k = 0..4
 #   img/fold<k>  image-only, the same split, the same recipe              k = 0..4
+# Or any two settings on the same folds: A="--balance sqrt" B="--balance none" (runs a/ and b/).
 # Every test fold is scored with metadata present / each field blank / all blank, and with 8 TTA views for present
 # and all blank (test_logits.npz), so the reports, the paired differences and the ensembles are computed back home
 # (the measured run used MIN=6.5 LIMIT=520):
@@ -13,7 +14,8 @@
 # Dry run on a small CPU machine: SUBSET=300 FOLDS="0 1" MIN=0.3 WK=0 bash benchmarks/gpu/cv_pair.sh
 set -u
 OUT=${OUT:-/tmp/skain-out}; W=${W:-/tmp/skain}; G=${G:-.gpu}; MIN=${MIN:-6}; FOLDS=${FOLDS:-0 1 2 3 4}
-WK=${WK:-2}; SUBSET=${SUBSET:-0}; LIMIT=${LIMIT:-500}
+WK=${WK:-2}; SUBSET=${SUBSET:-0}; LIMIT=${LIMIT:-500}; TTA=${TTA:-8}
+A=${A:-}; B=${B:---image-only}; NA=${A:+a}; NB=${A:+b}; NA=${NA:-mm}; NB=${NB:-img}
 mkdir -p "$W/images" "$OUT"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
@@ -47,13 +49,13 @@ PY
 echo "unpacked in $(( $(date +%s) - t0 )) s"
 common=(--csv "$W/metadata.csv" --images "$W/images" --preset cpu --pretrained-file "$W/lite0.pt"
         --cache-dir "$W/cache" --no-progress --epochs 30 --patience 8 --overwrite --holdout --no-trust
-        --test-tta 8 --max-minutes "$MIN" --workers "$WK")
+        --test-tta "$TTA" --max-minutes "$MIN" --workers "$WK")
 start=$(date +%s)
 for k in $FOLDS; do
-  timeout "$LIMIT" python3 -m skain train "${common[@]}" --fold "$k" --output "$W/runs/mm/fold$k" \
-    >"$W/mm$k.log" 2>&1 &
-  timeout "$LIMIT" python3 -m skain train "${common[@]}" --fold "$k" --image-only --output "$W/runs/img/fold$k" \
-    >"$W/img$k.log" 2>&1 &
+  timeout "$LIMIT" python3 -m skain train "${common[@]}" --fold "$k" $A --output "$W/runs/$NA/fold$k" \
+    >"$W/$NA$k.log" 2>&1 &
+  timeout "$LIMIT" python3 -m skain train "${common[@]}" --fold "$k" $B --output "$W/runs/$NB/fold$k" \
+    >"$W/$NB$k.log" 2>&1 &
 done
 while [ "$(jobs -r | wc -l)" -gt 0 ]; do
   sleep 30
@@ -61,9 +63,9 @@ while [ "$(jobs -r | wc -l)" -gt 0 ]; do
        "$(nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null)"
 done
 echo "all trainings ended after $(( $(date +%s) - start )) s"
-for f in "$W"/mm*.log "$W"/img*.log; do
+for f in "$W/$NA"*.log "$W/$NB"*.log; do
   echo "== $f"; grep -v "Warn\|warn" "$f" | grep "epoch\|test fold\|scored\|Error\|error" | tail -n 3
 done
-for k in $FOLDS; do cp "$W/mm$k.log" "$W/runs/mm/fold$k/train.log"; cp "$W/img$k.log" "$W/runs/img/fold$k/train.log"; done
+for k in $FOLDS; do cp "$W/$NA$k.log" "$W/runs/$NA/fold$k/train.log"; cp "$W/$NB$k.log" "$W/runs/$NB/fold$k/train.log"; done
 (cd "$W/runs" && tar czf "$OUT/runs.tgz" --exclude='*.pt' --exclude='*.onnx' .)
 ls -la "$OUT"
