@@ -540,6 +540,8 @@ def score_best(out: Path, prep: Prepared, device: torch.device | None, cache_dir
     frame = prep.frame.iloc[idx].reset_index(drop=True)
     predictor = Predictor.from_bundle(out / BUNDLE_NAME, device=device.type if device else "auto")
     started = time.perf_counter()
+    log.info("scoring %d %s images with metadata present / blanked%s", len(frame), "test" if held_out else "validation",
+             f", then with {test_views} TTA views (--test-tta 1 skips them)" if held_out and test_views > 1 else "")
     variants, table, logits = assess(predictor, frame, cache_dir=cache_dir)
     name = "test_predictions.csv" if held_out else "val_predictions.csv"
     atomic_write(out / name, lambda fh: fh.write(table.to_csv(index=False).encode()))
