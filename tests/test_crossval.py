@@ -37,6 +37,9 @@ def test_all_folds_score_every_image_once_by_a_model_that_never_saw_it(cv, synth
     assert len(ba["folds"]) == 3 and ba["mean"] == pytest.approx(np.mean(ba["folds"]))
     assert set(report["metadata_ablation_mean"]) == {"present", "age_blank", "sex_blank", "site_blank", "all_blank"}
     assert "tau" in report["decision_rule"] and json.loads((out / "cv_report.json").read_text())["folds"] == 3
+    tta = report["test_tta8"]["all_blank"]["balanced_accuracy"]
+    assert tta["folds"] == [json.loads((out / f"fold{k}" / "metrics.json").read_text())["test_tta8"]["all_blank"]
+                            ["balanced_accuracy"] for k in range(3)]
 
 
 def _predict_and_evaluate(fold, synth_root, tmp_path, *flags):

@@ -77,6 +77,11 @@ def write_report(out: Path, folds: int) -> dict:
         "train_minutes": [float(m["train_minutes"]) for m in per_fold],
         "best_epochs": [int(m["best_epoch"]) for m in per_fold],
     }
+    tta = [k for k in per_fold[0] if k.startswith("test_tta")]
+    if tta:  # the test folds were also scored with TTA views (metadata present and all blank)
+        report[tta[0]] = {v: {k: mean_std([m[tta[0]][v][k] for m in per_fold])
+                              for k in ("balanced_accuracy", "macro_auc", "melanoma_recall")}
+                          for v in per_fold[0][tta[0]]}
     report["decision_rule"] = nested_estimate(oof, log_prior_from_counts(oof["dx"].value_counts().to_dict()))
     atomic_json(report, out / REPORT_NAME)
     h = report["per_fold_mean_std"]
