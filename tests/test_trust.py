@@ -307,6 +307,41 @@ def test_tta_predictions_say_triage_and_temperature_do_not_apply(trained, synth_
     np.testing.assert_allclose(table["ood_score"], plain["ood_score"], rtol=1e-4)
 
 
+def test_calibrate_tta_fits_temperature_and_triage_that_predict_tta_applies(trained, synth_root, tmp_path):
+    """`skain calibrate --tta 4` fits a temperature and a blank-aware triage threshold on 4-view validation
+    predictions (cross-fitted held-out figures too); `--tta 4` predictions then use them (probabilities =
+    softmax(log mean / T), a triage verdict per image), while a view count never fitted still says why not."""
+    import shutil
+    from skain.bundle import read_bundle
+    from skain.cli import main
+    from skain.data.transforms import tta_views
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    assert main(["calibrate", "--model", str(run), "--tta", "4", "--device", "cpu"]) == 0
+    block = read_bundle(run)["trust"]["views"]["4"]
+    triage = block["triage"]
+    assert block["held_out_method"].startswith("cross-fitted") and {"held_out", "held_out_all_blank"} <= set(triage)
+    assert triage["sensitivity"] >= 0.95 and triage["all_blank"]["sensitivity"] >= 0.95  # present and blank
+    assert triage["threshold_holds_for"] == "metadata as entered and all fields blank"
+    tta = Predictor.from_bundle(run, tta=4)
+    assert tta.trust.temperature == pytest.approx(block["temperature"]) != 1.0
+    assert tta.trust.triage_threshold == pytest.approx(triage["threshold"])
+    assert "fit for 4 TTA views" in tta.info["trust"]["calibration"]
+    images = sorted((synth_root / "dataset_test" / "image").iterdir())[:3]
+    frame = pd.DataFrame({"image_id": [p.stem for p in images], "path": [str(p) for p in images]})
+    table = tta.predict_frame(frame, progress=False)
+    assert table["triage"].notna().all()
+    with torch.no_grad():
+        b = tta._batch(tta.image_tensor(images[0])[None], pd.DataFrame({"age": [None], "sex": ["unknown"],
+                                                                         "localization": ["unknown"]}))
+        model = load_model(tta.bundle).eval()
+        mean = torch.stack([model(v, b["age"], b["sex"], b["site"]).softmax(1) for v in tta_views(b["image"], 4)]).mean(0)
+    expected = softmax(np.log(mean[0].numpy().astype(np.float64)) / block["temperature"])
+    np.testing.assert_allclose([table.loc[0, f"p_{c}"] for c in tta.classes], expected, atol=1e-5)
+    untouched = Predictor.from_bundle(run, tta=2)
+    assert untouched.trust.triage_threshold is None and "calibrate --tta 2" in untouched.info["trust"]["calibration"]
+
+
 # ----------------------------------------------------------------------------- time budget and progress
 def test_budget_sample_keeps_every_class_and_fits_the_budget():
     from skain.trust.fitting import MIN_OOD_TRAIN, budget_sample

@@ -273,8 +273,8 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
                                          "against --csv ground truth (image_id,dx or ISIC 2018 one-hot)")
     p.add_argument("--report", help="report folder (default: <predictions dir>/report, or report/ with --model)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--tta", type=int, default=1, help="test-time augmentation views (calibration and triage "
-                                                      "do not apply above 1)")
+    p.add_argument("--tta", type=int, default=1, help="test-time augmentation views (calibration and triage apply "
+                                                      "above 1 only when fit for that many: skain calibrate --tta N)")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=True)
 
@@ -388,11 +388,22 @@ def add_calibrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="a finished training output folder (config.json, split.csv)")
     p.add_argument("--cache-dir", default=None, help="pre-resized image cache (as used in training)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--tta", type=int, default=1, help="also fit temperature and triage threshold for predictions "
+                   "averaged over this many TTA views (2-8), so `skain predict --tta N` keeps them")
 
 
 def run_calibrate(ns: argparse.Namespace) -> int:
-    """Fit temperature, triage threshold and OOD check for a run trained before they existed."""
-    from .trust import fit_trust_folder
+    """Fit temperature, triage threshold and OOD check for a run trained before they existed (or, with --tta N,
+    the temperature and triage threshold for N-view test-time augmentation)."""
+    from .trust import fit_trust_folder, fit_views_folder
+    if ns.tta > 1:
+        block = fit_views_folder(ns.model, ns.tta, ns.cache_dir, ns.device)
+        c, t = block["calibration"], block["triage"]
+        held = t.get("held_out") or {}
+        print(f"{ns.tta} TTA views: T={c['temperature']:.3f}  ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f}; "
+              f"triage threshold {t.get('threshold')} (held-out sensitivity {held.get('sensitivity')}, specificity "
+              f"{held.get('specificity')}); stored in {ns.model} for `skain predict --tta {ns.tta}`")
+        return 0
     figures = fit_trust_folder(ns.model, ns.cache_dir, ns.device)
     c = figures["calibration"]
     print(f"T={c['temperature']:.3f}  ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f}; bundle, "

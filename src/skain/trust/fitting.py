@@ -292,6 +292,64 @@ def fit_trust(bundle_path: str | Path, frame: pd.DataFrame, train_idx: np.ndarra
     return figures
 
 
+def tta_outputs(bundle: dict, frame: pd.DataFrame, loader_fn: ImageLoader, device: torch.device, views: int,
+                s: TrustSettings, progress: bool = False) -> Outputs:
+    """Validation predictions averaged over `views` TTA views (log of the mean probabilities, as `skain predict
+    --tta` computes them), with metadata as entered and, for a multimodal network, with every field blank."""
+    from ..assess import variant_logits
+    from ..data.transforms import tta_views
+    from ..predict import Predictor
+    frame = frame.reset_index(drop=True)
+    labels = frame["dx"].map({c: i for i, c in enumerate(bundle["classes"])}).to_numpy()
+    predictor = Predictor(bundle, device=device.type)
+    model = predictor.model
+    if getattr(model, "meta", None) is not None and hasattr(model, "classify"):
+        z = variant_logits(predictor, frame, {"present": set(), "all_blank": set(FIELDS)}, s.batch_size,
+                           progress=progress, cache_dir=loader_fn.cache_dir, views=views)
+        return Outputs(z["present"].astype(np.float64), labels, None, z["all_blank"].astype(np.float64))
+    ds = LesionDataset(frame, MetadataEncoder.from_state(bundle["encoder"]), loader_fn,
+                       eval_transform(bundle["preprocess"]))
+    res = predict_logits(model, DataLoader(ds, s.batch_size, shuffle=False), device, None, False,
+                         f"trust: {views} TTA views", progress, lambda x: tta_views(x, views))
+    return Outputs(res["logits"].astype(np.float64), labels, None)
+
+
+def fit_views(bundle_path: str | Path, frame: pd.DataFrame, val_idx: np.ndarray, loader_fn: ImageLoader,
+              views: int, device: str | torch.device = "cpu", settings: TrustSettings | None = None,
+              progress: bool = False, save_to: str | Path | None = None) -> dict:
+    """Temperature and triage threshold for predictions averaged over `views` TTA views, fit on the validation
+    split like the single-view ones (blank-aware threshold, cross-fitted held-out figures), stored in the
+    bundle's trust block under `views`; `skain predict --tta views` then applies them. The OOD check needs
+    nothing new: it always scores the identity view."""
+    s = settings or TrustSettings()
+    bundle_path = Path(bundle_path)
+    device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
+    bundle = read_bundle(bundle_path)
+    if not 2 <= int(views) <= 8:
+        raise ValueError(f"TTA views must be between 2 and 8 (got {views})")
+    if not bundle.get("trust"):
+        raise ValueError(f"{bundle_path}: fit the single-view trust block first (skain calibrate without --tta)")
+    started = time.perf_counter()
+    log.info("trust: %d validation images x %d TTA views", len(val_idx), views)
+    va = tta_outputs(bundle, frame.iloc[val_idx], loader_fn, device, views, s, progress)
+    classes = list(bundle["classes"])
+    parts = halves(frame.iloc[val_idx], s.seed)
+    held = cross_fit(va, parts, malignant_columns(classes), None, s) if parts else None
+    t, calib = calibration_part(va, held, s)
+    blank = None if va.blank_logits is None else apply_temperature(va.blank_logits, t)
+    triage = triage_part(apply_temperature(va.logits, t), va.labels, classes, held, s, blank)
+    block = {"views": int(views), "temperature": t, "calibration": calib, "triage": triage,
+             "validation_images": int(len(va.labels)),
+             "held_out_method": HELD_OUT_METHOD if parts else "none (validation too small to split)",
+             "fit_seconds": round(time.perf_counter() - started, 1)}
+    bundle["trust"].setdefault("views", {})[str(int(views))] = block
+    atomic_torch_save(bundle, save_to or bundle_path)
+    log.info("trust, %d views: T=%.2f ECE %.3f -> %.3f; triage threshold %s (held-out sensitivity %s, specificity "
+             "%s)", views, t, calib["ece_before"], calib["ece_after"], _fmt(triage.get("threshold")),
+             _fmt(triage.get("held_out", {}).get("sensitivity")), _fmt(triage.get("held_out", {}).get("specificity")))
+    return block
+
+
 MIN_OOD_TRAIN = 1000  # training images the OOD Gaussians need at least, whatever the budget
 
 
@@ -386,6 +444,15 @@ def fit_trust_folder(out: str | Path, cache_dir: str | Path | None = None, devic
     save_to = Path(report_dir) / BUNDLE_NAME if report_dir else None
     return fit_trust(out / BUNDLE_NAME, frame, train_idx, val_idx, loader, device, settings,
                      report_dir or out, progress, save_to)
+
+
+def fit_views_folder(out: str | Path, views: int, cache_dir: str | Path | None = None, device: str = "cpu",
+                     settings: TrustSettings | None = None, progress: bool = False) -> dict:
+    """fit_views for an existing output folder (its validation split)."""
+    out = Path(out)
+    frame, _, val_idx, cfg = folder_split(out)
+    return fit_views(out / BUNDLE_NAME, frame, val_idx, ImageLoader(cfg["preprocess"]["resize"], cache_dir), views,
+                     device, settings, progress)
 
 
 def after_training(bundle_path: str | Path, frame: pd.DataFrame, train_idx: np.ndarray, val_idx: np.ndarray,

@@ -26,6 +26,7 @@ class TrustLayer:
     ood_threshold: float | None = None
     triage_threshold: float | None = None
     figures: dict = field(default_factory=dict)
+    views: dict = field(default_factory=dict)  # "N" -> temperature and triage fit for N TTA views
 
     @classmethod
     def from_bundle(cls, bundle: dict) -> "TrustLayer":
@@ -38,17 +39,28 @@ class TrustLayer:
                    float(ood["threshold"]) if ood.get("threshold") is not None else None,
                    float(triage["threshold"]) if has_triage else None,
                    {"triage": {k: v for k, v in triage.items()}, "ood": {k: v for k, v in ood.items()
-                                                                       if k not in STATE_ARRAYS}})
+                                                                       if k not in STATE_ARRAYS}},
+                   dict(trust.get("views") or {}))
 
     def for_views(self, views: int) -> "TrustLayer":
-        """The layer that applies to predictions averaged over `views` TTA views. The temperature and the triage
-        threshold were fit on single-view logits; averaged views are less confident and rank differently
-        (README, TTA table), so under TTA neither is applied and both say so. The OOD check still applies: it
-        scores the identity view's features (BackboneTap keeps only those)."""
+        """The layer that applies to predictions averaged over `views` TTA views. Averaged views are less
+        confident and rank differently (README, TTA), so the single-view temperature and triage threshold do not
+        carry over: the ones `skain calibrate --tta N` fit for N views apply when the bundle has them, else
+        neither applies and both say so. The OOD check applies either way: it scores the identity view's
+        features (BackboneTap keeps only those)."""
         if views <= 1:
             return self
+        block = self.views.get(str(int(views)))
+        if block:
+            triage = dict(block.get("triage") or {})
+            threshold = triage.get("threshold") if self.triage_threshold is not None else None
+            note = f"temperature and triage threshold fit for {views} TTA views on the validation split"
+            return replace(self, temperature=float(block["temperature"]),
+                           triage_threshold=None if threshold is None else float(threshold),
+                           figures={**self.figures, "triage": triage, "tta": note})
         note = (f"not applied with test-time augmentation ({views} views): the temperature and triage threshold "
-                "were fit on single-view predictions; probabilities are the plain average of the views")
+                f"were fit on single-view predictions (`skain calibrate --tta {views}` fits them for {views} views); "
+                "probabilities are the plain average of the views")
         figures = {**self.figures, "triage": {"threshold": None, "reason": note}, "tta": note}
         return replace(self, temperature=1.0, triage_threshold=None, figures=figures)
 
