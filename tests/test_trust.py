@@ -340,6 +340,14 @@ def test_calibrate_tta_fits_temperature_and_triage_that_predict_tta_applies(trai
     np.testing.assert_allclose([table.loc[0, f"p_{c}"] for c in tta.classes], expected, atol=1e-5)
     untouched = Predictor.from_bundle(run, tta=2)
     assert untouched.trust.triage_threshold is None and "calibrate --tta 2" in untouched.info["trust"]["calibration"]
+    rep = tmp_path / "rep"  # skain evaluate --tta 4 shows the 4-view held-out figures as the validation column
+    assert main(["evaluate", "--model", str(run), "--data", str(synth_root / "dataset_test"), "--tta", "4",
+                 "--report", str(rep), "--no-progress"]) == 0
+    validation = json.loads((rep / "metrics.json").read_text())["trust"]["runs"][
+        "validation of the training data (held-out lesions)"]
+    assert validation["triage_sensitivity"] == pytest.approx(triage["held_out"]["sensitivity"])
+    assert validation["ece_after"] == pytest.approx(block["calibration"]["held_out"]["ece_after"])
+    assert "fit for that many views" in (rep / "model_card.md").read_text()
 
 
 # ----------------------------------------------------------------------------- time budget and progress

@@ -167,8 +167,13 @@ def folder_trust(predictor, frame: pd.DataFrame, data: str, first: pd.DataFrame,
     from .trust.modelcard import VALIDATION_COLUMN, validation_figures
     runs = with_and_without_metadata(lambda f: predictor.predict_frame(f, **predict_kwargs), frame, first,
                                      predictor.trust.temperature, bool(predictor.info["image_only"]))
-    entry = external_entry(data, runs) | ({"tta": predictor.tta} if predictor.tta > 1 else {})
+    views = ((predictor.bundle.get("trust") or {}).get("views") or {}).get(str(predictor.tta)) \
+        if predictor.tta > 1 else None
+    entry = external_entry(data, runs) | ({"tta": predictor.tta, "tta_fitted": bool(views)} if predictor.tta > 1
+                                          else {})
     card = predictor.info.get("model_card")
-    shown = {VALIDATION_COLUMN: validation_figures(card), **runs} if card else runs
+    if card and views:
+        entry["validation"] = validation_figures(card, views)  # the card shows these beside this folder's TTA runs
+    shown = {VALIDATION_COLUMN: validation_figures(card, views), **runs} if card else runs
     return {"measured_on": f"external labelled folder {data}", "runs": shown,
             "model_card": {**card, "external": [*(card.get("external") or []), entry]} if card else None}

@@ -68,7 +68,8 @@ def to_markdown(card: dict) -> str:
               f"- skAIn {m['skain_version']}, card written {m['created']}", ""]
     lines += _data_section(d) + _metrics_section(card["metrics"]) + _metadata_section(card.get("metadata_ablation"))
     lines += _trust_sections(card)
-    lines += [line for ext in card.get("external") or [] for line in external_section(ext, validation_figures(card))]
+    lines += [line for ext in card.get("external") or []
+              for line in external_section(ext, ext.get("validation") or validation_figures(card))]
     lines += ["## Known limitations"] + [f"- {x}" for x in card["limitations"]] + [""]
     return "\n".join(lines)
 
@@ -163,9 +164,13 @@ def _trust_sections(card: dict) -> list[str]:
 VALIDATION_COLUMN = "validation of the training data (held-out lesions)"
 
 
-def validation_figures(card: dict) -> dict:
-    """The card's own held-out validation figures, in the shape `skain evaluate` reports for other folders."""
+def validation_figures(card: dict, views: dict | None = None) -> dict:
+    """The card's own held-out validation figures, in the shape `skain evaluate` reports for other folders.
+    With `views` (the trust block fit for N TTA views), its calibration and triage figures replace the
+    single-view ones."""
     c, t, o = card.get("calibration", {}), card.get("triage", {}), card.get("ood", {})
+    if views:
+        c, t = views.get("calibration", {}), views.get("triage", {})
     ho_c, ho_t, v = c.get("held_out", {}), t.get("held_out", {}), card.get("metrics", {})
     return {"n": v.get("validation", {}).get("n"), "balanced_accuracy": v.get("validation", {}).get("balanced_accuracy"),
             "ece_before": ho_c.get("ece_before"), "ece_after": ho_c.get("ece_after"),
@@ -198,5 +203,8 @@ def external_section(ext: dict, validation: dict | None = None) -> list[str]:
            "(temperature, thresholds, epoch) was chosen on them. 'without metadata' = age, sex and site left "
            "blank for every image.", ""]
     if ext.get("tta"):
-        out += [f"Test-time augmentation ({ext['tta']} views): temperature and triage threshold not applied.", ""]
+        out += [f"Test-time augmentation ({ext['tta']} views): " + (
+            "temperature and triage threshold fit for that many views (`skain calibrate --tta`); the validation "
+            "column shows their held-out figures." if ext.get("tta_fitted") else
+            "temperature and triage threshold not applied (not fit for that many views)."), ""]
     return out + trust_table(runs) + [""]
