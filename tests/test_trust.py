@@ -339,7 +339,7 @@ def test_calibrate_tta_fits_temperature_and_triage_that_predict_tta_applies(trai
     expected = softmax(np.log(mean[0].numpy().astype(np.float64)) / block["temperature"])
     np.testing.assert_allclose([table.loc[0, f"p_{c}"] for c in tta.classes], expected, atol=1e-5)
     untouched = Predictor.from_bundle(run, tta=2)
-    assert untouched.trust.triage_threshold is None and "calibrate --tta 2" in untouched.info["trust"]["calibration"]
+    assert untouched.trust.triage_threshold is None and "skain calibrate --model RUN --tta 2" in untouched.info["trust"]["calibration"]
     rep = tmp_path / "rep"  # skain evaluate --tta 4 shows the 4-view held-out figures as the validation column
     assert main(["evaluate", "--model", str(run), "--data", str(synth_root / "dataset_test"), "--tta", "4",
                  "--report", str(rep), "--no-progress"]) == 0

@@ -59,7 +59,8 @@ class TrustLayer:
                            triage_threshold=None if threshold is None else float(threshold),
                            figures={**self.figures, "triage": triage, "tta": note})
         note = (f"not applied with test-time augmentation ({views} views): the temperature and triage threshold "
-                f"were fit on single-view predictions (`skain calibrate --tta {views}` fits them for {views} views); "
+                f"were fit on single-view predictions (`skain calibrate --model RUN --tta {views}` fits them for "
+                f"{views} views on a training run's validation split); "
                 "probabilities are the plain average of the views")
         figures = {**self.figures, "triage": {"threshold": None, "reason": note}, "tta": note}
         return replace(self, temperature=1.0, triage_threshold=None, figures=figures)
