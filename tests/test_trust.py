@@ -348,6 +348,8 @@ def test_calibrate_tta_fits_temperature_and_triage_that_predict_tta_applies(trai
     assert validation["triage_sensitivity"] == pytest.approx(triage["held_out"]["sensitivity"])
     assert validation["ece_after"] == pytest.approx(block["calibration"]["held_out"]["ece_after"])
     assert "fit for that many views" in (rep / "model_card.md").read_text()
+    card = (run / "model_card.md").read_text()
+    assert "4 views: T = " in card and "Any other view count gets neither" in card
 
 
 # ----------------------------------------------------------------------------- time budget and progress

@@ -343,7 +343,15 @@ def fit_views(bundle_path: str | Path, frame: pd.DataFrame, val_idx: np.ndarray,
              "held_out_method": HELD_OUT_METHOD if parts else "none (validation too small to split)",
              "fit_seconds": round(time.perf_counter() - started, 1)}
     bundle["trust"].setdefault("views", {})[str(int(views))] = block
+    if bundle.get("model_card"):
+        bundle["model_card"].setdefault("tta", {})[str(int(views))] = {
+            "temperature": t, "threshold": triage.get("threshold"), "held_out": triage.get("held_out"),
+            "held_out_all_blank": triage.get("held_out_all_blank"),
+            "ece_after": calib.get("held_out", {}).get("ece_after")}
     atomic_torch_save(bundle, save_to or bundle_path)
+    if bundle.get("model_card"):
+        card_path = Path(save_to or bundle_path).parent / "model_card.md"
+        atomic_write(card_path, lambda fh: fh.write(to_markdown(bundle["model_card"]).encode("utf-8")))
     log.info("trust, %d views: T=%.2f ECE %.3f -> %.3f; triage threshold %s (held-out sensitivity %s, specificity "
              "%s)", views, t, calib["ece_before"], calib["ece_after"], _fmt(triage.get("threshold")),
              _fmt(triage.get("held_out", {}).get("sensitivity")), _fmt(triage.get("held_out", {}).get("specificity")))

@@ -132,8 +132,7 @@ def _trust_sections(card: dict) -> list[str]:
            f"- in-sample: ECE ({c.get('ece_bins')} bins) {_n(c.get('ece_before'))} -> {_n(c.get('ece_after'))}, "
            f"NLL {_n(c.get('nll_before'))} -> {_n(c.get('nll_after'))}", "",
            "### Malignancy triage", "P(malignant) = P(mel) + P(bcc) + P(akiec); 'investigate further' at or above the threshold.",
-           "Single-view predictions only: with test-time augmentation (`--tta`) neither the temperature nor the "
-           "triage threshold applies."]
+           _tta_line(card.get("tta") or {})]
     if t.get("threshold") is None:
         out.append(f"- not available: {t.get('reason')}")
     else:
@@ -159,6 +158,22 @@ def _trust_sections(card: dict) -> list[str]:
             f"{_pct(o.get('val_false_rejection'))} on validation (in-sample)",
             "- non-dermoscopic probes rejected: " + ", ".join(f"{k} {_pct(v)}" for k, v in probes.items()), ""]
     return out
+
+
+def _tta_line(views: dict) -> str:
+    """What applies under test-time augmentation: the blocks `skain calibrate --tta N` fit, else nothing."""
+    if not views:
+        return ("Single-view predictions only: with test-time augmentation (`--tta`) neither the temperature nor the "
+                "triage threshold applies (`skain calibrate --tta N` fits them for N views).")
+    parts = []
+    for n, v in sorted(views.items(), key=lambda kv: int(kv[0])):
+        ho, blank = v.get("held_out") or {}, v.get("held_out_all_blank") or {}
+        parts.append(f"{n} views: T = {_n(v.get('temperature'))}, threshold {_n(v.get('threshold'), 4)}, held-out "
+                     f"sensitivity {_pct(ho.get('sensitivity'))} / specificity {_pct(ho.get('specificity'))} "
+                     f"(all fields blank {_pct(blank.get('sensitivity'))} / {_pct(blank.get('specificity'))}), "
+                     f"held-out ECE {_n(v.get('ece_after'))}")
+    return ("With test-time augmentation (`--tta N`) the temperature and threshold fit for N views apply: "
+            + "; ".join(parts) + ". Any other view count gets neither.")
 
 
 VALIDATION_COLUMN = "validation of the training data (held-out lesions)"
