@@ -178,3 +178,25 @@ def test_cv_report_image_only_writes_the_paired_metadata_table(cv, tmp_path, cap
     assert "give one RUN" in capsys.readouterr().err
     assert main(["cv-report", str(img), "--image-only", str(out), "--output", str(tmp_path / "t")]) == 2
     assert "an image-only run; give the multimodal run first" in capsys.readouterr().err
+
+
+def test_all_folds_with_image_only_trains_the_baseline_on_the_same_folds_and_pairs_them(synth_root, tmp_path,
+                                                                                         capsys):
+    """`--all-folds --with-image-only`: the image-only model on the same test folds (image_only/fold<k>), and
+    cv_report.json / metadata_table.md with every metadata variant paired against it."""
+    out = tmp_path / "cv"
+    cfg = tiny_config(synth_root / "dataset_train", out, epochs=1, seed=2)
+    cfg = replace(cfg, data=replace(cfg.data, folds=2, all_folds=True, with_image_only=True),
+                  train=replace(cfg.train, test_tta=2))
+    report = fit_all_folds(cfg)
+    for k in range(2):
+        mm, img = (pd.read_csv(d / f"fold{k}" / "split.csv") for d in (out, out / "image_only"))
+        assert mm.equals(img)  # the same split, image for image
+        assert json.loads((out / "image_only" / f"fold{k}" / "config.json").read_text())["model"]["image_only"]
+    table = report["metadata_vs_image_only"]
+    assert {"multimodal, all blank", "image-only, 2-view TTA"} <= set(table)
+    assert json.loads((out / "cv_report.json").read_text())["metadata_vs_image_only"] == table
+    assert "| multimodal, all blank |" in (out / "metadata_table.md").read_text()
+    assert main(["train", "--data", str(synth_root / "dataset_train"), "--with-image-only", "--output",
+                 str(tmp_path / "x")]) == 2
+    assert "needs --all-folds" in capsys.readouterr().err

@@ -58,6 +58,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--all-folds", action="store_true", default=None,
                    help="train every fold with --holdout into <output>/fold<k>/, then write out-of-fold "
                         "predictions and a cross-validated report (cv_report.json)")
+    p.add_argument("--with-image-only", action="store_true", default=None,
+                   help="with --all-folds: also train the image-only model on the same folds (<output>/image_only/) "
+                        "and add the paired with/without-metadata table to cv_report.json (twice the training)")
     p.add_argument("--split-seed", type=int, help="seed of the lesion-grouped split (default 42; --seed does not "
                                                   "move the split)")
     m = p.add_argument_group("model")
@@ -100,7 +103,7 @@ def config_from_args(ns: argparse.Namespace):
         model["pretrained"] = ns.pretrained_file
     flags = {
         "data": _pick(ns, ["data", "csv", "images", "skip_missing", "cache_dir", "num_workers", "folds", "fold",
-                           "holdout", "inner_folds", "all_folds", "split_seed"]),
+                           "holdout", "inner_folds", "all_folds", "with_image_only", "split_seed"]),
         "model": model,
         "train": _pick(ns, ["epochs", "frozen_epochs", "lr", "lr_frozen", "unfreeze_fraction", "batch_size",
                             "patience", "balance", "meta_dropout", "max_minutes", "seed", "amp", "compile",
@@ -114,6 +117,8 @@ def run_train(ns: argparse.Namespace) -> int:
     from .crossval import fit_all_folds
     from .train import fit
     cfg = config_from_args(ns)
+    if cfg.data.with_image_only and not cfg.data.all_folds:
+        raise ValueError("--with-image-only needs --all-folds (it compares the two models fold by fold)")
     logging.getLogger(__name__).info("preset %s, output %s", cfg.preset, cfg.train.output)
     fit_all_folds(cfg) if cfg.data.all_folds else fit(cfg)
     return 0

@@ -20,6 +20,7 @@ class DataConfig:
     holdout: bool = False            # fold `fold` is a test set that chooses nothing; validation from the rest
     inner_folds: int = 8             # with holdout: validation = 1/inner_folds of the non-test lesions
     all_folds: bool = False          # train every fold (with holdout) -> out-of-fold predictions + CV report
+    with_image_only: bool = False    # with all_folds: also the image-only model on the same folds, paired table
     split_seed: int = 42             # seeds the lesion-grouped split only: --seed sweeps keep the same split
     cache_dir: str | None = None     # pre-resized image cache; None -> default user cache, "off" -> none
     num_workers: int = -1            # -1 -> chosen from the CPU count

@@ -26,19 +26,41 @@ REPORT_NAME = "cv_report.json"
 
 def fold_config(cfg: Config, fold: int) -> Config:
     """The run of one fold: holdout on, its own sub-folder of the output."""
-    data = replace(cfg.data, fold=fold, holdout=True, all_folds=False)
+    data = replace(cfg.data, fold=fold, holdout=True, all_folds=False, with_image_only=False)
     train = replace(cfg.train, output=str(Path(cfg.train.output) / f"fold{fold}"))
     return replace(cfg, data=data, train=train)
 
 
+IMAGE_ONLY_DIR = "image_only"
+
+
 def fit_all_folds(cfg: Config) -> dict:
-    """Train fold 0..K-1 (each resumable in its own folder), then write the out-of-fold report."""
+    """Train fold 0..K-1 (each resumable in its own folder), then write the out-of-fold report. With
+    `with_image_only`, the image-only model is trained on the same folds into <output>/image_only/ and the
+    report gains the paired metadata table (`metadata_vs_image_only`, also metadata_table.md)."""
     from .train import fit
     out = Path(cfg.train.output)
+    if cfg.data.with_image_only and cfg.model.image_only:
+        raise ValueError("--with-image-only compares a multimodal run with the image-only one; drop --image-only")
     for fold in range(cfg.data.folds):
         log.info("=== fold %d/%d ===", fold + 1, cfg.data.folds)
         fit(fold_config(cfg, fold))
-    return write_report(out, cfg.data.folds)
+    report = write_report(out, cfg.data.folds)
+    if not cfg.data.with_image_only:
+        return report
+    baseline = replace(cfg, model=replace(cfg.model, image_only=True),
+                       train=replace(cfg.train, output=str(out / IMAGE_ONLY_DIR)))
+    for fold in range(cfg.data.folds):
+        log.info("=== image-only baseline, fold %d/%d ===", fold + 1, cfg.data.folds)
+        fit(fold_config(baseline, fold))
+    write_report(out / IMAGE_ONLY_DIR, cfg.data.folds)
+    report["metadata_vs_image_only"] = write_metadata_table(out, out / IMAGE_ONLY_DIR, out)
+    atomic_json(report, out / REPORT_NAME)
+    row = report["metadata_vs_image_only"]["multimodal, all blank"]["vs_image_only_paired"]
+    log.info("all fields blank vs image only, per fold: balanced accuracy %+.3f, melanoma recall %+.3f -> %s",
+             row["balanced_accuracy_argmax"]["mean"], row["melanoma_recall_argmax"]["mean"],
+             out / "metadata_table.md")
+    return report
 
 
 def collect(out: Path, folds: int) -> tuple[pd.DataFrame, list[dict]]:
