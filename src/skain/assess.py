@@ -28,62 +28,69 @@ VARIANTS: dict[str, set[str]] = {"present": set(), "age_blank": {"age"}, "sex_bl
 
 @torch.no_grad()
 def variant_logits(predictor, frame: pd.DataFrame, variants: dict[str, set[str]], batch_size: int = 64,
-                   num_workers: int = 0, progress: bool = False, cache_dir=None,
-                   views: int = 1) -> dict[str, np.ndarray]:
-    """Raw logits of every image in `frame` for each metadata variant (fields blanked as if left empty).
-
-    With `views` > 1 (test-time augmentation: flips and 90-degree turns), the probabilities of the views are
-    averaged and their logarithm returned, as `skain predict --tta` does."""
+                   num_workers: int = 0, progress: bool = False, cache_dir=None, views: int = 1,
+                   tta: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """Raw logits of every image in `frame` for each metadata variant (fields blanked as if left empty), from
+    one backbone pass per view. With `views` > 1, the variants named in `tta` are also averaged over the
+    test-time-augmentation views (flips, 90-degree turns) as `skain predict --tta` does, under the key
+    `<variant>_tta<views>`; the single-view logits come from the identity view, the first of them."""
     from tqdm.auto import tqdm
     from .data.transforms import tta_views
+    from .engine import average_views
     model, enc = predictor.model, predictor.encoder
     dataset = LesionDataset(frame, enc, predictor.loader(cache_dir), predictor.transform)
     loader = DataLoader(dataset, batch_size, shuffle=False, num_workers=num_workers)
-    out: dict[str, list] = {name: [] for name in variants}
+    tta = tuple(tta) if views > 1 else ()
+    out: dict[str, list] = {name: [] for name in [*variants, *(f"{n}_tta{views}" for n in tta)]}
     for batch in tqdm(loader, desc="scoring", leave=False, disable=None if progress else True):
+        meta = {name: _blanked(enc, batch, fields) for name, fields in variants.items()}  # on the CPU batch
         batch = to_device(batch, predictor.device, predictor.channels_last)
-        meta = {name: _blanked(enc, batch, fields, predictor.device) for name, fields in variants.items()}
-        images = tta_views(batch["image"], views) if views > 1 else [batch["image"]]
-        summed: dict[str, torch.Tensor] = {}
+        meta = {name: tuple(t.to(predictor.device) for t in m) for name, m in meta.items()}
+        images = tta_views(batch["image"], views) if tta else [batch["image"]]
+        probs: dict[str, list] = {name: [] for name in tta}
         with autocast(predictor.device, predictor.dtype):
-            for image in images:
+            for i, image in enumerate(images):
                 feats = model.backbone(image)
                 for name in variants:
-                    z = model.classify(feats, *meta[name]).float()
-                    summed[name] = summed.get(name, 0) + (z.softmax(1) if views > 1 else z)
-        for name, z in summed.items():
-            out[name].append((z / len(images)).clamp_min(1e-12).log().cpu() if len(images) > 1 else z.cpu())
+                    if i == 0 or name in probs:
+                        z = model.classify(feats, *meta[name]).float()
+                        if i == 0:
+                            out[name].append(z.cpu())
+                        if name in probs:
+                            probs[name].append(z.softmax(1))
+        for name, p in probs.items():
+            out[f"{name}_tta{views}"].append(average_views(p).cpu())
     return {name: torch.cat(chunks).numpy() for name, chunks in out.items()}
 
 
-def _blanked(enc, batch: dict, fields: set[str], device) -> tuple[torch.Tensor, ...]:
+def _blanked(enc, batch: dict, fields: set[str]) -> tuple[torch.Tensor, ...]:
     """The batch's (age, sex, site) inputs with `fields` blanked as if left empty."""
     age, sex, site = batch["age"], batch["sex"], batch["site"]
     if not fields:
         return age, sex, site
-    return tuple(torch.as_tensor(x, device=device) for x in enc.blank(
-        age.cpu().numpy(), sex.cpu().numpy(), site.cpu().numpy(), fields))
+    return tuple(torch.as_tensor(x) for x in enc.blank(age.numpy(), sex.numpy(), site.numpy(), fields))
 
 
-def assess(predictor, frame: pd.DataFrame, batch_size: int = 64, num_workers: int = 0,
-           progress: bool = False, cache_dir=None, views: int = 1,
-           variants: dict[str, set[str]] | None = None) -> tuple[dict, pd.DataFrame, dict[str, np.ndarray]]:
+def assess(predictor, frame: pd.DataFrame, batch_size: int = 64, num_workers: int = 0, progress: bool = False,
+           cache_dir=None, views: int = 1,
+           tta: tuple[str, ...] = ("present", "all_blank")) -> tuple[dict, pd.DataFrame, dict[str, np.ndarray]]:
     """-> (metrics per variant, per-image table of the 'present' variant with p_ and logit_ columns, the raw
     logits per variant).
 
-    Image-only models have one variant. Probabilities are temperature-calibrated like `skain predict`'s (with
-    `views` > 1 they are the plain average of the views, as under `skain predict --tta`)."""
-    variants = {"present": set()} if predictor.model.meta is None else (variants or VARIANTS)
-    logits = variant_logits(predictor, frame, variants, batch_size, num_workers, progress, cache_dir, views)
-    trust = predictor.trust.for_views(views)
+    Image-only models have one variant. Probabilities are temperature-calibrated like `skain predict`'s; with
+    `views` > 1 the `tta` variants are also scored over that many views (`<variant>_tta<views>`), calibrated as
+    under `skain predict --tta` (the temperature fit for that many views, else the plain average)."""
+    variants = {"present": set()} if predictor.model.meta is None else VARIANTS
+    tta = tuple(n for n in tta if n in variants)
+    logits = variant_logits(predictor, frame, variants, batch_size, num_workers, progress, cache_dir, views, tta)
     labels = frame["dx"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
     metrics = {}
     for name, z in logits.items():
-        probs = trust.calibrate(z)
+        probs = (predictor.trust.for_views(views) if "_tta" in name else predictor.trust).calibrate(z)
         m = classification_metrics(labels, probs, CLASSES, pred=predictor.decide(probs))
         m["melanoma_recall"] = m["per_class"]["mel"]["recall"]
         metrics[name] = m
-    probs = trust.calibrate(logits["present"])
+    probs = predictor.trust.calibrate(logits["present"])
     table = predictions_table(frame, probs, logits["present"], predictor.decide(probs))
     return metrics, table, logits
 

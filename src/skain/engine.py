@@ -101,12 +101,17 @@ def predict_logits(model: nn.Module, loader: Iterable, device: torch.device, dty
             if views is None:
                 logits = model(batch["image"], *meta).float()
             else:
-                probs = torch.stack([model(v, *meta).float().softmax(1) for v in views(batch["image"])]).mean(0)
-                logits = probs.clamp_min(1e-12).log()
+                logits = average_views([model(v, *meta).float().softmax(1) for v in views(batch["image"])])
         for key, value in (("logits", logits), ("label", batch["label"]), ("index", batch["index"]),
                            ("ok", batch["ok"])):
             out[key].append(value.cpu())
     return {k: torch.cat(v).numpy() if v else np.zeros((0,)) for k, v in out.items()}
+
+
+def average_views(probs: list[torch.Tensor]) -> torch.Tensor:
+    """Test-time augmentation: the mean of the views' probabilities, as log-probabilities (what the temperature
+    and the metrics then take in place of logits)."""
+    return torch.stack(probs).mean(0).clamp_min(1e-12).log()
 
 
 class EarlyStopping:

@@ -533,27 +533,28 @@ def score_best(out: Path, prep: Prepared, device: torch.device | None, cache_dir
     --holdout) or else on validation, with metadata present / each field blanked / all blanked; writes the
     per-image predictions beside the bundle. On a test fold, also with `test_views` TTA views (metadata
     present and all blank), and every variant's logits to test_logits.npz (ensembles of runs, paired tests)."""
-    from .assess import VARIANTS, assess, summary_row
+    from .assess import assess, summary_row
     from .predict import Predictor
     held_out = prep.test_idx is not None
     idx = prep.test_idx if held_out else prep.val_idx
     frame = prep.frame.iloc[idx].reset_index(drop=True)
     predictor = Predictor.from_bundle(out / BUNDLE_NAME, device=device.type if device else "auto")
     started = time.perf_counter()
+    views = test_views if held_out else 1
     log.info("scoring %d %s images with metadata present / blanked%s", len(frame), "test" if held_out else "validation",
-             f", then with {test_views} TTA views (--test-tta 1 skips them)" if held_out and test_views > 1 else "")
-    variants, table, logits = assess(predictor, frame, cache_dir=cache_dir)
+             f", also over {views} TTA views (--test-tta 1 skips them)" if views > 1 else "")
+    scores, table, logits = assess(predictor, frame, cache_dir=cache_dir, views=views)
+    variants = {k: v for k, v in scores.items() if "_tta" not in k}
     name = "test_predictions.csv" if held_out else "val_predictions.csv"
     atomic_write(out / name, lambda fh: fh.write(table.to_csv(index=False).encode()))
     result = {"metadata_ablation": {"split": "test" if held_out else "validation",
                                     **{k: summary_row(v) for k, v in variants.items()}}}
     if held_out:
         result["test"] = variants["present"]
-        if test_views > 1:
-            wanted = {k: VARIANTS[k] for k in ("present", "all_blank")}
-            tta, _, tta_logits = assess(predictor, frame, cache_dir=cache_dir, views=test_views, variants=wanted)
-            result[f"test_tta{test_views}"] = {k: summary_row(v) for k, v in tta.items()}
-            logits.update({f"{k}_tta{test_views}": v for k, v in tta_logits.items()})
+        if views > 1:
+            suffix = f"_tta{views}"
+            result[f"test_tta{views}"] = {k[:-len(suffix)]: summary_row(v) for k, v in scores.items()
+                                          if k.endswith(suffix)}
         save_logits(out / TEST_LOGITS, frame, logits)
     log.info("scored %d %s images with %d metadata variant(s)%s in %.0f s", len(frame),
              "test" if held_out else "validation", len(variants),

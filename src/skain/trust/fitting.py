@@ -305,8 +305,9 @@ def tta_outputs(bundle: dict, frame: pd.DataFrame, loader_fn: ImageLoader, devic
     model = predictor.model
     if getattr(model, "meta", None) is not None and hasattr(model, "classify"):
         z = variant_logits(predictor, frame, {"present": set(), "all_blank": set(FIELDS)}, s.batch_size,
-                           progress=progress, cache_dir=loader_fn.cache_dir, views=views)
-        return Outputs(z["present"].astype(np.float64), labels, None, z["all_blank"].astype(np.float64))
+                           progress=progress, cache_dir=loader_fn.cache_dir, views=views, tta=("present", "all_blank"))
+        return Outputs(z[f"present_tta{views}"].astype(np.float64), labels, None,
+                       z[f"all_blank_tta{views}"].astype(np.float64))
     ds = LesionDataset(frame, MetadataEncoder.from_state(bundle["encoder"]), loader_fn,
                        eval_transform(bundle["preprocess"]))
     res = predict_logits(model, DataLoader(ds, s.batch_size, shuffle=False), device, None, False,
