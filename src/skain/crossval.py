@@ -83,19 +83,14 @@ def write_report(out: Path, folds: int) -> dict:
     """oof_predictions.csv (each image scored by the one model that never saw it) and cv_report.json."""
     oof, per_fold = collect(out, folds)
     atomic_write(out / OOF_NAME, lambda fh: fh.write(oof.to_csv(index=False).encode()))
-    labels = oof["dx"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
-    pooled = classification_metrics(labels, oof[[f"p_{c}" for c in CLASSES]].to_numpy(), CLASSES)
-    pooled["melanoma_recall"] = pooled["per_class"]["mel"]["recall"]
     variants = per_fold[0]["metadata_ablation"].keys() - {"split"}
     report = {
         "what": "k-fold cross-validation, lesion-grouped; each fold's test set chose nothing (epoch, temperature "
                 "and thresholds were chosen on an inner validation fold)",
-        "folds": folds, "images": int(len(oof)),
-        "per_fold_mean_std": {k: mean_std([m["test"][k] for m in per_fold]) for k in HEADLINE},
+        "folds": folds, **summarize_oof(oof),
         "metadata_ablation_mean": {v: {k: float(np.mean([m["metadata_ablation"][v][k] for m in per_fold]))
                                        for k in ("balanced_accuracy", "macro_auc", "melanoma_recall")}
                                    for v in sorted(variants)},
-        "pooled_oof": pooled,
         "train_minutes": [float(m["train_minutes"]) for m in per_fold],
         "best_epochs": [int(m["best_epoch"]) for m in per_fold],
     }
@@ -104,7 +99,6 @@ def write_report(out: Path, folds: int) -> dict:
         report[tta[0]] = {v: {k: mean_std([m[tta[0]][v][k] for m in per_fold])
                               for k in ("balanced_accuracy", "macro_auc", "melanoma_recall")}
                           for v in per_fold[0][tta[0]]}
-    report["decision_rule"] = nested_estimate(oof, log_prior_from_counts(oof["dx"].value_counts().to_dict()))
     atomic_json(report, out / REPORT_NAME)
     h = report["per_fold_mean_std"]
     log.info("cross-validated (%d folds, test folds chose nothing): balanced accuracy %.3f +- %.3f, macro AUC "

@@ -222,6 +222,15 @@ def triage_part(probs: np.ndarray, labels: np.ndarray, classes: list[str], held:
     return out
 
 
+def calibrate_and_triage(va: Outputs, parts, classes: list[str], scorer, s: TrustSettings):
+    """-> (held-out figures, temperature, calibration report, triage block): the cross-fit over the validation
+    halves (with the OOD scorer's scales when given), then temperature and blank-aware triage on all of it."""
+    held = cross_fit(va, parts, malignant_columns(classes), scorer, s) if parts else None
+    t, calib = calibration_part(va, held, s)
+    blank = None if va.blank_logits is None else apply_temperature(va.blank_logits, t)
+    return held, t, calib, triage_part(apply_temperature(va.logits, t), va.labels, classes, held, s, blank)
+
+
 def triage_rates(flagged: np.ndarray, positive: np.ndarray, melanoma: np.ndarray | None = None) -> dict:
     """Sensitivity/specificity of given triage decisions (NaN where a group is empty)."""
     flagged, positive = np.asarray(flagged, dtype=bool), np.asarray(positive, dtype=bool)
@@ -335,10 +344,7 @@ def fit_views(bundle_path: str | Path, frame: pd.DataFrame, val_idx: np.ndarray,
     va = tta_outputs(bundle, frame.iloc[val_idx], loader_fn, device, views, s, progress)
     classes = list(bundle["classes"])
     parts = halves(frame.iloc[val_idx], s.seed)
-    held = cross_fit(va, parts, malignant_columns(classes), None, s) if parts else None
-    t, calib = calibration_part(va, held, s)
-    blank = None if va.blank_logits is None else apply_temperature(va.blank_logits, t)
-    triage = triage_part(apply_temperature(va.logits, t), va.labels, classes, held, s, blank)
+    held, t, calib, triage = calibrate_and_triage(va, parts, classes, None, s)
     block = {"views": int(views), "temperature": t, "calibration": calib, "triage": triage,
              "validation_images": int(len(va.labels)),
              "held_out_method": HELD_OUT_METHOD if parts else "none (validation too small to split)",
@@ -393,10 +399,7 @@ def assemble(bundle: dict, tr: Outputs, va: Outputs, parts, probes: dict[str, np
     """Fit all pieces from extracted outputs; put the trust block and model card into `bundle`."""
     classes = list(bundle["classes"])
     scorer = ood_scorer(tr, va, s)
-    held = cross_fit(va, parts, malignant_columns(classes), scorer, s) if parts else None
-    t, calib = calibration_part(va, held, s)
-    blank = None if va.blank_logits is None else apply_temperature(va.blank_logits, t)
-    triage = triage_part(apply_temperature(va.logits, t), va.labels, classes, held, s, blank)
+    held, t, calib, triage = calibrate_and_triage(va, parts, classes, scorer, s)
     ood = ood_part(scorer, va, probes, held, s)
     figures = {"settings": asdict(s), "validation_images": int(len(va.labels)), "train_images": int(len(tr.labels)),
                "measured_on": "validation split of the training data (held-out lesions, same source)",
