@@ -30,15 +30,19 @@ GRID = tuple(round(x, 2) for x in np.arange(0.0, 1.51, 0.05))
 def decision_scores(probs: np.ndarray, log_prior: np.ndarray, tau: float) -> np.ndarray:
     """p_c * prior_c^-tau, renormalised per row: scores whose arg-max is the adjusted decision (what an ISIC
     submission needs, since the challenge scores the arg-max of what it is given). Not probabilities."""
-    logs = np.log(np.clip(np.asarray(probs, dtype=np.float64), 1e-12, 1.0)) - tau * np.asarray(log_prior)
+    logs = _adjusted_logs(probs, log_prior, tau)
     scores = np.exp(logs - logs.max(1, keepdims=True))
     return scores / scores.sum(1, keepdims=True)
 
 
 def adjusted_pred(probs: np.ndarray, log_prior: np.ndarray, tau: float) -> np.ndarray:
     """Class indices under the adjusted rule (tau = 0: arg-max)."""
-    scores = np.log(np.clip(np.asarray(probs, dtype=np.float64), 1e-12, 1.0)) - tau * np.asarray(log_prior)
-    return scores.argmax(1)
+    return _adjusted_logs(probs, log_prior, tau).argmax(1)
+
+
+def _adjusted_logs(probs: np.ndarray, log_prior: np.ndarray, tau: float) -> np.ndarray:
+    """log p_c - tau * log prior_c, per row."""
+    return np.log(np.clip(np.asarray(probs, dtype=np.float64), 1e-12, 1.0)) - tau * np.asarray(log_prior)
 
 
 class Decision:

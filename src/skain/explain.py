@@ -50,7 +50,8 @@ class GradCam:
                  site: str | None = None, target: str | None = None) -> Explanation:
         p = self.predictor
         x = p.image_tensor(image)[None].to(p.device).requires_grad_(True)
-        meta = _meta_tensors(p, age, sex, site)
+        b = p._batch(x.detach().cpu(), metadata_frame(age, sex, site))  # the encoding predict_one uses
+        meta = tuple(b[k].to(p.device) for k in ("age", "sex", "site"))
         self._local.active, self._local.features = True, []
         try:
             with torch.enable_grad():
@@ -74,13 +75,6 @@ def _global_pools(model: torch.nn.Module) -> list[torch.nn.Module]:
         raise ExplainError(f"{type(backbone or model).__name__} has no global pool to take "
                            "Grad-CAM features from; heatmaps need a CNN backbone")
     return pools
-
-
-def _meta_tensors(p: Predictor, age: float | None, sex: str | None, site: str | None) -> tuple:
-    """The same metadata encoding `Predictor.predict_one` uses."""
-    a, s, l = p.encoder.transform(metadata_frame(age, sex, site))
-    return (torch.from_numpy(a).to(p.device), torch.from_numpy(s).to(p.device),
-            torch.from_numpy(l).to(p.device))
 
 
 def _cam(features: list[torch.Tensor], grads: tuple[torch.Tensor, ...], size: tuple[int, int]) -> np.ndarray:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .bundle import atomic_write, load_model, read_bundle, resolve_path
+from .data.encoder import MetadataEncoder
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,8 @@ def example_inputs(bundle: dict, batch: int = 2) -> tuple[torch.Tensor, ...]:
     size = bundle["preprocess"]["input_size"]
     gen = torch.Generator().manual_seed(0)
     n_sex, n_site = len(bundle["encoder"]["sex_vocab"]), len(bundle["encoder"]["site_vocab"])
-    return (torch.randn(batch, 3, size, size, generator=gen), torch.randn(batch, 2 if bundle["encoder"].get("missing_flag") else 1, generator=gen),
+    return (torch.randn(batch, 3, size, size, generator=gen), torch.randn(batch, MetadataEncoder.from_state(bundle["encoder"]).age_width,
+                                                                 generator=gen),
             torch.randint(0, n_sex, (batch,), generator=gen), torch.randint(0, n_site, (batch,), generator=gen))
 
 

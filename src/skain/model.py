@@ -46,10 +46,6 @@ class SkainNet(nn.Module):
     def forward(self, image: torch.Tensor, age: torch.Tensor, sex: torch.Tensor, site: torch.Tensor) -> torch.Tensor:
         return self.classify(self.backbone(image), age, sex, site)
 
-    def features(self, image, age, sex, site) -> torch.Tensor:
-        """The fused representation the head sees (also used for out-of-distribution scores)."""
-        return self.fuse(self.backbone(image), age, sex, site)
-
     def fuse(self, pooled: torch.Tensor, age, sex, site) -> torch.Tensor:
         """Pooled backbone features (+ the metadata branch's): the head's input."""
         return pooled if self.meta is None else torch.cat([pooled, self.meta(age, sex, site)], dim=1)
@@ -142,22 +138,19 @@ class EnsembleNet(nn.Module):
 
     def forward(self, image: torch.Tensor, age: torch.Tensor, sex: torch.Tensor, site: torch.Tensor) -> torch.Tensor:
         pooled = self.backbone(image).split(self.backbone.widths, dim=1)
-        logp = torch.stack([m(f, *self._meta(i, age, sex, site)).float().log_softmax(1)
+        same = self._same_encoders()  # once per batch (it compares buffers), not once per member
+        logp = torch.stack([m(f, *self._meta(i, age, sex, site, same)).float().log_softmax(1)
                             for i, (m, f) in enumerate(zip(self.members, pooled))])
         top = logp.max(dim=0).values  # log-mean-exp written out: OpenVINO mis-shapes ONNX's ReduceLogSumExp
         return top + (logp - top).exp().mean(dim=0).log()
 
-    def features(self, image, age, sex, site) -> torch.Tensor:
-        """The members' fused representations, concatenated."""
-        pooled = self.backbone(image).split(self.backbone.widths, dim=1)
-        return torch.cat([m.features(f, *self._meta(i, age, sex, site))
-                          for i, (m, f) in enumerate(zip(self.members, pooled))], dim=1)
-
-    def _meta(self, i: int, age: torch.Tensor, sex: torch.Tensor, site: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The ensemble's metadata inputs as member i's encoder would have given them."""
+    def _meta(self, i: int, age: torch.Tensor, sex: torch.Tensor, site: torch.Tensor,
+              same: bool) -> tuple[torch.Tensor, ...]:
+        """The ensemble's metadata inputs as member i's encoder would have given them (`same`: every encoder map
+        is the identity)."""
         if self.members[i].image_only:
             return age, sex, site  # unused: the exported graph of image-only members keeps only `image`
-        if self._same_encoders():
+        if same:
             return age, sex, site
         years = age[:, :1] * self.age_affine[i, 0] + self.age_affine[i, 1]
         if age.shape[1] > 1:  # (age, missing flag): a missing age stays 0 for every member, whatever its mean

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .bundle import BUNDLE_NAME, BundleError, atomic_write, check_bundle, read_bundle
+from .bundle import BundleError, atomic_write, check_bundle, read_bundle
 
 log = logging.getLogger(__name__)
 
@@ -276,23 +276,17 @@ def choose_model(model: str | Path | None = None, output: str | Path = USER_OUTP
     if model is not None:
         path = resolve_path(model)
     else:
-        path = _trained_in(Path(output))
-        if path is None:
+        try:
+            path = resolve_path(output)
+        except BundleError:  # nothing trained there: the shipped model
             path = shipped_model()
             if not path.is_file():
                 raise BundleError(f"no trained model at {output}/ and the shipped HAM10000 model is not installed "
                                   f"({path}): train one with `skain train`, try `skain demo --synthetic`, or "
-                                  "pass --model with an output folder, a .pt bundle or a .safetensors file")
+                                  "pass --model with an output folder, a .pt bundle or a .safetensors file") from None
     choice = ModelChoice(path, _same_file(path, shipped_model()))
     log.info("model: %s", choice.describe())
     return choice
-
-
-def _trained_in(folder: Path) -> Path | None:
-    for name in (BUNDLE_NAME, Path(BUNDLE_NAME).with_suffix(SUFFIX).name):
-        if (folder / name).is_file():
-            return folder / name
-    return None
 
 
 def _same_file(a: Path, b: Path) -> bool:

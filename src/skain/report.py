@@ -53,8 +53,8 @@ def write_report(metrics: dict, labels: np.ndarray, probs: np.ndarray, folder: s
     text = report_markdown(metrics, context or {}) + trust_markdown(trust)
     atomic_write(folder / "report.md", lambda fh: fh.write(text.encode("utf-8")))
     if card:
-        from .trust.modelcard import to_markdown
-        atomic_write(folder / "model_card.md", lambda fh: fh.write(to_markdown(card).encode("utf-8")))
+        from .trust.modelcard import write_card
+        write_card(folder, card)
     log.info("wrote the evaluation report to %s", folder)
     return folder
 

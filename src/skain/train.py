@@ -518,13 +518,13 @@ def finish(out: Path, run: Run, prep: Prepared, bundle_extra: dict, trust: dict 
 
 def card_with_metadata(out: Path, table: dict) -> None:
     """Put the with/without-metadata table into the bundle's model card (and model_card.md, if written)."""
-    from .trust.modelcard import to_markdown
+    from .trust.modelcard import write_card
     bundle = torch.load(out / BUNDLE_NAME, map_location="cpu", weights_only=True)
     if not bundle.get("model_card"):
         return
     bundle["model_card"]["metadata_ablation"] = table
     atomic_torch_save(bundle, out / BUNDLE_NAME)
-    atomic_write(out / "model_card.md", lambda fh: fh.write(to_markdown(bundle["model_card"]).encode("utf-8")))
+    write_card(out, bundle["model_card"])
 
 
 def score_best(out: Path, prep: Prepared, device: torch.device | None, cache_dir: Path | None,

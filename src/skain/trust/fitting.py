@@ -19,7 +19,7 @@ import torch
 from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 from torch.utils.data import DataLoader
 
-from ..bundle import BUNDLE_NAME, atomic_torch_save, atomic_write, load_model, read_bundle
+from ..bundle import BUNDLE_NAME, atomic_torch_save, load_model, read_bundle
 from ..data.dataset import LesionDataset
 from ..data.encoder import FIELDS, MetadataEncoder
 from ..data.images import ImageLoader
@@ -27,7 +27,7 @@ from ..data.transforms import eval_transform, image_to_tensor
 from ..engine import predict_logits, resolve_device
 from ..metrics import expected_calibration_error
 from .calibration import apply_temperature, calibration_report, fit_temperature, nll, plot_reliability
-from .modelcard import build_card, to_markdown
+from .modelcard import build_card, write_card
 from .ood import STATE_ARRAYS, BackboneTap, MahalanobisScorer, MaxScorer, threshold_for_false_rejection
 from .probes import probe_set
 from .triage import (MALIGNANT, malignant_columns, operating_point, sensitivity_at_specificity,
@@ -357,8 +357,7 @@ def fit_views(bundle_path: str | Path, frame: pd.DataFrame, val_idx: np.ndarray,
             "ece_after": calib.get("held_out", {}).get("ece_after")}
     atomic_torch_save(bundle, save_to or bundle_path)
     if bundle.get("model_card"):
-        card_path = Path(save_to or bundle_path).parent / "model_card.md"
-        atomic_write(card_path, lambda fh: fh.write(to_markdown(bundle["model_card"]).encode("utf-8")))
+        write_card(Path(save_to or bundle_path).parent, bundle["model_card"])
     log.info("trust, %d views: T=%.2f ECE %.3f -> %.3f; triage threshold %s (held-out sensitivity %s, specificity "
              "%s)", views, t, calib["ece_before"], calib["ece_after"], _fmt(triage.get("threshold")),
              _fmt(triage.get("held_out", {}).get("sensitivity")), _fmt(triage.get("held_out", {}).get("specificity")))
@@ -420,7 +419,7 @@ def write_reports(out_dir: Path, va: Outputs, temperature: float, card: dict, n_
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_reliability(va.logits, va.labels, temperature, out_dir / "reliability.png", n_bins,
                      "validation lesions, top-class confidence")
-    atomic_write(out_dir / "model_card.md", lambda fh: fh.write(to_markdown(card).encode("utf-8")))
+    write_card(out_dir, card)
 
 
 def _fmt(x) -> str:

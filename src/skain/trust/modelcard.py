@@ -57,6 +57,13 @@ def _pct(x) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
 
 
+def write_card(folder, card: dict) -> None:
+    """<folder>/model_card.md from the card (written atomically)."""
+    from pathlib import Path
+    from ..bundle import atomic_write
+    atomic_write(Path(folder) / "model_card.md", lambda fh: fh.write(to_markdown(card).encode("utf-8")))
+
+
 def to_markdown(card: dict) -> str:
     m, d = card["model"], card["data"]
     lines = [f"# Model card: skAIn {m['backbone']}", "", f"> {card['disclaimer']}", ""]
