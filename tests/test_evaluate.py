@@ -112,15 +112,6 @@ def test_trust_metrics_on_a_hand_counted_example():
         {"ood_false_rejection", "triage_sensitivity", "ece_before"})
 
 
-def test_blank_metadata_blanks_age_sex_and_site_for_every_row():
-    from skain.evaluate import blank_metadata
-    frame = pd.DataFrame({"image_id": ["a", "b"], "dx": ["mel", "nv"], "age": [40.0, 70.0], "sex": ["male", "female"],
-                          "localization": ["back", "face"], "path": ["a.jpg", "b.jpg"]})
-    blank = blank_metadata(frame)
-    assert blank["age"].isna().all() and (blank["sex"] == "unknown").all() and (blank["localization"] == "unknown").all()
-    assert blank[["image_id", "dx", "path"]].equals(frame[["image_id", "dx", "path"]])
-
-
 def test_evaluate_a_labelled_folder_reports_trust_with_and_without_metadata(trained, synth_root, tmp_path):
     """`skain evaluate --model --data FOLDER`: ECE before/after temperature, OOD false rejection, triage
     sensitivity/specificity and per-class recall, with metadata as given and with every field blanked,

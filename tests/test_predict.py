@@ -160,3 +160,43 @@ def test_tta_averages_views_and_rejects_impossible_counts(trained, synth_root):
 def test_missing_model_is_a_clear_error(synth_root, tmp_path, capsys):
     code, _ = _predict(["--data", synth_root / "dataset_test", "--model", tmp_path / "nothing"], tmp_path)
     assert code == 2 and "no trained model" in capsys.readouterr().err
+
+
+def _blanked(frame):
+    return frame.assign(age=np.nan, sex="unknown", localization="unknown")  # what clean_metadata makes of "" cells
+
+
+@pytest.mark.parametrize("tta", [1, 8])
+def test_variants_from_one_backbone_pass_equal_separate_predictions(trained, synth_root, tta):
+    """`predict_variants` (what predict/evaluate on labelled data use for the with/without-metadata trust
+    figures) runs the backbone once for both variants; each table equals its own full prediction pass."""
+    frame, _ = prediction_table(synth_root / "dataset_test")
+    frame = frame.head(12)
+    predictor = Predictor.from_bundle(trained, tta=tta)
+    calls = []
+    hook = predictor.model.backbone.register_forward_hook(lambda *_: calls.append(1))
+    both = predictor.predict_variants(frame, {"present": set(), "all_blank": {"age", "sex", "site"}},
+                                      batch_size=4, progress=False)
+    hook.remove()
+    assert len(calls) == 3 * tta  # 3 batches of 4 images, each view once: not once per variant
+    for name, alone in (("present", predictor.predict_frame(frame, batch_size=4, progress=False)),
+                        ("all_blank", predictor.predict_frame(_blanked(frame), batch_size=4, progress=False))):
+        got = both[name]
+        np.testing.assert_allclose(got[P_COLS].to_numpy(), alone[P_COLS].to_numpy(), rtol=0, atol=1e-6)
+        assert got["pred"].tolist() == alone["pred"].tolist()
+        np.testing.assert_allclose(got["ood_score"].to_numpy(float), alone["ood_score"].to_numpy(float), atol=1e-6)
+        assert got["triage"].tolist() == alone["triage"].tolist()
+    assert not np.allclose(both["present"][P_COLS].to_numpy(), both["all_blank"][P_COLS].to_numpy(), atol=1e-6)
+
+
+def test_variants_on_the_onnx_backend_take_one_pass_each(trained, synth_root):
+    pytest.importorskip("onnxruntime")
+    frame, _ = prediction_table(synth_root / "dataset_test")
+    frame = frame.head(6)
+    from skain.bundle import read_bundle
+    onnx = Predictor(read_bundle(trained), backend="onnx")  # exported in memory
+    torch_ = Predictor.from_bundle(trained)
+    variants = {"present": set(), "all_blank": {"age", "sex", "site"}}
+    got, ref = (p.predict_variants(frame, variants, progress=False) for p in (onnx, torch_))
+    for name in variants:
+        np.testing.assert_allclose(got[name][P_COLS].to_numpy(), ref[name][P_COLS].to_numpy(), atol=1e-4)

@@ -75,7 +75,6 @@ def test_metadata_dropout_blanks_at_the_stated_rate():
 
 def test_holdout_split_has_three_disjoint_lesion_groups():
     from skain.data.split import holdout_split
-    rng = np.random.default_rng(0)
     lesions = [f"L{i}" for i in range(200)]
     rows = [(les, f"I{les}_{j}", ["nv", "mel", "bkl"][i % 3]) for i, les in enumerate(lesions) for j in range(1 + i % 2)]
     frame = pd.DataFrame(rows, columns=["lesion_id", "image_id", "dx"]).sample(frac=1, random_state=1)

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from .data.dataset import LesionDataset
 from .data.encoder import FIELDS
 from .data.schema import CLASSES
-from .engine import autocast, to_device
+from .engine import predict_logits
 from .metrics import classification_metrics
 
 log = logging.getLogger(__name__)
@@ -34,33 +34,22 @@ def variant_logits(predictor, frame: pd.DataFrame, variants: dict[str, set[str]]
     one backbone pass per view. With `views` > 1, the variants named in `tta` are also averaged over the
     test-time-augmentation views (flips, 90-degree turns) as `skain predict --tta` does, under the key
     `<variant>_tta<views>`; the single-view logits come from the identity view, the first of them."""
-    from tqdm.auto import tqdm
     from .data.transforms import tta_views
-    from .engine import average_views
-    model, enc = predictor.model, predictor.encoder
-    dataset = LesionDataset(frame, enc, predictor.loader(cache_dir), predictor.transform)
+    dataset = LesionDataset(frame, predictor.encoder, predictor.loader(cache_dir), predictor.transform)
     loader = DataLoader(dataset, batch_size, shuffle=False, num_workers=num_workers)
     tta = tuple(tta) if views > 1 else ()
-    out: dict[str, list] = {name: [] for name in [*variants, *(f"{n}_tta{views}" for n in tta)]}
-    for batch in tqdm(loader, desc="scoring", leave=False, disable=None if progress else True):
-        meta = {name: _blanked(enc, batch, fields) for name, fields in variants.items()}  # on the CPU batch
-        batch = to_device(batch, predictor.device, predictor.channels_last)
-        meta = {name: tuple(t.to(predictor.device) for t in m) for name, m in meta.items()}
-        images = tta_views(batch["image"], views) if tta else [batch["image"]]
-        probs: dict[str, list] = {name: [] for name in tta}
-        with autocast(predictor.device, predictor.dtype):
-            for i, image in enumerate(images):
-                feats = model.backbone(image)
-                for name in variants:
-                    if i == 0 or name in probs:
-                        z = model.classify(feats, *meta[name]).float()
-                        if i == 0:
-                            out[name].append(z.cpu())
-                        if name in probs:
-                            probs[name].append(z.softmax(1))
-        for name, p in probs.items():
-            out[f"{name}_tta{views}"].append(average_views(p).cpu())
-    return {name: torch.cat(chunks).numpy() for name, chunks in out.items()}
+    res = predict_logits(predictor.model, loader, predictor.device, predictor.dtype, predictor.channels_last,
+                         "scoring", progress, (lambda x: tta_views(x, views)) if tta else None,
+                         metadata_variants(predictor.encoder, variants))
+    single = "first" if tta else "logits"
+    return {**{name: res[f"{single}/{name}"] for name in variants},
+            **{f"{name}_tta{views}": res[f"logits/{name}"] for name in tta}}
+
+
+def metadata_variants(enc, variants: dict[str, set[str]]) -> dict:
+    """name -> a function giving a (CPU) batch's (age, sex, site) inputs with those fields blanked as if left
+    empty, for `engine.predict_logits`."""
+    return {name: (lambda batch, fields=fields: _blanked(enc, batch, fields)) for name, fields in variants.items()}
 
 
 def _blanked(enc, batch: dict, fields: set[str]) -> tuple[torch.Tensor, ...]:

@@ -214,6 +214,7 @@ def add_predict_args(p: argparse.ArgumentParser) -> None:
 def run_predict(ns: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from .evaluate import folder_trust
     from .portable import choose_model
     from .predict import Predictor, default_workers, prediction_table
     from .report import write_predictions
@@ -223,17 +224,19 @@ def run_predict(ns: argparse.Namespace) -> int:
                                       backend=ns.backend)
     workers = ns.num_workers if ns.num_workers is not None else default_workers(predictor.device)
     cache = None if ns.cache_dir in (None, "off") else ns.cache_dir
-    pred = predictor.predict_frame(frame, ns.batch_size, workers, cache, ns.progress)
+    labelled = "dx" in frame
+    preds = _predict(predictor, frame, labelled, ns.batch_size, workers, cache, ns.progress)
+    pred = preds["present"]
     out = write_predictions(pred, ns.output, ns.format)
     failed = pred[pred["error"] != ""]
     print(f"wrote {len(pred) - len(failed)} prediction(s) for {len(pred)} image(s) ({src.layout} layout) to {out}")
     for image_id, error in zip(failed["image_id"], failed["error"]):
         print(f"failed: {image_id}: {error}", file=sys.stderr)
-    if "dx" in frame and len(failed) < len(pred):
+    if labelled and len(failed) < len(pred):
         data = str(src.csv or src.image_dirs[0])
         _report(pred, frame[["image_id", "dx"]], Path(ns.report or Path(ns.output).parent / "report"),
                 {"model": str(model), "data": data, **_inference_context(predictor)},
-                _folder_trust(predictor, frame, data, pred, ns.batch_size, workers, cache, ns.progress))
+                folder_trust(predictor, frame, data, preds))
     if len(failed):
         print(f"{len(failed)} image(s) could not be read; see the error column", file=sys.stderr)
         return PARTIAL_FAILURE
@@ -245,10 +248,12 @@ def _inference_context(predictor) -> dict:
     return {"backbone": info["backbone"], **info["inference"]}
 
 
-def _folder_trust(predictor, frame, data: str, pred, batch_size: int, workers: int, cache, progress: bool) -> dict:
-    from .evaluate import folder_trust
-    return folder_trust(predictor, frame, data, pred, batch_size=batch_size, num_workers=workers,
-                        cache_dir=cache, progress=progress)
+def _predict(predictor, frame, labelled: bool, batch_size: int, workers: int, cache, progress: bool) -> dict:
+    """Predictions with metadata as given (`present`); for labelled images also every field blank
+    (`all_blank`, for the trust figures), from the same backbone pass."""
+    from .evaluate import trust_variants
+    variants = trust_variants(predictor) if labelled else {"present": set()}
+    return predictor.predict_variants(frame, variants, batch_size, workers, cache, progress)
 
 
 def _report(pred, truth, folder, context: dict, trust: dict | None = None) -> None:
@@ -304,6 +309,7 @@ def run_evaluate(ns: argparse.Namespace) -> int:
 def _evaluate_model(ns: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from .evaluate import folder_trust
     from .predict import Predictor, default_workers, prediction_table
     from .report import write_predictions
     frame, src = prediction_table(ns.data, ns.csv, ns.images, bool(ns.skip_missing))
@@ -312,13 +318,14 @@ def _evaluate_model(ns: argparse.Namespace) -> int:
     predictor = Predictor.from_bundle(ns.model, device=ns.device, tta=ns.tta)
     workers = ns.num_workers if ns.num_workers is not None else default_workers(predictor.device)
     cache = None if ns.cache_dir in (None, "off") else ns.cache_dir
-    pred = predictor.predict_frame(frame, ns.batch_size, workers, cache, ns.progress)
+    preds = _predict(predictor, frame, True, ns.batch_size, workers, cache, ns.progress)
+    pred = preds["present"]
     folder = Path(ns.report or "report")
     write_predictions(pred, folder / "predictions.csv")
     data = str(src.csv or src.image_dirs[0])
     _report(pred, frame[["image_id", "dx"]], folder, {"model": str(ns.model), "data": data,
                                                       **_inference_context(predictor)},
-            _folder_trust(predictor, frame, data, pred, ns.batch_size, workers, cache, ns.progress))
+            folder_trust(predictor, frame, data, preds))
     return 0
 
 

@@ -86,25 +86,43 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
 @torch.no_grad()
 def predict_logits(model: nn.Module, loader: Iterable, device: torch.device, dtype: torch.dtype | None,
                    channels_last: bool = False, desc: str = "eval", progress: bool = True,
-                   views: Callable[[torch.Tensor], list[torch.Tensor]] | None = None) -> dict[str, np.ndarray]:
+                   views: Callable[[torch.Tensor], list[torch.Tensor]] | None = None,
+                   variants: dict[str, Callable[[dict], tuple]] | None = None) -> dict[str, np.ndarray]:
     """Run the model over a loader -> logits (float32), labels, dataset indices, ok flags.
 
     With `views`, logits are averaged in probability space over the views of each image (test-time
-    augmentation) and returned as log-probabilities.
+    augmentation) and returned as log-probabilities; `first` holds the first (identity) view's logits.
+
+    With `variants` (name -> the (age, sex, site) inputs of that variant, taken from the CPU batch), each
+    variant's logits come back as `logits/<name>` (and `first/<name>`). With more than one variant the backbone
+    runs once per image and view and only the metadata branch and head once per variant, so the model must
+    split into `backbone` + `classify` (SkainNet, EnsembleNet).
     """
     model.eval()
-    out: dict[str, list] = {"logits": [], "label": [], "index": [], "ok": []}
+    names = list(variants) if variants else [""]
+    split = len(names) > 1
+    if split and not callable(getattr(model, "classify", None)):
+        raise TypeError(f"{type(model).__name__} has no backbone/classify split; score one variant per pass")
+    kinds = ("logits", "first") if views is not None else ("logits",)
+    out: dict[str, list] = {f"{kind}/{n}" if n else kind: [] for n in names for kind in kinds}
+    out.update({k: [] for k in ("label", "index", "ok")})
     for batch in tqdm(loader, desc=desc, leave=False, disable=None if progress else True, dynamic_ncols=True):
+        metas = {n: variants[n](batch) if variants else (batch["age"], batch["sex"], batch["site"]) for n in names}
         batch = to_device(batch, device, channels_last)
-        meta = (batch["age"], batch["sex"], batch["site"])
+        metas = {n: tuple(t.to(device, non_blocking=True) for t in m) for n, m in metas.items()}
+        per: dict[str, list[torch.Tensor]] = {n: [] for n in names}
         with autocast(device, dtype):
-            if views is None:
-                logits = model(batch["image"], *meta).float()
-            else:
-                logits = average_views([model(v, *meta).float().softmax(1) for v in views(batch["image"])])
-        for key, value in (("logits", logits), ("label", batch["label"]), ("index", batch["index"]),
-                           ("ok", batch["ok"])):
-            out[key].append(value.cpu())
+            for image in (views(batch["image"]) if views is not None else [batch["image"]]):
+                feats = model.backbone(image) if split else None
+                for n in names:
+                    per[n].append((model.classify(feats, *metas[n]) if split else model(image, *metas[n])).float())
+        for n, zs in per.items():
+            key = f"/{n}" if n else ""
+            out["logits" + key].append((zs[0] if views is None else average_views([z.softmax(1) for z in zs])).cpu())
+            if views is not None:
+                out["first" + key].append(zs[0].cpu())
+        for key in ("label", "index", "ok"):
+            out[key].append(batch[key].cpu())
     return {k: torch.cat(v).numpy() if v else np.zeros((0,)) for k, v in out.items()}
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -101,14 +100,6 @@ WITH, WITHOUT = "with metadata", "without metadata"
 BLANKED = ("age", "sex", "localization")
 
 
-def blank_metadata(frame: pd.DataFrame) -> pd.DataFrame:
-    """The same rows with age, sex and site left empty for every image, cleaned exactly as a CSV with empty
-    cells would be (whatever the encoder then does with a missing field, as for a user who skips the form)."""
-    raw = pd.DataFrame({"image_id": frame["image_id"].to_numpy(), **{c: "" for c in BLANKED}}, dtype=object)
-    clean = clean_metadata(raw, "blanked metadata", require=("image_id",))
-    return frame.assign(**{c: clean[c].to_numpy() for c in BLANKED})
-
-
 def trust_metrics(pred: pd.DataFrame, truth: pd.DataFrame, temperature: float | None,
                   classes: tuple[str, ...] = CLASSES, n_bins: int = 15) -> dict:
     """On labelled images (all real lesions): balanced accuracy and per-class recall; ECE before/after the
@@ -140,17 +131,21 @@ def trust_metrics(pred: pd.DataFrame, truth: pd.DataFrame, temperature: float | 
     return out
 
 
-def with_and_without_metadata(predict: Callable[[pd.DataFrame], pd.DataFrame], frame: pd.DataFrame,
-                              first: pd.DataFrame, temperature: float | None, image_only: bool) -> dict:
-    """trust_metrics for the predictions `first` (metadata as given) and for a second pass of `predict` with
-    age/sex/site blanked for every row (skipped for an image-only model: its predictions cannot differ)."""
+def trust_variants(predictor) -> dict[str, set[str]]:
+    """The metadata variants the trust figures on a labelled folder need: as given and (for a network that takes
+    metadata) every field blank, scored in one pass by `Predictor.predict_variants`."""
+    return {"present": set()} if predictor.info["image_only"] else {"present": set(), "all_blank": set(BLANKED)}
+
+
+def with_and_without_metadata(frame: pd.DataFrame, preds: dict[str, pd.DataFrame], temperature: float | None) -> dict:
+    """trust_metrics for the predictions with metadata as given (`preds["present"]`) and with age/sex/site blanked
+    for every row (`preds["all_blank"]`; absent for an image-only model, whose predictions cannot differ)."""
     truth = frame[["image_id", "dx"]]
-    runs = {WITH: trust_metrics(first, truth, temperature)}
-    if image_only:
-        runs[WITHOUT] = {**runs[WITH], "note": "image-only model: metadata is not an input"}
+    runs = {WITH: trust_metrics(preds["present"], truth, temperature)}
+    if "all_blank" in preds:
+        runs[WITHOUT] = trust_metrics(preds["all_blank"], truth, temperature)
     else:
-        log.info("second pass with age, sex and site left blank for every image")
-        runs[WITHOUT] = trust_metrics(predict(blank_metadata(frame)), truth, temperature)
+        runs[WITHOUT] = {**runs[WITH], "note": "image-only model: metadata is not an input"}
     return runs
 
 
@@ -161,12 +156,11 @@ def external_entry(data: str, runs: dict) -> dict:
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
 
 
-def folder_trust(predictor, frame: pd.DataFrame, data: str, first: pd.DataFrame, **predict_kwargs) -> dict:
-    """Trust figures of `predictor` on a labelled folder (`first` = its predictions with metadata as given),
+def folder_trust(predictor, frame: pd.DataFrame, data: str, preds: dict[str, pd.DataFrame]) -> dict:
+    """Trust figures of `predictor` on a labelled folder (`preds`: its predictions for `trust_variants`),
     beside the model card's own validation figures, and the model card extended by what was measured here."""
     from .trust.modelcard import VALIDATION_COLUMN, validation_figures
-    runs = with_and_without_metadata(lambda f: predictor.predict_frame(f, **predict_kwargs), frame, first,
-                                     predictor.trust.temperature, bool(predictor.info["image_only"]))
+    runs = with_and_without_metadata(frame, preds, predictor.trust.temperature)
     views = ((predictor.bundle.get("trust") or {}).get("views") or {}).get(str(predictor.tta)) \
         if predictor.tta > 1 else None
     entry = external_entry(data, runs) | ({"tta": predictor.tta, "tta_fitted": bool(views)} if predictor.tta > 1

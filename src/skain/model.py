@@ -137,7 +137,11 @@ class EnsembleNet(nn.Module):
         self.members = nn.ModuleList(members)
 
     def forward(self, image: torch.Tensor, age: torch.Tensor, sex: torch.Tensor, site: torch.Tensor) -> torch.Tensor:
-        pooled = self.backbone(image).split(self.backbone.widths, dim=1)
+        return self.classify(self.backbone(image), age, sex, site)
+
+    def classify(self, pooled: torch.Tensor, age: torch.Tensor, sex: torch.Tensor, site: torch.Tensor) -> torch.Tensor:
+        """The members' metadata branches and heads on the concatenated backbone features, averaged as above."""
+        pooled = pooled.split(self.backbone.widths, dim=1)
         same = self._same_encoders()  # once per batch (it compares buffers), not once per member
         logp = torch.stack([m(f, *self._meta(i, age, sex, site, same)).float().log_softmax(1)
                             for i, (m, f) in enumerate(zip(self.members, pooled))])

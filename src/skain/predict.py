@@ -173,12 +173,22 @@ class Predictor:
                 "site": torch.from_numpy(site), "label": torch.full((len(frame),), -1),
                 "index": torch.arange(len(frame)), "ok": torch.ones(len(frame), dtype=torch.bool)}
 
-    def _run(self, batches, progress: bool) -> dict[str, np.ndarray]:
-        with self.trust.tap(self.model, self.tta) as tap:  # backbone features for the OOD score, same pass
-            res = predict_logits(self.model, batches, self.device, self.dtype, self.channels_last, "predict",
-                                 progress, self._views())
-        res["probs"] = self.trust.calibrate(res["logits"])  # temperature scaling (T = 1 for older bundles)
-        res["features"] = tap.features()
+    def _run(self, batches, progress: bool, variants: dict[str, set[str]] | None = None) -> dict[str, np.ndarray]:
+        """Logits, calibrated probabilities (`probs`, or `probs/<variant>` per metadata variant) and the OOD
+        features. Several variants share one backbone pass where the network splits into backbone + head;
+        the exported graph (ONNX backends) runs one pass per variant."""
+        from .assess import metadata_variants
+        groups = [None] if not variants else (
+            [variants] if callable(getattr(self.model, "classify", None)) else [{n: f} for n, f in variants.items()])
+        res: dict[str, np.ndarray] = {}
+        for group in groups:
+            with self.trust.tap(self.model, self.tta) as tap:  # backbone features for the OOD score, same pass
+                part = predict_logits(self.model, batches, self.device, self.dtype, self.channels_last, "predict",
+                                      progress, self._views(), group and metadata_variants(self.encoder, group))
+            part["features"] = tap.features()
+            res = {**part, **res}  # index, ok and features from the first pass
+        for key in [k for k in res if k.startswith("logits")]:  # temperature scaling (T = 1 for older bundles)
+            res["probs" + key[len("logits"):]] = self.trust.calibrate(res[key])
         return res
 
     def _views(self):
@@ -191,13 +201,26 @@ class Predictor:
 
         An unreadable image gets an empty prediction and its decoding error; the rest are still predicted.
         """
+        return self.predict_variants(frame, {"present": set()}, batch_size, num_workers, cache_dir,
+                                     progress)["present"]
+
+    def predict_variants(self, frame: pd.DataFrame, variants: dict[str, set[str]], batch_size: int = 32,
+                         num_workers: int = 0, cache_dir: str | Path | None = None,
+                         progress: bool = True) -> dict[str, pd.DataFrame]:
+        """`predict_frame`'s table for each metadata variant (name -> the fields blanked as if left empty, e.g.
+        {"present": set(), "all_blank": {"age", "sex", "site"}}), the images decoded and the backbone run once."""
         frame = _with_meta_columns(frame)
         dataset = LesionDataset(frame, self.encoder, self.loader(cache_dir), self.transform, on_error="skip")
         loader = DataLoader(dataset, batch_size, shuffle=False, num_workers=num_workers)
-        res = self._run(loader, progress)
+        res = self._run(loader, progress, variants)
         order = np.argsort(res["index"])
-        probs, ok = res["probs"][order], res["ok"][order].astype(bool)
+        ok = res["ok"][order].astype(bool)
         features = res["features"][order] if res["features"] is not None else None
+        errors = [_error_for(p, dataset.loader) if not k else "" for p, k in zip(frame["path"], ok)]
+        return {name: self._table(frame, res[f"probs/{name}"][order], ok, features, errors) for name in variants}
+
+    def _table(self, frame: pd.DataFrame, probs: np.ndarray, ok: np.ndarray, features: np.ndarray | None,
+               errors: list[str]) -> pd.DataFrame:
         out = pd.DataFrame({"image_id": frame["image_id"].to_numpy()})
         chosen = self.decide(probs)
         out["pred"] = np.where(ok, np.array(self.classes)[chosen], "")
@@ -210,7 +233,7 @@ class Predictor:
                 out[f"s_{c}"] = np.where(ok, scores[:, j], np.nan)
         for name, column in self.trust.columns(probs, features, ok).items():  # ood, ood_score, p_malignant, triage
             out[name] = column.to_numpy()
-        out["error"] = [_error_for(p, dataset.loader) if not k else "" for p, k in zip(frame["path"], ok)]
+        out["error"] = errors
         return out
 
 

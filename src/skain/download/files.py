@@ -5,12 +5,12 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import os
 import shutil
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ..fileio import atomic_write
 from .archive import ARCHIVE_CITATION, ArchiveImage
 from .http import DownloadError, sha256_file
 
@@ -26,9 +26,8 @@ LICENCE_URLS = {
 
 
 def write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    """A text file written whole (the bundle writer's temporary file + fsync + rename)."""
+    atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
 def read_sums(folder: Path) -> dict[str, str]:

@@ -11,7 +11,6 @@ import os
 import random
 import re
 import threading
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field

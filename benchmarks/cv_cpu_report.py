@@ -1,0 +1,79 @@
+"""Issue 12's cross-validated benchmark measured on 2 CPU cores: one `skain train --all-folds` run of the `cpu`
+preset on all of HAM10000, its accuracy on test folds that chose nothing, and the wall and CPU minutes it took.
+
+    /usr/bin/time -v skain train --preset cpu --data ../shared/ham10000 --all-folds --max-minutes 12 \
+        --output /tmp/cpucv/run 2> /tmp/cpucv/time.txt
+    python benchmarks/cv_cpu_report.py --run /tmp/cpucv/run --time-log /tmp/cpucv/time.txt \
+        [--ensemble-with /tmp/gpu/mm ...] --out benchmarks/results/cpu_cv.json
+
+Rows are `skain cv-report` figures (skain.crossval.variant_row: mean +- std over the test folds, by arg-max and by
+the nested prior-adjusted decision rule) for metadata present / all blank, single view and 8 TTA views.
+`--ensemble-with` adds the same variants for the average of this run and other k-fold runs on the same split
+(e.g. the GPU runs of benchmarks/gpu/cv_pair.sh). Several --time-log files (an interrupted run resumed) are summed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+from cv_pair_report import training  # benchmarks/ is the script's folder
+
+from skain.crossval import variant_row
+
+VARIANTS = ("present", "all_blank", "present_tta8", "all_blank_tta8")
+TIME_FIELDS = {"user_s": r"User time \(seconds\): ([\d.]+)", "sys_s": r"System time \(seconds\): ([\d.]+)",
+               "wall": r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)"}
+
+
+def gnu_time(path: Path) -> dict:
+    """User, system and wall seconds from `/usr/bin/time -v` output."""
+    text = path.read_text(errors="replace")
+    found = {k: re.search(p, text) for k, p in TIME_FIELDS.items()}
+    missing = [k for k, m in found.items() if m is None]
+    if missing:
+        raise SystemExit(f"{path}: no {', '.join(missing)} (not /usr/bin/time -v output?)")
+    wall = 0.0
+    for part in found["wall"].group(1).split(":"):
+        wall = wall * 60 + float(part)
+    return {"user_s": float(found["user_s"].group(1)), "sys_s": float(found["sys_s"].group(1)), "wall_s": wall}
+
+
+def rows(runs: list[Path]) -> dict:
+    return {v: variant_row(runs, v) for v in VARIANTS}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", required=True, type=Path, help="the k-fold output (fold<k>/ folders)")
+    ap.add_argument("--time-log", nargs="+", type=Path, default=[], help="/usr/bin/time -v output(s) of the run")
+    ap.add_argument("--ensemble-with", nargs="*", type=Path, default=[], help="other k-fold runs, same split")
+    ap.add_argument("--out", required=True, type=Path)
+    a = ap.parse_args()
+    result: dict = {"what": __doc__.split("\n\n")[0], "run": str(a.run), "training": training(a.run),
+                    "rows": rows([a.run])}
+    if a.time_log:
+        times = [gnu_time(p) for p in a.time_log]
+        total = {k: round(sum(t[k] for t in times), 1) for k in ("wall_s", "user_s", "sys_s")}
+        result["process_time"] = {**total, "wall_minutes": round(total["wall_s"] / 60, 1),
+                                  "cpu_minutes": round((total["user_s"] + total["sys_s"]) / 60, 1),
+                                  "kernel_share": round(total["sys_s"] / (total["user_s"] + total["sys_s"]), 3),
+                                  "logs": [str(p) for p in a.time_log]}
+    if a.ensemble_with:
+        result["ensemble"] = {"runs": [str(a.run), *map(str, a.ensemble_with)],
+                              "rows": rows([a.run, *a.ensemble_with])}
+    a.out.write_text(json.dumps(result, indent=2) + "\n")
+    for title, table in [("this run", result["rows"])] + ([("ensemble", result["ensemble"]["rows"])]
+                                                          if a.ensemble_with else []):
+        print(f"== {title}")
+        for v, r in table.items():
+            print(f"{v:16s} BA {r['balanced_accuracy']['mean']:.3f} +- {r['balanced_accuracy']['std']:.3f}  "
+                  f"rule {r['balanced_accuracy_rule']['mean']:.3f} +- {r['balanced_accuracy_rule']['std']:.3f}  "
+                  f"AUC {r['macro_auc']['mean']:.3f}  mel {r['melanoma_recall']['mean']:.3f} / "
+                  f"{r['melanoma_recall_rule']['mean']:.3f}")
+    print(json.dumps({k: result[k] for k in ("training", "process_time") if k in result}))
+
+
+if __name__ == "__main__":
+    main()
