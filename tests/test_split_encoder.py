@@ -54,6 +54,8 @@ def test_blanking_a_field_equals_leaving_it_empty():
     blanked = enc.blank(*enc.transform(given), {"age", "sex", "site"})
     for a, b in zip(blanked, enc.transform(empty)):
         assert np.array_equal(a, b)
+    with pytest.raises(ValueError, match="localization"):  # the CSV's column name is not an input's name
+        enc.blank(*enc.transform(given), {"age", "sex", "localization"})
 
 
 def test_metadata_dropout_blanks_at_the_stated_rate():

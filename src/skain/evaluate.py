@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 from scipy.special import softmax
 
+from .data.encoder import FIELDS
 from .data.schema import CLASSES, DataError, clean_metadata, read_csv
 from .metrics import classification_metrics, expected_calibration_error, one_vs_rest_rates
 
@@ -97,7 +98,6 @@ def headline(metrics: dict) -> str:
 
 # ----------------------------------------------------------------------------- trust on labelled data from elsewhere
 WITH, WITHOUT = "with metadata", "without metadata"
-BLANKED = ("age", "sex", "localization")
 
 
 def trust_metrics(pred: pd.DataFrame, truth: pd.DataFrame, temperature: float | None,
@@ -134,7 +134,7 @@ def trust_metrics(pred: pd.DataFrame, truth: pd.DataFrame, temperature: float | 
 def trust_variants(predictor) -> dict[str, set[str]]:
     """The metadata variants the trust figures on a labelled folder need: as given and (for a network that takes
     metadata) every field blank, scored in one pass by `Predictor.predict_variants`."""
-    return {"present": set()} if predictor.info["image_only"] else {"present": set(), "all_blank": set(BLANKED)}
+    return {"present": set()} if predictor.info["image_only"] else {"present": set(), "all_blank": set(FIELDS)}
 
 
 def with_and_without_metadata(frame: pd.DataFrame, preds: dict[str, pd.DataFrame], temperature: float | None) -> dict:

@@ -67,6 +67,9 @@ class MetadataEncoder:
 
     def blank(self, age: np.ndarray, sex: np.ndarray, site: np.ndarray, fields: set[str]) -> tuple:
         """Encoded metadata with the named fields ('age', 'sex', 'site') set to missing, as if left empty."""
+        unknown = set(fields) - set(FIELDS)
+        if unknown:  # e.g. the CSV's column name "localization": blanking nothing silently would be worse
+            raise ValueError(f"cannot blank {', '.join(sorted(unknown))}: the metadata inputs are {', '.join(FIELDS)}")
         age, sex, site = (np.array(age, dtype=np.float32), np.array(sex, dtype=np.int64),
                           np.array(site, dtype=np.int64))
         if "age" in fields:
