@@ -67,6 +67,20 @@ def test_ensemble_probabilities_are_the_mean_of_the_members(folds, ensemble, fra
     assert isinstance(predictor.model, EnsembleNet) and predictor.info["members"] == 2
 
 
+def test_blank_variant_from_one_pass_equals_a_blank_csv_on_the_ensemble(ensemble, frame):
+    """The ensemble's backbone + classify split (members with different encoders) gives the same with- and
+    without-metadata predictions in one pass as two separate prediction passes."""
+    from skain.evaluate import trust_variants
+    predictor = Predictor.from_bundle(ensemble)
+    both = predictor.predict_variants(frame, trust_variants(predictor), batch_size=8, progress=False)
+    blank = frame.assign(age=np.nan, sex="unknown", localization="unknown")
+    cols = [f"p_{c}" for c in predictor.classes]
+    for name, alone in (("present", predictor.predict_frame(frame, batch_size=8, progress=False)),
+                        ("all_blank", predictor.predict_frame(blank, batch_size=8, progress=False))):
+        np.testing.assert_allclose(both[name][cols].to_numpy(), alone[cols].to_numpy(), rtol=0, atol=1e-6)
+    assert not np.allclose(both["present"][cols].to_numpy(), both["all_blank"][cols].to_numpy(), atol=1e-6)
+
+
 def test_bundle_loads_with_weights_only_and_bad_members_are_caught(ensemble):
     bundle = torch.load(ensemble / "best_model.pt", map_location="cpu", weights_only=True)
     check_bundle(bundle, "ensemble")

@@ -198,6 +198,14 @@ def test_variants_on_the_onnx_backend_take_one_pass_each(trained, synth_root):
     onnx = Predictor(read_bundle(trained), backend="onnx")  # exported in memory
     torch_ = Predictor.from_bundle(trained)
     variants = {"present": set(), "all_blank": {"age", "sex", "site"}}
-    got, ref = (p.predict_variants(frame, variants, progress=False) for p in (onnx, torch_))
+    passes = []
+    hook = onnx.model.backbone.register_forward_hook(lambda *_: passes.append(1))  # once per graph run
+    got = onnx.predict_variants(frame, variants, progress=False)
+    hook.remove()
+    assert len(passes) == 2  # one batch, one pass per variant: the graph has no backbone/head split
+    ref = torch_.predict_variants(frame, variants, progress=False)
     for name in variants:
         np.testing.assert_allclose(got[name][P_COLS].to_numpy(), ref[name][P_COLS].to_numpy(), atol=1e-4)
+        np.testing.assert_allclose(got[name]["ood_score"].to_numpy(float), ref[name]["ood_score"].to_numpy(float),
+                                   rtol=1e-3)
+    assert not np.allclose(got["present"][P_COLS].to_numpy(), got["all_blank"][P_COLS].to_numpy(), atol=1e-6)

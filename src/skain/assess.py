@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from .data.dataset import LesionDataset
+from .data.dataset import LesionDataset, metadata_variants
 from .data.encoder import FIELDS
 from .data.schema import CLASSES
 from .engine import predict_logits
@@ -44,20 +44,6 @@ def variant_logits(predictor, frame: pd.DataFrame, variants: dict[str, set[str]]
     single = "first" if tta else "logits"
     return {**{name: res[f"{single}/{name}"] for name in variants},
             **{f"{name}_tta{views}": res[f"logits/{name}"] for name in tta}}
-
-
-def metadata_variants(enc, variants: dict[str, set[str]]) -> dict:
-    """name -> a function giving a (CPU) batch's (age, sex, site) inputs with those fields blanked as if left
-    empty, for `engine.predict_logits`."""
-    return {name: (lambda batch, fields=fields: _blanked(enc, batch, fields)) for name, fields in variants.items()}
-
-
-def _blanked(enc, batch: dict, fields: set[str]) -> tuple[torch.Tensor, ...]:
-    """The batch's (age, sex, site) inputs with `fields` blanked as if left empty."""
-    age, sex, site = batch["age"], batch["sex"], batch["site"]
-    if not fields:
-        return age, sex, site
-    return tuple(torch.as_tensor(x) for x in enc.blank(age.numpy(), sex.numpy(), site.numpy(), fields))
 
 
 def assess(predictor, frame: pd.DataFrame, batch_size: int = 64, num_workers: int = 0, progress: bool = False,

@@ -107,9 +107,10 @@ def predict_logits(model: nn.Module, loader: Iterable, device: torch.device, dty
     out: dict[str, list] = {f"{kind}/{n}" if n else kind: [] for n in names for kind in kinds}
     out.update({k: [] for k in ("label", "index", "ok")})
     for batch in tqdm(loader, desc=desc, leave=False, disable=None if progress else True, dynamic_ncols=True):
-        metas = {n: variants[n](batch) if variants else (batch["age"], batch["sex"], batch["site"]) for n in names}
+        metas = {n: fn(batch) for n, fn in (variants or {}).items()}  # from the CPU batch
         batch = to_device(batch, device, channels_last)
-        metas = {n: tuple(t.to(device, non_blocking=True) for t in m) for n, m in metas.items()}
+        metas = ({n: tuple(t.to(device, non_blocking=True) for t in m) for n, m in metas.items()} if variants
+                 else {"": (batch["age"], batch["sex"], batch["site"])})
         per: dict[str, list[torch.Tensor]] = {n: [] for n in names}
         with autocast(device, dtype):
             for image in (views(batch["image"]) if views is not None else [batch["image"]]):

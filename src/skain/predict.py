@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from .bundle import load_model, read_bundle, resolve_path
 from .decision import Decision
-from .data.dataset import LesionDataset
+from .data.dataset import LesionDataset, metadata_variants
 from .data.encoder import MetadataEncoder
 from .data.images import ImageLoader
 from .data.layout import Source, discover, load_table
@@ -177,7 +177,6 @@ class Predictor:
         """Logits, calibrated probabilities (`probs`, or `probs/<variant>` per metadata variant) and the OOD
         features. Several variants share one backbone pass where the network splits into backbone + head;
         the exported graph (ONNX backends) runs one pass per variant."""
-        from .assess import metadata_variants
         groups = [None] if not variants else (
             [variants] if callable(getattr(self.model, "classify", None)) else [{n: f} for n, f in variants.items()])
         res: dict[str, np.ndarray] = {}
@@ -208,7 +207,8 @@ class Predictor:
                          num_workers: int = 0, cache_dir: str | Path | None = None,
                          progress: bool = True) -> dict[str, pd.DataFrame]:
         """`predict_frame`'s table for each metadata variant (name -> the fields blanked as if left empty, e.g.
-        {"present": set(), "all_blank": {"age", "sex", "site"}}), the images decoded and the backbone run once."""
+        {"present": set(), "all_blank": {"age", "sex", "site"}}). The images are decoded and the backbone runs
+        once for all of them; the exported graph (ONNX backends) takes one pass per variant."""
         frame = _with_meta_columns(frame)
         dataset = LesionDataset(frame, self.encoder, self.loader(cache_dir), self.transform, on_error="skip")
         loader = DataLoader(dataset, batch_size, shuffle=False, num_workers=num_workers)

@@ -55,3 +55,17 @@ class LesionDataset(Dataset):
             size = self.loader.short_side
             self._blank = self.transform(np.zeros((size, size, 3), dtype=np.uint8))
         return self._blank
+
+
+def metadata_variants(enc, variants: dict[str, set[str]]) -> dict:
+    """name -> a function giving a (CPU) batch's (age, sex, site) inputs with those fields blanked as if left
+    empty, for `engine.predict_logits`."""
+    return {name: (lambda batch, fields=fields: _blanked(enc, batch, fields)) for name, fields in variants.items()}
+
+
+def _blanked(enc, batch: dict, fields: set[str]) -> tuple[torch.Tensor, ...]:
+    """The batch's (age, sex, site) inputs with `fields` blanked as if left empty."""
+    age, sex, site = batch["age"], batch["sex"], batch["site"]
+    if not fields:
+        return age, sex, site
+    return tuple(torch.as_tensor(x) for x in enc.blank(age.numpy(), sex.numpy(), site.numpy(), fields))
