@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from skain.crossval import variant_row
+from skain.crossval import paired_diff, variant_row
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--sqrt", required=True, type=Path)
@@ -18,9 +18,7 @@ ap.add_argument("--inverse", required=True, type=Path)
 ap.add_argument("--out", required=True, type=Path)
 ns = ap.parse_args()
 runs = {"sqrt": ns.sqrt, "inverse": ns.inverse}
-rows = {}
-for name, run in runs.items():
-    rows[name] = {v: variant_row([run], v) for v in ("present", "all_blank")}
+rows = {name: {v: variant_row([run], v) for v in ("present", "all_blank")} for name, run in runs.items()}
 out = {"what": "--balance sqrt (the presets' loss weights) against --balance inverse, both scored with the "
                "prior-adjusted decision rule (tau and prior from the other folds: nested); cpu preset on all "
                "10,015 HAM10000 images, test folds 0-2 of the 5 lesion-grouped folds (chose nothing); "
@@ -28,24 +26,16 @@ out = {"what": "--balance sqrt (the presets' loss weights) against --balance inv
        "command": "skain train --preset cpu --data ../shared/ham10000 --holdout --fold K --max-minutes 12 "
                   "--balance inverse --test-tta 1 --output inv/foldK (K = 0, 1, 2); the sqrt folds are folds 0-2 "
                   "of the --all-folds run in cpu_cv.json; figures by skain.crossval.variant_row (skain cv-report)",
-       "date": "2026-11-26", "rows": {}}
-for name in runs:
-    out["rows"][name] = {}
-    for v, r in rows[name].items():
-        out["rows"][name][v] = {k: r[k] for k in ("balanced_accuracy", "balanced_accuracy_rule", "macro_auc",
-                                                  "melanoma_recall", "melanoma_recall_rule", "tau_per_fold",
-                                                  "per_class_recall_mean")}
-paired = {}
-for v in ("present", "all_blank"):
-    a, b = rows["inverse"][v], rows["sqrt"][v]
-    paired[v] = {m: [float(x - y) for x, y in zip(a[m]["folds"], b[m]["folds"])]
-                 for m in ("balanced_accuracy", "balanced_accuracy_rule", "macro_auc", "melanoma_recall",
-                           "melanoma_recall_rule")}
-out["inverse_minus_sqrt_per_fold"] = paired
+       "date": "2026-11-26", "rows": rows}
+out["inverse_minus_sqrt_per_fold"] = {  # same test images: as `skain cv-report --image-only` pairs its rows
+    v: {**paired_diff(rows["inverse"][v], rows["sqrt"][v]),
+        "macro_auc": [round(a - b, 4) for a, b in zip(rows["inverse"][v]["macro_auc"]["folds"],
+                                                      rows["sqrt"][v]["macro_auc"]["folds"])]}
+    for v in ("present", "all_blank")}
 ns.out.write_text(json.dumps(out, indent=2) + "\n")
 for name in runs:
     for v, r in rows[name].items():
         print(f"{name:8s} {v:10s} BA {r['balanced_accuracy']['mean']:.3f} rule {r['balanced_accuracy_rule']['mean']:.3f} "
               f"AUC {r['macro_auc']['mean']:.3f} mel {r['melanoma_recall']['mean']:.3f}/{r['melanoma_recall_rule']['mean']:.3f} tau {r['tau_per_fold']}")
-for v, d in paired.items():
-    print(v, {m: [round(x, 3) for x in xs] for m, xs in d.items()})
+for v, d in out["inverse_minus_sqrt_per_fold"].items():
+    print(v, "inverse - sqrt per fold:", {m: x if isinstance(x, list) else x["folds"] for m, x in d.items()})

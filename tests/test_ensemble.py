@@ -81,6 +81,20 @@ def test_blank_variant_from_one_pass_equals_a_blank_csv_on_the_ensemble(ensemble
     assert not np.allclose(both["present"][cols].to_numpy(), both["all_blank"][cols].to_numpy(), atol=1e-6)
 
 
+def test_tta_trust_inputs_of_the_ensemble_are_its_tta_predictions(ensemble, frame):
+    """`skain calibrate --tta N` on an ensemble fits on exactly what `predict --tta N` outputs (no blank variant:
+    like the single-view trust, blank-aware triage is for one multimodal network)."""
+    from skain.data.images import ImageLoader
+    from skain.trust.fitting import TrustSettings, tta_outputs
+    bundle = read_bundle(ensemble)
+    out = tta_outputs(bundle, frame, ImageLoader(bundle["preprocess"]["resize"]), torch.device("cpu"), 2,
+                      TrustSettings())
+    assert out.blank_logits is None and len(out.labels) == len(frame)
+    probs = Predictor(bundle, tta=2).predict_frame(frame, progress=False)  # not fit for 2 views: T = 1
+    np.testing.assert_allclose(np.exp(out.logits), probs[[f"p_{c}" for c in bundle["classes"]]].to_numpy(),
+                               atol=1e-6)
+
+
 def test_bundle_loads_with_weights_only_and_bad_members_are_caught(ensemble):
     bundle = torch.load(ensemble / "best_model.pt", map_location="cpu", weights_only=True)
     check_bundle(bundle, "ensemble")

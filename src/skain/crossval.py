@@ -251,7 +251,7 @@ def variant_row(runs: list[Path], variant: str) -> dict:
             "tau_per_fold": [x["tau"] for x in s["decision_rule"]["nested"]]}
 
 
-def _paired(a: dict, b: dict) -> dict:
+def paired_diff(a: dict, b: dict) -> dict:
     """a - b per fold (same test images), for balanced accuracy and melanoma recall, arg-max and rule."""
     out = {}
     for metric in ("balanced_accuracy", "melanoma_recall"):
@@ -303,7 +303,7 @@ def metadata_table(mm: Path, img: Path) -> dict[str, dict]:
     for key in table:
         base = "image-only" + (f", {tta}-view TTA" if "TTA" in key else "")
         if key != base:
-            table[key]["vs_image_only_paired"] = _paired(table[key], table[base])
+            table[key]["vs_image_only_paired"] = paired_diff(table[key], table[base])
     return table
 
 

@@ -306,22 +306,18 @@ def tta_outputs(bundle: dict, frame: pd.DataFrame, loader_fn: ImageLoader, devic
     """Validation predictions averaged over `views` TTA views (log of the mean probabilities, as `skain predict
     --tta` computes them), with metadata as entered and, for a multimodal network, with every field blank."""
     from ..assess import variant_logits
-    from ..data.transforms import tta_views
     from ..predict import Predictor
     frame = frame.reset_index(drop=True)
     labels = frame["dx"].map({c: i for i, c in enumerate(bundle["classes"])}).to_numpy()
     predictor = Predictor(bundle, device=device.type)
-    model = predictor.model
-    if getattr(model, "meta", None) is not None and hasattr(model, "classify"):
-        z = variant_logits(predictor, frame, {"present": set(), "all_blank": set(FIELDS)}, s.batch_size,
-                           progress=progress, cache_dir=loader_fn.cache_dir, views=views, tta=("present", "all_blank"))
-        return Outputs(z[f"present_tta{views}"].astype(np.float64), labels, None,
-                       z[f"all_blank_tta{views}"].astype(np.float64))
-    ds = LesionDataset(frame, MetadataEncoder.from_state(bundle["encoder"]), loader_fn,
-                       eval_transform(bundle["preprocess"]))
-    res = predict_logits(model, DataLoader(ds, s.batch_size, shuffle=False), device, None, False,
-                         f"trust: {views} TTA views", progress, lambda x: tta_views(x, views))
-    return Outputs(res["logits"].astype(np.float64), labels, None)
+    variants = {"present": set()}
+    if getattr(predictor.model, "meta", None) is not None:  # a single multimodal network (as blank_logits)
+        variants["all_blank"] = set(FIELDS)
+    z = variant_logits(predictor, frame, variants, s.batch_size, progress=progress, cache_dir=loader_fn.cache_dir,
+                       views=views, tta=tuple(variants))
+    blank = z.get(f"all_blank_tta{views}")
+    return Outputs(z[f"present_tta{views}"].astype(np.float64), labels, None,
+                   None if blank is None else blank.astype(np.float64))
 
 
 def fit_views(bundle_path: str | Path, frame: pd.DataFrame, val_idx: np.ndarray, loader_fn: ImageLoader,
