@@ -4,12 +4,14 @@ preset on all of HAM10000, its accuracy on test folds that chose nothing, and th
     /usr/bin/time -v skain train --preset cpu --data ../shared/ham10000 --all-folds --max-minutes 12 \
         --output /tmp/cpucv/run 2> /tmp/cpucv/time.txt
     python benchmarks/cv_cpu_report.py --run /tmp/cpucv/run --time-log /tmp/cpucv/time.txt \
-        [--ensemble-with /tmp/gpu/mm ...] --out benchmarks/results/cpu_cv.json
+        [--ensemble-with /tmp/gpu/mm ...] [--against OTHER_RUN] --out benchmarks/results/cpu_cv.json
 
 Rows are `skain cv-report` figures (skain.crossval.variant_row: mean +- std over the test folds, by arg-max and by
 the nested prior-adjusted decision rule) for metadata present / all blank, single view and 8 TTA views.
 `--ensemble-with` adds the same variants for the average of this run and other k-fold runs on the same split
-(e.g. the GPU runs of benchmarks/gpu/cv_pair.sh). Several --time-log files (an interrupted run resumed) are summed.
+(e.g. the GPU runs of benchmarks/gpu/cv_pair.sh); give it more than once for several ensembles. `--against` adds
+this run minus another k-fold run on the same split (or the result JSON written for it), per test fold
+(skain.crossval.paired_diff, as `skain cv-report --image-only` pairs its rows). Several --time-log files (an interrupted run resumed) are summed.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from pathlib import Path
 
 from cv_pair_report import training  # benchmarks/ is the script's folder
 
-from skain.crossval import variant_row
+from skain.crossval import paired_diff, variant_row
 
 VARIANTS = ("present", "all_blank", "present_tta8", "all_blank_tta8")
 TIME_FIELDS = {"user_s": r"User time \(seconds\): ([\d.]+)", "sys_s": r"System time \(seconds\): ([\d.]+)",
@@ -48,7 +50,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True, type=Path, help="the k-fold output (fold<k>/ folders)")
     ap.add_argument("--time-log", nargs="+", type=Path, default=[], help="/usr/bin/time -v output(s) of the run")
-    ap.add_argument("--ensemble-with", nargs="*", type=Path, default=[], help="other k-fold runs, same split")
+    ap.add_argument("--ensemble-with", nargs="+", type=Path, action="append", default=[],
+                    help="other k-fold runs on the same split, averaged with this one (repeat for more ensembles)")
+    ap.add_argument("--against", type=Path, help="another k-fold run on the same split (its folder, or the JSON this "
+                    "script wrote for it): per-fold differences")
     ap.add_argument("--out", required=True, type=Path)
     a = ap.parse_args()
     result: dict = {"what": __doc__.split("\n\n")[0], "run": str(a.run), "training": training(a.run),
@@ -60,18 +65,30 @@ def main() -> None:
                                   "cpu_minutes": round((total["user_s"] + total["sys_s"]) / 60, 1),
                                   "kernel_share": round(total["sys_s"] / (total["user_s"] + total["sys_s"]), 3),
                                   "logs": [str(p) for p in a.time_log]}
-    if a.ensemble_with:
-        result["ensemble"] = {"runs": [str(a.run), *map(str, a.ensemble_with)],
-                              "rows": rows([a.run, *a.ensemble_with])}
+    result["ensembles"] = [{"runs": [str(a.run), *map(str, group)], "rows": rows([a.run, *group])}
+                           for group in a.ensemble_with]
+    if a.against:
+        other = json.loads(a.against.read_text())["rows"] if a.against.is_file() else rows([a.against])
+        result["against"] = {"run": str(a.against), "rows": other, "this_minus_other_per_fold": {
+            v: {**paired_diff(result["rows"][v], other[v]),
+                "macro_auc": [round(x - y, 4) for x, y in zip(result["rows"][v]["macro_auc"]["folds"],
+                                                              other[v]["macro_auc"]["folds"])]}
+            for v in VARIANTS}}
     a.out.write_text(json.dumps(result, indent=2) + "\n")
-    for title, table in [("this run", result["rows"])] + ([("ensemble", result["ensemble"]["rows"])]
-                                                          if a.ensemble_with else []):
+    tables = [("this run", result["rows"])] + [(" + ".join(e["runs"]), e["rows"]) for e in result["ensembles"]]
+    if a.against:
+        tables.append((f"against {a.against}", result["against"]["rows"]))
+    for title, table in tables:
         print(f"== {title}")
         for v, r in table.items():
             print(f"{v:16s} BA {r['balanced_accuracy']['mean']:.3f} +- {r['balanced_accuracy']['std']:.3f}  "
                   f"rule {r['balanced_accuracy_rule']['mean']:.3f} +- {r['balanced_accuracy_rule']['std']:.3f}  "
                   f"AUC {r['macro_auc']['mean']:.3f}  mel {r['melanoma_recall']['mean']:.3f} / "
                   f"{r['melanoma_recall_rule']['mean']:.3f}")
+    for v, d in (result["against"]["this_minus_other_per_fold"].items() if a.against else []):
+        arg, rule, k = d["balanced_accuracy_argmax"], d["balanced_accuracy_rule"], len(d["macro_auc"])
+        print(f"this - other, {v:14s} BA {arg['mean']:+.3f} ({arg['folds_not_worse']}/{k} folds not worse)  "
+              f"rule {rule['mean']:+.3f} ({rule['folds_not_worse']}/{k})  AUC {sum(d['macro_auc']) / k:+.3f}")
     print(json.dumps({k: result[k] for k in ("training", "process_time") if k in result}))
 
 

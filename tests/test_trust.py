@@ -401,3 +401,21 @@ def test_triage_threshold_keeps_its_sensitivity_when_every_field_is_left_blank()
     assert with_blank["sensitivity"] >= s.target_sensitivity
     assert with_blank["threshold"] < present_only["threshold"]
     assert {"sensitivity", "specificity"} <= set(with_blank["held_out_all_blank"])
+
+
+@pytest.mark.parametrize("views", [1, 4])
+def test_calibrate_refuses_a_run_without_validation_images_and_leaves_it_as_it_was(trained, tmp_path, views):
+    """A split whose validation part is gone (edited split.csv, or images removed since) gets a clear error
+    before any inference, not a shape mismatch inside the model; the bundle is left untouched."""
+    import shutil
+    from skain.data.schema import DataError
+    from skain.trust import fit_trust_folder, fit_views_folder
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    split = pd.read_csv(run / "split.csv", dtype=str)
+    split.loc[split["split"] == "val", "split"] = "train"
+    split.to_csv(run / "split.csv", index=False)
+    before = (run / "best_model.pt").read_bytes()
+    with pytest.raises(DataError, match="at least 10 labelled validation images; the run's split has 0"):
+        fit_trust_folder(run) if views == 1 else fit_views_folder(run, views)
+    assert (run / "best_model.pt").read_bytes() == before

@@ -189,6 +189,9 @@ def build_loaders(cfg: Config, prep: Prepared, pre: dict, loader_fn: ImageLoader
     dropout = MetadataDropout(prep.encoder, cfg.train.meta_dropout) if cfg.train.meta_dropout > 0 else None
     train_ds = LesionDataset(tr, prep.encoder, loader_fn, train_transform(pre), meta_dropout=dropout)
     val_ds = LesionDataset(va, prep.encoder, loader_fn, eval_transform(pre))
+    # no persistent_workers: a DataLoader seeds its workers from the main process's RNG each time an epoch's
+    # iterator starts, which run_epoch seeds from (seed, epoch, rank); persistent workers keep one seed for the
+    # whole run, so augmentation would depend on the epochs before it and --resume could not replay an epoch
     common = {"num_workers": workers(cfg, device), "pin_memory": device.type == "cuda"}
     weights = None
     if cfg.train.balance == "sampler":

@@ -23,6 +23,7 @@ from ..bundle import BUNDLE_NAME, atomic_torch_save, load_model, read_bundle
 from ..data.dataset import LesionDataset
 from ..data.encoder import FIELDS, MetadataEncoder
 from ..data.images import ImageLoader
+from ..data.schema import DataError
 from ..data.transforms import eval_transform, image_to_tensor
 from ..engine import predict_logits, resolve_device
 from ..metrics import expected_calibration_error
@@ -274,6 +275,7 @@ def fit_trust(bundle_path: str | Path, frame: pd.DataFrame, train_idx: np.ndarra
     With `budget_s` (what is left of `--max-minutes`) the OOD Gaussians are fit on a class-stratified sample
     of the training images sized to the budget (at least MIN_OOD_TRAIN); validation is always used whole."""
     s = settings or TrustSettings()
+    require_images(val_idx, train_idx)
     started = time.perf_counter()
     bundle_path = Path(bundle_path)
     device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
@@ -333,6 +335,7 @@ def fit_views(bundle_path: str | Path, frame: pd.DataFrame, val_idx: np.ndarray,
     bundle = read_bundle(bundle_path)
     if not 2 <= int(views) <= 8:
         raise ValueError(f"TTA views must be between 2 and 8 (got {views})")
+    require_images(val_idx)
     if not bundle.get("trust"):
         raise ValueError(f"{bundle_path}: fit the single-view trust block first (skain calibrate without --tta)")
     started = time.perf_counter()
@@ -361,6 +364,18 @@ def fit_views(bundle_path: str | Path, frame: pd.DataFrame, val_idx: np.ndarray,
 
 
 MIN_OOD_TRAIN = 1000  # training images the OOD Gaussians need at least, whatever the budget
+
+
+MIN_VALIDATION = 10  # below this a temperature or triage threshold is noise, not a fit
+
+
+def require_images(val_idx: np.ndarray, train_idx: np.ndarray | None = None) -> None:
+    """Refuse, before any inference, a split with too few validation (or no training) images to fit on."""
+    if len(val_idx) < MIN_VALIDATION:
+        raise DataError(f"trust fitting needs at least {MIN_VALIDATION} labelled validation images; the run's "
+                        f"split has {len(val_idx)} (split.csv 'val' rows that are in the data)")
+    if train_idx is not None and len(train_idx) == 0:
+        raise DataError("trust fitting needs the run's training images for the OOD check; the split has none")
 
 
 def _left(budget_s: float | None, started: float) -> float | None:
