@@ -11,7 +11,8 @@ the nested prior-adjusted decision rule) for metadata present / all blank, singl
 `--ensemble-with` adds the same variants for the average of this run and other k-fold runs on the same split
 (e.g. the GPU runs of benchmarks/gpu/cv_pair.sh); give it more than once for several ensembles. `--against` adds
 this run minus another k-fold run on the same split (or the result JSON written for it), per test fold
-(skain.crossval.paired_diff, as `skain cv-report --image-only` pairs its rows). Several --time-log files (an interrupted run resumed) are summed.
+(skain.crossval.paired_diff, as `skain cv-report --image-only` pairs its rows). Several --time-log files (an
+interrupted run resumed) are summed.
 """
 from __future__ import annotations
 
