@@ -5,15 +5,18 @@ from __future__ import annotations
 import copy
 import io
 
+import shutil
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 
 from skain.bundle import BundleError, atomic_torch_save, check_bundle, read_bundle
 from skain.cli import main
 from skain.data.schema import CLASSES
-from skain.ensemble import OOF_NAME, build_ensemble
+from skain.ensemble import OOF_NAME, averaged_oof, build_ensemble
 from skain.explain import GradCam
 from skain.model import EnsembleNet
 from skain.predict import GRAPH_RUNTIMES, Predictor, prediction_table
@@ -110,7 +113,7 @@ def test_bundle_loads_with_weights_only_and_bad_members_are_caught(ensemble):
 
 
 @pytest.mark.parametrize("change, words", [
-    (lambda b: b["preprocess"].update(input_size=96), "preprocessing.*input_size 64 vs 96"),
+    (lambda b: b["preprocess"].update(input_size=96), "preprocessing.*input_size 64 vs 96.*same field of view"),
     (lambda b: b["preprocess"].update(mean=[0.5, 0.5, 0.5]), "preprocessing.*mean"),
     (lambda b: b["encoder"].update(site_vocab=b["encoder"]["site_vocab"][::-1]), "encoders differ.*site_vocab"),
     (lambda b: b.update(classes=list(reversed(b["classes"]))), "class names"),
@@ -239,3 +242,83 @@ def test_members_with_one_encoder_feed_it_straight_through_in_every_backend(fold
     assert main(["export", "--model", str(path)]) == 0
     graph = Predictor.from_bundle(path, backend="openvino").predict_frame(frame, progress=False)[P_COLS].to_numpy()
     assert np.abs(graph - Predictor.from_bundle(path).predict_frame(frame, progress=False)[P_COLS].to_numpy()).max() <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def wide(synth_root, tmp_path_factory):
+    """A run at 80 px (resize 91: the 64 px runs' field of view, 0.88) on fold 0 of the same split, like a Lite2
+    run at 260 px beside Lite0 at 224."""
+    from skain.train import fit
+    out = tmp_path_factory.mktemp("wide") / "fold0"
+    cfg = tiny_config(synth_root / "dataset_train", out, epochs=2, seed=3)
+    cfg.data.folds, cfg.data.fold, cfg.data.split_seed = 2, 0, 3
+    cfg.model.input_size = 80
+    fit(cfg)
+    return out
+
+
+class _Resized(torch.nn.Module):
+    def __init__(self, inner: torch.nn.Module, size: int):
+        super().__init__()
+        self.inner, self.size = inner, size
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.inner(F.interpolate(image, size=(self.size, self.size), mode="bilinear", align_corners=False))
+
+
+def test_members_of_different_input_sizes_take_the_largest_input_resized_inside(folds, wide, frame, tmp_path):
+    small, large = read_bundle(folds[0]), read_bundle(wide)
+    assert (small["preprocess"]["input_size"], large["preprocess"]["input_size"]) == (64, 80)
+    path = build_ensemble([folds[0], wide], tmp_path / "ens")
+    bundle = read_bundle(path)
+    assert bundle["preprocess"] == large["preprocess"]
+    assert [m["input_size"] for m in bundle["model_args"]["ensemble"]] == [64, 80]
+    assert any("trained at 64, 80 px" in line for line in bundle["model_card"]["limitations"])
+    # Member 0 sees the 80 px input resized to its own 64 px, member 1 the input as it is.
+    resized = _untempered({**small, "preprocess": large["preprocess"]})
+    resized.model.backbone = _Resized(resized.model.backbone, 64)
+    expected = np.mean([p.predict_frame(frame, progress=False)[P_COLS].to_numpy()
+                        for p in (resized, _untempered(large))], 0)
+    predictor = _untempered(bundle)
+    seen = []
+    for part in predictor.model.backbone.parts:
+        part.register_forward_pre_hook(lambda _m, inputs: seen.append(inputs[0].shape[-1]))
+    got = predictor.predict_frame(frame, progress=False)[P_COLS].to_numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    assert seen[:2] == [64, 80]
+    # The exported graph resizes the same way; Grad-CAM still gives one map at the ensemble's input size.
+    assert main(["export", "--model", str(path)]) == 0
+    ref = Predictor.from_bundle(path).predict_frame(frame, progress=False)[P_COLS].to_numpy()
+    for backend in GRAPH_RUNTIMES:
+        graph = Predictor.from_bundle(path, backend=backend).predict_frame(frame, progress=False)[P_COLS].to_numpy()
+        assert np.abs(graph - ref).max() <= 1e-4, backend
+    image = next(iter(frame["path"]))
+    assert GradCam(Predictor.from_bundle(path))(image, 50, "male", "back").heat.shape == (80, 80)
+    broken = copy.deepcopy(bundle)
+    broken["model_args"]["ensemble"][1]["input_size"] = 72
+    with pytest.raises(BundleError, match="input sizes"):
+        check_bundle(broken, "ensemble")
+
+
+def test_runs_on_one_split_share_their_averaged_out_of_fold_predictions(folds, tmp_path):
+    """The folds of two k-fold runs (e.g. Lite0 and Lite2 `--all-folds`): the trust layer is fit on each image's
+    mean probability over the members that did not train on it, from both runs' oof_predictions.csv."""
+    oof = _oof_csv(folds)
+    other = oof.assign(**{f"logit_{c}": oof[f"logit_{c}"] * 0.5 + (0.3 if c == "nv" else 0.0) for c in CLASSES})
+    runs = []
+    for name, table in (("run_a", oof), ("run_b", other)):
+        for k, fold in enumerate(folds):
+            shutil.copytree(fold, tmp_path / name / f"fold{k}")
+            runs.append(tmp_path / name / f"fold{k}")
+        table.to_csv(tmp_path / name / OOF_NAME, index=False)
+    logits = [f"logit_{c}" for c in CLASSES]
+    mean = averaged_oof([tmp_path / "run_a" / OOF_NAME, tmp_path / "run_b" / OOF_NAME], list(CLASSES))
+    probs = [torch.from_numpy(t[logits].to_numpy(np.float64)).softmax(1).numpy() for t in (oof, other)]
+    np.testing.assert_allclose(np.exp(mean[logits].to_numpy()), np.mean(probs, 0), atol=1e-9)
+    assert list(mean["image_id"]) == list(oof["image_id"].astype(str))
+    bundle = read_bundle(build_ensemble(runs, tmp_path / "ens"))
+    assert bundle["trust"]["figures"]["out_of_fold_source"].startswith("the average of")
+    assert bundle["trust"]["figures"]["validation_images"] == len(oof)
+    other.assign(fold=1 - other["fold"]).to_csv(tmp_path / "run_b" / OOF_NAME, index=False)
+    with pytest.raises(ValueError, match="not trained on the same split"):
+        build_ensemble(runs, tmp_path / "ens2")

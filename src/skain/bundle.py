@@ -126,6 +126,17 @@ def check_bundle(bundle: Any, origin: str) -> None:
         sizes = {"sex_vocab": member.get("n_sex"), "site_vocab": member.get("n_site")}
         _check_weights(bundle, member, f"members.{i}.", f"{origin} (ensemble member {i})", sizes)
     _check_maps(bundle, len(members), origin)
+    _check_input_sizes(bundle, origin)
+
+
+def _check_input_sizes(bundle: dict, origin: str) -> None:
+    """Members of different input sizes: each names its own, and the largest is the ensemble's input."""
+    own = [m.get("input_size") for m in bundle["model_args"]["ensemble"]]
+    if all(s is None for s in own):
+        return
+    size = bundle["preprocess"].get("input_size")
+    if not all(isinstance(s, int) and s > 0 for s in own) or max(own) != size:
+        raise BundleError(f"{origin}: the ensemble members' input sizes {own} do not fit its input size {size}")
 
 
 def backbone_names(args: dict) -> list:

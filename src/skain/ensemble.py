@@ -2,22 +2,26 @@
 averages the members' probabilities (`model.EnsembleNet`), so prediction, serving, ONNX export, Grad-CAM and the
 trust layer use it as they use one model.
 
-Members must agree on the classes and the preprocessing (input size, resize, mean, std); otherwise they are
-refused with the difference named. Their metadata encoders may differ (each fold fits age statistics and the
-sex/site vocabularies on its own training split): the ensemble then takes age in years and the union of the
-vocabularies, and turns them into each member's own inputs inside the network (`EnsembleNet`), so every member
-sees exactly what its own encoder would have given it. The one exception: a missing age is filled with one median
-(member 0's; a warning says so when the members' medians differ).
+Members must agree on the classes and the preprocessing (mean, std, and the field of view: input size / resize);
+otherwise they are refused with the difference named. Their input sizes may differ (Lite0 at 224 px with Lite2 at
+260 px): the ensemble takes the largest member's input and resizes it for the others inside the network. Their
+metadata encoders may differ (each fold fits age statistics and the sex/site vocabularies on its own training
+split): the ensemble then takes age in years and the union of the vocabularies, and turns them into each member's
+own inputs inside the network (`EnsembleNet`), so every member sees exactly what its own encoder would have given
+it. The one exception: a missing age is filled with one median (member 0's; a warning says so when the members'
+medians differ).
 
 Trust layer. A k-fold ensemble has no image that none of its members trained on, so its temperature and triage
 threshold are fit on out-of-fold logits: every image scored only by the member that did not train on it. They
 come from `--oof CSV`, else `<common parent of the runs>/oof_predictions.csv` (what `skain train --all-folds`
-writes), else the members' own validation splits are predicted now (needs each run's data, config.json and
-split.csv). These are single members' held-out predictions applied to the averaged one; averaging usually makes
-probabilities a little less confident, so `skain calibrate` on a held-out folder is the exact alternative. The
-"held-out" figures are cross-fitted between two groups of folds. The OOD check combines the members' own scorers
-(each fit on its own training split, threshold on its own validation split): the mean of their scores, each in
-units of its own threshold (`trust.ood.EnsembleScorer`).
+writes), else, for the folds of several k-fold runs on one split (a Lite0 and a Lite2 run), the average of the
+runs' oof_predictions.csv (each image by every member that did not train on it), else the members' own validation
+splits are predicted now (needs each run's data, config.json and split.csv). Except in the averaged case these are
+single members' held-out predictions applied to the averaged one; averaging usually makes probabilities a little
+less confident, so `skain calibrate` on a held-out folder is the exact alternative. The "held-out" figures are
+cross-fitted between two groups of folds. The OOD check combines the members' own scorers (each fit on its own
+training split, threshold on its own validation split): the mean of their scores, each in units of its own
+threshold (`trust.ood.EnsembleScorer`).
 """
 from __future__ import annotations
 
@@ -76,15 +80,42 @@ def check_compatible(members: list[Member]) -> None:
     """Everything the ensemble shares must agree; the message names the run and the difference."""
     ref = members[0]
     for m in members[1:]:
-        for key, what in (("classes", "class names"), ("preprocess", PREPROCESS_WHAT)):
-            if m.bundle[key] != ref.bundle[key]:
-                raise BundleError(f"cannot ensemble {m.path} with {ref.path}: their {what} differ: "
-                                  f"{_difference(ref.bundle[key], m.bundle[key])}")
+        if m.bundle["classes"] != ref.bundle["classes"]:
+            raise BundleError(f"cannot ensemble {m.path} with {ref.path}: their class names differ: "
+                              f"{_difference(ref.bundle['classes'], m.bundle['classes'])}")
+        why = preprocess_difference(ref.bundle["preprocess"], m.bundle["preprocess"])
+        if why:
+            raise BundleError(f"cannot ensemble {m.path} with {ref.path}: their {PREPROCESS_WHAT} differ: {why}")
         for vocab in ("sex_vocab", "site_vocab"):
             if m.bundle["encoder"][vocab][:1] != ref.bundle["encoder"][vocab][:1]:
                 raise BundleError(f"cannot ensemble {m.path} with {ref.path}: their metadata encoders differ "
                                   f"({vocab} starts with {m.bundle['encoder'][vocab][:1]} instead of "
                                   f"{ref.bundle['encoder'][vocab][:1]}: index 0 must be the same `unknown`)")
+
+
+FIELD_OF_VIEW_TOLERANCE = 0.01  # relative; Lite0 224/256 = 0.875, Lite1 240/274 = 0.876, Lite2 260/297 = 0.875
+
+
+def preprocess_difference(a: dict, b: dict) -> str:
+    """Why two members cannot share one preprocessing ("" when they can). Input sizes may differ when the field
+    of view (input_size / resize, the centre crop's share of the resized image) is the same: the ensemble then
+    takes the largest member's input and resizes it for the others inside the network (EnsembleBackbone)."""
+    if a == b:
+        return ""
+    rest = _difference({k: v for k, v in a.items() if k not in SIZE_KEYS},
+                       {k: v for k, v in b.items() if k not in SIZE_KEYS})
+    if rest:
+        return rest
+    if a.get("input_size") == b.get("input_size"):
+        return _difference(a, b)
+    view = [float(p["input_size"]) / float(p["resize"]) for p in (a, b)]
+    if abs(view[0] - view[1]) <= FIELD_OF_VIEW_TOLERANCE * view[0]:
+        return ""
+    return (f"{_difference(a, b)} (members of different input sizes need the same field of view, input_size / "
+            f"resize: {view[0]:.3f} vs {view[1]:.3f})")
+
+
+SIZE_KEYS = ("input_size", "resize")
 
 
 def _difference(a, b) -> str:
@@ -128,11 +159,20 @@ def combine(members: list[Member]) -> tuple[EnsembleNet, dict, dict]:
     encoder, maps = shared_encoder(members)
     nets = [load_model(m.bundle) for m in members]
     args = [dict(m.bundle["model_args"]) for m in members]
+    sizes = [int(m.bundle["preprocess"]["input_size"]) for m in members]
+    if len(set(sizes)) > 1:  # each member is fed its own input size (EnsembleBackbone)
+        args = [{**a, "input_size": size} for a, size in zip(args, sizes)]
     backbones = sorted({a["backbone"] for a in args})
     model_args = {"ensemble": args, "backbone": f"ensemble of {len(args)}: {', '.join(backbones)}",
                   "num_classes": args[0]["num_classes"], "image_only": all(a.get("image_only") for a in args),
                   "n_sex": len(encoder["sex_vocab"]), "n_site": len(encoder["site_vocab"])}
-    return EnsembleNet(nets, **maps).eval(), model_args, encoder
+    own_sizes = [a.get("input_size") for a in args]
+    return EnsembleNet(nets, **maps, input_sizes=own_sizes).eval(), model_args, encoder
+
+
+def shared_preprocess(members: list[Member]) -> dict:
+    """The ensemble's preprocessing: the largest member's (the others resize its input inside the network)."""
+    return dict(max((m.bundle["preprocess"] for m in members), key=lambda p: int(p["input_size"])))
 
 
 # ----------------------------------------------------------------------------- out-of-fold logits
@@ -160,6 +200,8 @@ def predict_own_validation(members: list[Member], cache_dir: str | Path | None, 
         frame, _, val_idx, cfg = folder_split(m.path.parent)
         val = frame.iloc[val_idx]
         val = val[~val["image_id"].isin(seen)]  # overlapping validation splits: one member per image
+        if val.empty:  # e.g. two runs on the same fold: the first member already scored them
+            continue
         seen |= set(val["image_id"])
         loader = ImageLoader(cfg["preprocess"]["resize"], cache_dir)
         out = extract(load_model(m.bundle).to(device), m.bundle, val, loader, device)
@@ -178,12 +220,38 @@ def oof_logits(members: list[Member], oof: str | Path | None, cache_dir: str | P
         return read_oof(path, classes), str(path)
     if oof:
         raise FileNotFoundError(f"no out-of-fold predictions at {oof}")
+    per_run = sorted({m.path.parent.parent / OOF_NAME for m in members}, key=str)  # <run>/fold<k>/best_model.pt
+    if len(per_run) > 1 and all(f.is_file() for f in per_run):
+        return averaged_oof(per_run, classes), f"the average of {', '.join(map(str, per_run))}"
     try:
         return predict_own_validation(members, cache_dir, device), "the members' own validation splits"
     except (FileNotFoundError, KeyError, ValueError) as exc:
         log.warning("no out-of-fold predictions (%s): the ensemble keeps T = 1 and no triage threshold; fit them "
                     "with `skain calibrate` on a held-out folder", exc)
         return None, f"none ({exc})"
+
+
+def averaged_oof(paths: list[Path], classes: list[str]) -> pd.DataFrame:
+    """Several k-fold runs on the same split (e.g. a Lite0 and a Lite2 `--all-folds` run): each image's held-out
+    prediction is the mean probability of the runs' members that did not train on it, as log-probabilities,
+    which is what the ensemble of all their folds predicts for it minus the members that saw it."""
+    frames = [read_oof(p, classes).set_index("image_id") for p in paths]
+    ref = frames[0]
+    for path, other in zip(paths[1:], frames[1:]):
+        if set(other.index) != set(ref.index):
+            raise ValueError(f"{path} and {paths[0]} score different images ({len(other)} vs {len(ref)}): "
+                             "runs on different data cannot share out-of-fold predictions")
+        other = other.loc[ref.index]
+        if not (other["fold"].to_numpy() == ref["fold"].to_numpy()).all():
+            raise ValueError(f"{path} and {paths[0]} put the same images in different folds: they were not "
+                             "trained on the same split (same data and --split-seed), so no image is held out "
+                             "from both runs' members")
+    cols = [f"logit_{c}" for c in classes]
+    logp = np.stack([torch.from_numpy(f.loc[ref.index, cols].to_numpy(np.float64)).log_softmax(1).numpy()
+                     for f in frames])
+    top = logp.max(0)
+    mean = top + np.log(np.exp(logp - top).mean(0))
+    return ref[["label", "fold"]].reset_index().assign(**{c: mean[:, j] for j, c in enumerate(cols)})
 
 
 def _common_parent(folders: list[Path]) -> Path:
@@ -213,6 +281,12 @@ def ensemble_ood(members: list[Member], widths: list[int]) -> dict | None:
             "probe_detection_members_mean": _mean_dicts([o.get("probe_detection") or {} for o in oods])}
 
 
+def _fit_on(source: str) -> str:
+    if source.startswith("the average of"):
+        return "the runs' averaged out-of-fold predictions (each image by the members that did not train on it)"
+    return "single members' out-of-fold predictions"
+
+
 def _mean_dicts(dicts: list[dict]) -> dict:
     keys = set.intersection(*(set(d) for d in dicts)) if dicts else set()
     return {k: float(np.mean([d[k] for d in dicts])) for k in sorted(keys)}
@@ -233,14 +307,20 @@ def fit_trust_oof(bundle: dict, oof: pd.DataFrame | None, source: str, ood: dict
         t, calib = calibration_part(va, held, settings)
         triage = triage_part(apply_temperature(va.logits, t), va.labels, classes, held, settings)
         figures |= {"validation_images": int(len(oof)), "calibration": calib, "triage": triage,
-                    "held_out_method": "out-of-fold (each image scored by the member that did not train on it), "
+                    "held_out_method": "out-of-fold (each image scored by the member(s) that did not train on it), "
                                        "cross-fitted over two groups of folds" if parts else "none (one fold)"}
     bundle["trust"] = {"version": 1, "temperature": t, "ood": ood or {}, "triage": triage, "figures": figures}
     bundle["model_card"] = build_card(bundle, figures)
     bundle["model_card"]["limitations"].append(
         f"An ensemble of {len(bundle['model_args']['ensemble'])} networks (averaged probabilities). Its temperature "
-        "and triage threshold were fit on single members' out-of-fold predictions and its OOD check averages the "
-        "members' own; no image is held out from every member, so its own accuracy is not measured.")
+        f"and triage threshold were fit on {_fit_on(source)} and its OOD check averages the members' own; no image "
+        "is held out from every member, so its own accuracy is not measured.")
+    sizes = sorted({a["input_size"] for a in bundle["model_args"]["ensemble"] if "input_size" in a})
+    if sizes:
+        bundle["model_card"]["limitations"].append(
+            f"Its members were trained at {', '.join(map(str, sizes))} px; all take the "
+            f"{bundle['preprocess']['input_size']} px input, resized inside the network for the smaller ones "
+            "(bilinear), which moves their probabilities a little against their own preprocessing.")
     return figures, va
 
 
@@ -254,7 +334,7 @@ def build_ensemble(runs: list[str | Path], output: str | Path, oof: str | Path |
     model, model_args, encoder = combine(members)
     oof_frame, source = oof_logits(members, oof, cache_dir, resolve_device(device))
     metrics = _oof_metrics(oof_frame, list(members[0].bundle["classes"]), source)
-    bundle = make_bundle(model, model_args, members[0].bundle["preprocess"], MetadataEncoder.from_state(encoder),
+    bundle = make_bundle(model, model_args, shared_preprocess(members), MetadataEncoder.from_state(encoder),
                          members[0].bundle["classes"], metrics, training=_training(members))
     figures, va = fit_trust_oof(bundle, oof_frame, source, ensemble_ood(members, model.backbone.widths), s)
     check_bundle(bundle, str(out / BUNDLE_NAME))  # what is written passes the checks a reader applies

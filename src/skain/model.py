@@ -83,7 +83,8 @@ def build_model(args: dict[str, Any]) -> SkainNet | EnsembleNet:
     if "ensemble" in args:
         n = len(args["ensemble"])
         return EnsembleNet([SkainNet(**member) for member in args["ensemble"]], None,
-                           [[0] * int(args["n_sex"])] * n, [[0] * int(args["n_site"])] * n)
+                           [[0] * int(args["n_sex"])] * n, [[0] * int(args["n_site"])] * n,
+                           [member.get("input_size") for member in args["ensemble"]])
     return SkainNet(**args)
 
 
@@ -92,16 +93,30 @@ class EnsembleBackbone(nn.Module):
 
     It is the ensemble's `backbone`, so whatever reads a model's backbone (the OOD feature tap, the ONNX export's
     feature output, `model.backbone(images)`) sees all members' features at once; `widths` says which columns
-    belong to which member."""
+    belong to which member.
 
-    def __init__(self, parts: list[nn.Module]):
+    Members trained at different input sizes (e.g. Lite0 at 224 px and Lite2 at 260 px, with the same field of
+    view) take the ensemble's input, the largest member's, resized to their own `sizes[i]` here (bilinear, no
+    antialiasing: a plain ONNX Resize that every graph runtime runs; at these ratios the result is closer to the
+    member's own preprocessing than a 1-pixel change of its resize, measured in the README)."""
+
+    def __init__(self, parts: list[nn.Module], sizes: list[int | None] | None = None):
         super().__init__()
         self.parts = nn.ModuleList(parts)
         self.widths = [int(p.num_features) for p in parts]
         self.num_features = sum(self.widths)
+        sizes = list(sizes) if sizes else [None] * len(parts)
+        largest = max((int(s) for s in sizes if s is not None), default=None)
+        self.sizes = [None if s is None or int(s) == largest else int(s) for s in sizes]
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return torch.cat([part(image) for part in self.parts], dim=1)
+        return torch.cat([part(self._sized(image, size)) for part, size in zip(self.parts, self.sizes)], dim=1)
+
+    @staticmethod
+    def _sized(image: torch.Tensor, size: int | None) -> torch.Tensor:
+        if size is None:
+            return image
+        return nn.functional.interpolate(image, size=(size, size), mode="bilinear", align_corners=False)
 
 
 class EnsembleNet(nn.Module):
@@ -117,10 +132,12 @@ class EnsembleNet(nn.Module):
     gets its own view of the ensemble's metadata inputs: `age_affine[i] = (scale, shift)` turns the ensemble's
     age into member i's normalised age, and `sex_map[i]` / `site_map[i]` turn an index into the ensemble's
     (union) vocabulary into member i's index (0, `unknown`, for a value it never saw, as its own encoder does).
-    All are identities when the members agree."""
+    All are identities when the members agree. `input_sizes[i]`: member i's own input size where the members'
+    differ (see EnsembleBackbone)."""
 
     def __init__(self, members: list[SkainNet], age_affine: list[tuple[float, float]] | None = None,
-                 sex_map: list[list[int]] | None = None, site_map: list[list[int]] | None = None):
+                 sex_map: list[list[int]] | None = None, site_map: list[list[int]] | None = None,
+                 input_sizes: list[int | None] | None = None):
         super().__init__()
         if not members:
             raise ValueError("an ensemble needs at least one member")
@@ -133,7 +150,7 @@ class EnsembleNet(nn.Module):
         for member in members:
             backbones.append(member.backbone)
             member.backbone = nn.Identity()
-        self.backbone = EnsembleBackbone(backbones)
+        self.backbone = EnsembleBackbone(backbones, input_sizes)
         self.members = nn.ModuleList(members)
 
     def forward(self, image: torch.Tensor, age: torch.Tensor, sex: torch.Tensor, site: torch.Tensor) -> torch.Tensor:
