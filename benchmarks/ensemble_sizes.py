@@ -4,8 +4,9 @@ For each test fold k of two k-fold runs on one split (e.g. Lite0 @ 224 and Lite2
 build `skain ensemble --runs A/fold<k> B/fold<k>` (the smaller member gets the largest member's input resized
 inside the network) and score fold k's test images through it (single view, `Predictor`), against the mean of the
 two members' softmax of their stored test logits, each member on its own preprocessing (what `skain cv-report`
-scores). The bundle's probabilities are calibrated (temperature), so compare its AUC loosely; arg-max decisions
-are untouched by the temperature.
+scores). The bundle's probabilities are calibrated, with a temperature fit on out-of-fold rows that include fold
+k's test images, so its AUC is not independent of them; arg-max decisions (balanced accuracy) are untouched by
+the temperature.
 
     python benchmarks/ensemble_sizes.py --runs LITE0_RUN LITE2_RUN --data ../shared/ham10000 \\
         --work /tmp/ens_sizes [--folds 0 1 2 3 4] [--floor]

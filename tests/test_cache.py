@@ -172,3 +172,15 @@ def test_cache_info_and_clear(tmp_path, capsys, monkeypatch):
     assert entries(folder) == [] and keep.exists()  # only the cache's own files are deleted
     monkeypatch.setenv("SKAIN_CACHE", str(tmp_path / "env"))
     assert main(["cache", "info"]) == 0 and str(tmp_path / "env") in capsys.readouterr().out
+
+
+def test_off_means_no_cache_not_a_folder_named_off(tmp_path, monkeypatch):
+    """"off" turns the cache off wherever a cache folder is taken (as on the command line), instead of creating
+    ./off full of resized images."""
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "lesion.png"
+    Image.new("RGB", (80, 60), (120, 80, 60)).save(path)
+    loader = ImageLoader(64, "off")
+    assert loader.cache is None and loader.cache_dir is None
+    assert loader(path).shape[0] == 64 and loader(path).shape[0] == 64
+    assert not (tmp_path / "off").exists() and loader.hits == 0

@@ -319,6 +319,14 @@ def test_runs_on_one_split_share_their_averaged_out_of_fold_predictions(folds, t
     bundle = read_bundle(build_ensemble(runs, tmp_path / "ens"))
     assert bundle["trust"]["figures"]["out_of_fold_source"].startswith("the average of")
     assert bundle["trust"]["figures"]["validation_images"] == len(oof)
+    assert "did not train on each image, averaged" in bundle["metrics"]["source"]
+    # Only fold 0's members: only fold 0's rows (the other fold was scored by networks outside the ensemble).
+    one_fold = read_bundle(build_ensemble([runs[0], runs[2]], tmp_path / "fold0"))
+    assert one_fold["trust"]["figures"]["validation_images"] == int((oof["fold"] == 0).sum()) < len(oof)
+    other.assign(dx=np.where(other["dx"] == "nv", "mel", other["dx"])).to_csv(tmp_path / "run_b" / OOF_NAME,
+                                                                            index=False)
+    with pytest.raises(ValueError, match="different diagnoses"):
+        build_ensemble(runs, tmp_path / "ens_labels")
     other.assign(fold=1 - other["fold"]).to_csv(tmp_path / "run_b" / OOF_NAME, index=False)
     with pytest.raises(ValueError, match="not trained on the same split"):
         build_ensemble(runs, tmp_path / "ens2")

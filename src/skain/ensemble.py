@@ -217,18 +217,43 @@ def oof_logits(members: list[Member], oof: str | Path | None, cache_dir: str | P
     classes = list(members[0].bundle["classes"])
     path = Path(oof) if oof else _common_parent([m.path.parent for m in members]) / OOF_NAME
     if path.is_file():
-        return read_oof(path, classes), str(path)
+        return only_folds(read_oof(path, classes), member_folds(members), path), str(path)
     if oof:
         raise FileNotFoundError(f"no out-of-fold predictions at {oof}")
-    per_run = sorted({m.path.parent.parent / OOF_NAME for m in members}, key=str)  # <run>/fold<k>/best_model.pt
+    runs: dict[Path, list[Member]] = {}
+    for m in members:  # <run>/fold<k>/best_model.pt
+        runs.setdefault(m.path.parent.parent, []).append(m)
+    per_run = sorted((r / OOF_NAME for r in runs), key=str)
     if len(per_run) > 1 and all(f.is_file() for f in per_run):
-        return averaged_oof(per_run, classes), f"the average of {', '.join(map(str, per_run))}"
+        folds = [member_folds(group) for group in runs.values()]
+        shared = None if None in folds else set.intersection(*folds)  # folds every run has a member of
+        return (only_folds(averaged_oof(per_run, classes), shared, per_run[0]),
+                f"the average of {', '.join(map(str, per_run))}")
     try:
         return predict_own_validation(members, cache_dir, device), "the members' own validation splits"
     except (FileNotFoundError, KeyError, ValueError) as exc:
         log.warning("no out-of-fold predictions (%s): the ensemble keeps T = 1 and no triage threshold; fit them "
                     "with `skain calibrate` on a held-out folder", exc)
         return None, f"none ({exc})"
+
+
+def member_folds(members: list[Member]) -> set | None:
+    """The folds whose held-out images the members did not train on (None when a member does not say)."""
+    folds = [m.bundle.get("training", {}).get("fold") for m in members]
+    return None if any(f is None for f in folds) else set(folds)
+
+
+def only_folds(oof: pd.DataFrame, folds: set | None, path: Path) -> pd.DataFrame:
+    """Out-of-fold rows of the ensemble's own folds: a fold none of its members held out was scored by a network
+    that is not in the ensemble (e.g. one fold's members of two k-fold runs)."""
+    if folds is None:
+        return oof
+    keep = oof["fold"].isin(folds)
+    if not keep.any():
+        log.warning("%s: no row has one of the members' folds (%s); using all its rows", path,
+                    ", ".join(map(str, sorted(folds, key=str))))
+        return oof
+    return oof[keep].reset_index(drop=True)
 
 
 def averaged_oof(paths: list[Path], classes: list[str]) -> pd.DataFrame:
@@ -239,9 +264,11 @@ def averaged_oof(paths: list[Path], classes: list[str]) -> pd.DataFrame:
     ref = frames[0]
     for path, other in zip(paths[1:], frames[1:]):
         if set(other.index) != set(ref.index):
-            raise ValueError(f"{path} and {paths[0]} score different images ({len(other)} vs {len(ref)}): "
-                             "runs on different data cannot share out-of-fold predictions")
+            raise ValueError(f"{path} and {paths[0]} score different images ({len(set(other.index) - set(ref.index))} "
+                             "only in the first): runs on different data cannot share out-of-fold predictions")
         other = other.loc[ref.index]
+        if not (other["label"].to_numpy() == ref["label"].to_numpy()).all():
+            raise ValueError(f"{path} and {paths[0]} give some images different diagnoses")
         if not (other["fold"].to_numpy() == ref["fold"].to_numpy()).all():
             raise ValueError(f"{path} and {paths[0]} put the same images in different folds: they were not "
                              "trained on the same split (same data and --split-seed), so no image is held out "
@@ -281,10 +308,16 @@ def ensemble_ood(members: list[Member], widths: list[int]) -> dict | None:
             "probe_detection_members_mean": _mean_dicts([o.get("probe_detection") or {} for o in oods])}
 
 
-def _fit_on(source: str) -> str:
+def _scored_by(source: str) -> str:
     if source.startswith("the average of"):
-        return "the runs' averaged out-of-fold predictions (each image by the members that did not train on it)"
-    return "single members' out-of-fold predictions"
+        return "the members that did not train on each image, averaged"
+    return "single members"
+
+
+def _fit_on(source: str) -> str:
+    if source.startswith("none"):
+        return "nothing (no out-of-fold predictions: T = 1, no triage threshold)"
+    return f"out-of-fold predictions of {_scored_by(source)}"
 
 
 def _mean_dicts(dicts: list[dict]) -> dict:
@@ -352,7 +385,7 @@ def _oof_metrics(oof: pd.DataFrame | None, classes: list[str], source: str) -> d
         return {"note": "no out-of-fold predictions: no figure measured on held-out lesions"}
     probs = torch.from_numpy(oof[[f"logit_{c}" for c in classes]].to_numpy(np.float64)).softmax(1).numpy()
     return {**classification_metrics(oof["label"].to_numpy(int), probs, classes),
-            "source": f"out-of-fold predictions of single members ({source}); the ensemble itself has no "
+            "source": f"out-of-fold predictions of {_scored_by(source)} ({source}); the ensemble itself has no "
                       "held-out images"}
 
 

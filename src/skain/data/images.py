@@ -124,7 +124,8 @@ class ImageLoader:
     def __init__(self, short_side: int, cache_dir: str | Path | None = None, max_bytes: int | None = None):
         from .cache import ImageCache
         self.short_side = short_side
-        self.cache = ImageCache(cache_dir, max_bytes) if cache_dir else None
+        off = cache_dir is None or str(cache_dir) in ("", "off")  # "off" as on the command line, never a folder
+        self.cache = None if off else ImageCache(cache_dir, max_bytes)
         self.hits = 0
         self.misses = 0
 
