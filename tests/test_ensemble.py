@@ -330,3 +330,18 @@ def test_runs_on_one_split_share_their_averaged_out_of_fold_predictions(folds, t
     other.assign(fold=1 - other["fold"]).to_csv(tmp_path / "run_b" / OOF_NAME, index=False)
     with pytest.raises(ValueError, match="not trained on the same split"):
         build_ensemble(runs, tmp_path / "ens2")
+
+
+def test_members_sharing_a_validation_split_are_averaged_on_it(folds, wide):
+    """Two runs on the same fold and no oof_predictions.csv: every validation image once, with the mean of both
+    members' probabilities (what the ensemble of the two predicts for it), not the first member's alone."""
+    from skain.ensemble import predict_own_validation, read_members
+    members = read_members([folds[0], wide])
+    got = predict_own_validation(members, None, torch.device("cpu"))
+    alone = [predict_own_validation([m], None, torch.device("cpu")).set_index("image_id") for m in members]
+    assert len(got) == len(alone[0]) == len(alone[1]) and not got["image_id"].duplicated().any()
+    cols = [f"logit_{c}" for c in CLASSES]
+    probs = [torch.from_numpy(a.loc[got["image_id"], cols].to_numpy(np.float64)).softmax(1).numpy() for a in alone]
+    assert not np.allclose(probs[0], probs[1], atol=1e-3)
+    np.testing.assert_allclose(np.exp(got[cols].to_numpy()), np.mean(probs, 0), atol=1e-9)
+    assert (got["label"].to_numpy() == alone[0].loc[got["image_id"], "label"].to_numpy()).all()

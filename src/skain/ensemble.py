@@ -16,7 +16,8 @@ threshold are fit on out-of-fold logits: every image scored only by the member t
 come from `--oof CSV`, else `<common parent of the runs>/oof_predictions.csv` (what `skain train --all-folds`
 writes), else, for the folds of several k-fold runs on one split (a Lite0 and a Lite2 run), the average of the
 runs' oof_predictions.csv (each image by every member that did not train on it), else the members' own validation
-splits are predicted now (needs each run's data, config.json and split.csv). Except in the averaged case these are
+splits are predicted now (needs each run's data, config.json and split.csv; an image in several of them gets the
+members' mean). Except in the averaged case these are
 single members' held-out predictions applied to the averaged one; averaging usually makes probabilities a little
 less confident, so `skain calibrate` on a held-out folder is the exact alternative. The "held-out" figures are
 cross-fitted between two groups of folds. The OOD check combines the members' own scorers (each fit on its own
@@ -194,21 +195,31 @@ def read_oof(path: str | Path, classes: list[str]) -> pd.DataFrame:
 
 
 def predict_own_validation(members: list[Member], cache_dir: str | Path | None, device: torch.device) -> pd.DataFrame:
-    """Each member's logits on its own run's validation split (from config.json and split.csv)."""
-    classes, parts, seen = list(members[0].bundle["classes"]), [], set()
+    """Each member's logits on its own run's validation split (from config.json and split.csv). An image in
+    several members' validation splits (e.g. two runs on one fold) gets the mean of their probabilities, as the
+    ensemble of the members that did not train on it predicts it."""
+    classes, parts = list(members[0].bundle["classes"]), []
     for m in members:
         frame, _, val_idx, cfg = folder_split(m.path.parent)
         val = frame.iloc[val_idx]
-        val = val[~val["image_id"].isin(seen)]  # overlapping validation splits: one member per image
-        if val.empty:  # e.g. two runs on the same fold: the first member already scored them
-            continue
-        seen |= set(val["image_id"])
         loader = ImageLoader(cfg["preprocess"]["resize"], cache_dir)
         out = extract(load_model(m.bundle).to(device), m.bundle, val, loader, device)
         parts.append(pd.DataFrame({"image_id": val["image_id"].to_numpy(), "label": out.labels,
                                    "fold": cfg["data"].get("fold", len(parts))})
                      .assign(**{f"logit_{c}": out.logits[:, j] for j, c in enumerate(classes)}))
-    return pd.concat(parts, ignore_index=True)
+    return mean_per_image(pd.concat(parts, ignore_index=True), classes)
+
+
+def mean_per_image(rows: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
+    """Rows of the same image -> one row: the log of their mean softmax (label and fold of the first)."""
+    if not rows["image_id"].duplicated().any():
+        return rows
+    cols = [f"logit_{c}" for c in classes]
+    probs = torch.from_numpy(rows[cols].to_numpy(np.float64)).softmax(1).numpy()
+    mean = pd.DataFrame(probs, columns=cols).groupby(rows["image_id"].to_numpy(), sort=False).mean()
+    first = rows.groupby("image_id", sort=False)[["label", "fold"]].first()
+    return first.assign(**{c: np.log(np.clip(mean.loc[first.index, c].to_numpy(), 1e-300, None)) for c in cols}
+                        ).rename_axis("image_id").reset_index()
 
 
 def oof_logits(members: list[Member], oof: str | Path | None, cache_dir: str | Path | None,
