@@ -17,9 +17,9 @@ come from `--oof CSV`, else `<common parent of the runs>/oof_predictions.csv` (w
 writes), else, for the folds of several k-fold runs on one split (a Lite0 and a Lite2 run), the average of the
 runs' oof_predictions.csv (each image by every member that did not train on it), else the members' own validation
 splits are predicted now (needs each run's data, config.json and split.csv; an image in several of them gets the
-members' mean). Except in the averaged case these are
-single members' held-out predictions applied to the averaged one; averaging usually makes probabilities a little
-less confident, so `skain calibrate` on a held-out folder is the exact alternative. The "held-out" figures are
+members' mean). Except in the averaged cases these are single members' held-out predictions applied to the
+averaged one; averaging usually makes probabilities a little less confident, so `skain calibrate` on a held-out
+folder is the exact alternative. The "held-out" figures are
 cross-fitted between two groups of folds. The OOD check combines the members' own scorers (each fit on its own
 training split, threshold on its own validation split): the mean of their scores, each in units of its own
 threshold (`trust.ood.EnsembleScorer`).
@@ -275,8 +275,8 @@ def averaged_oof(paths: list[Path], classes: list[str]) -> pd.DataFrame:
     ref = frames[0]
     for path, other in zip(paths[1:], frames[1:]):
         if set(other.index) != set(ref.index):
-            raise ValueError(f"{path} and {paths[0]} score different images ({len(set(other.index) - set(ref.index))} "
-                             "only in the first): runs on different data cannot share out-of-fold predictions")
+            raise ValueError(f"{path} and {paths[0]} score different images ({len(set(other.index) ^ set(ref.index))} "
+                             "in only one of them): runs on different data cannot share out-of-fold predictions")
         other = other.loc[ref.index]
         if not (other["label"].to_numpy() == ref["label"].to_numpy()).all():
             raise ValueError(f"{path} and {paths[0]} give some images different diagnoses")
@@ -284,12 +284,7 @@ def averaged_oof(paths: list[Path], classes: list[str]) -> pd.DataFrame:
             raise ValueError(f"{path} and {paths[0]} put the same images in different folds: they were not "
                              "trained on the same split (same data and --split-seed), so no image is held out "
                              "from both runs' members")
-    cols = [f"logit_{c}" for c in classes]
-    logp = np.stack([torch.from_numpy(f.loc[ref.index, cols].to_numpy(np.float64)).log_softmax(1).numpy()
-                     for f in frames])
-    top = logp.max(0)
-    mean = top + np.log(np.exp(logp - top).mean(0))
-    return ref[["label", "fold"]].reset_index().assign(**{c: mean[:, j] for j, c in enumerate(cols)})
+    return mean_per_image(pd.concat([f.loc[ref.index].reset_index() for f in frames], ignore_index=True), classes)
 
 
 def _common_parent(folders: list[Path]) -> Path:
