@@ -9,7 +9,8 @@ preset on all of HAM10000, its accuracy on test folds that chose nothing, and th
 Rows are `skain cv-report` figures (skain.crossval.variant_row: mean +- std over the test folds, by arg-max and by
 the nested prior-adjusted decision rule) for metadata present / all blank, single view and 8 TTA views.
 `--ensemble-with` adds the same variants for the average of this run and other k-fold runs on the same split
-(e.g. the GPU runs of benchmarks/gpu/cv_pair.sh); give it more than once for several ensembles. `--against` adds
+(e.g. the GPU runs of benchmarks/gpu/cv_pair.sh), each ensemble paired per test fold against each of its members;
+give it more than once for several ensembles. `--against` adds
 this run minus another k-fold run on the same split (or the result JSON written for it), per test fold
 (skain.crossval.paired_diff, as `skain cv-report --image-only` pairs its rows). Several --time-log files (an
 interrupted run resumed) are summed.
@@ -47,6 +48,14 @@ def rows(runs: list[Path]) -> dict:
     return {v: variant_row(runs, v) for v in VARIANTS}
 
 
+def minus(a: dict, b: dict) -> dict:
+    """Rows a - b per test fold (same split): balanced accuracy and melanoma recall by arg-max and by the rule,
+    with the folds not worse, and macro AUC."""
+    return {v: {**paired_diff(a[v], b[v]),
+                "macro_auc": [round(x - y, 4) for x, y in zip(a[v]["macro_auc"]["folds"], b[v]["macro_auc"]["folds"])]}
+            for v in VARIANTS}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True, type=Path, help="the k-fold output (fold<k>/ folders)")
@@ -66,15 +75,19 @@ def main() -> None:
                                   "cpu_minutes": round((total["user_s"] + total["sys_s"]) / 60, 1),
                                   "kernel_share": round(total["sys_s"] / (total["user_s"] + total["sys_s"]), 3),
                                   "logs": [str(p) for p in a.time_log]}
-    result["ensembles"] = [{"runs": [str(a.run), *map(str, group)], "rows": rows([a.run, *group])}
-                           for group in a.ensemble_with]
+    member_rows = {str(a.run): result["rows"]}
+    result["ensembles"] = []
+    for group in a.ensemble_with:
+        ensemble = rows([a.run, *group])
+        member_rows.update({str(g): rows([g]) for g in group if str(g) not in member_rows})
+        result["ensembles"].append({
+            "runs": [str(a.run), *map(str, group)], "rows": ensemble,
+            "ensemble_minus_member_per_fold": {m: minus(ensemble, member_rows[m])
+                                               for m in [str(a.run), *map(str, group)]}})
     if a.against:
         other = json.loads(a.against.read_text())["rows"] if a.against.is_file() else rows([a.against])
-        result["against"] = {"run": str(a.against), "rows": other, "this_minus_other_per_fold": {
-            v: {**paired_diff(result["rows"][v], other[v]),
-                "macro_auc": [round(x - y, 4) for x, y in zip(result["rows"][v]["macro_auc"]["folds"],
-                                                              other[v]["macro_auc"]["folds"])]}
-            for v in VARIANTS}}
+        result["against"] = {"run": str(a.against), "rows": other,
+                             "this_minus_other_per_fold": minus(result["rows"], other)}
     a.out.write_text(json.dumps(result, indent=2) + "\n")
     tables = [("this run", result["rows"])] + [(" + ".join(e["runs"]), e["rows"]) for e in result["ensembles"]]
     if a.against:
@@ -86,10 +99,16 @@ def main() -> None:
                   f"rule {r['balanced_accuracy_rule']['mean']:.3f} +- {r['balanced_accuracy_rule']['std']:.3f}  "
                   f"AUC {r['macro_auc']['mean']:.3f}  mel {r['melanoma_recall']['mean']:.3f} / "
                   f"{r['melanoma_recall_rule']['mean']:.3f}")
-    for v, d in (result["against"]["this_minus_other_per_fold"].items() if a.against else []):
-        arg, rule, k = d["balanced_accuracy_argmax"], d["balanced_accuracy_rule"], len(d["macro_auc"])
-        print(f"this - other, {v:14s} BA {arg['mean']:+.3f} ({arg['folds_not_worse']}/{k} folds not worse)  "
-              f"rule {rule['mean']:+.3f} ({rule['folds_not_worse']}/{k})  AUC {sum(d['macro_auc']) / k:+.3f}")
+    diffs = [(f"ensemble {i} - {m}", d) for i, e in enumerate(result["ensembles"])
+             for m, d in e["ensemble_minus_member_per_fold"].items()]
+    if a.against:
+        diffs.append(("this - other", result["against"]["this_minus_other_per_fold"]))
+    for title, diff in diffs:
+        print(f"== {title}")
+        for v, d in diff.items():
+            arg, rule, k = d["balanced_accuracy_argmax"], d["balanced_accuracy_rule"], len(d["macro_auc"])
+            print(f"{v:16s} BA {arg['mean']:+.3f} ({arg['folds_not_worse']}/{k} folds not worse)  "
+                  f"rule {rule['mean']:+.3f} ({rule['folds_not_worse']}/{k})  AUC {sum(d['macro_auc']) / k:+.3f}")
     print(json.dumps({k: result[k] for k in ("training", "process_time") if k in result}))
 
 
