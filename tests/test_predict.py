@@ -209,3 +209,40 @@ def test_variants_on_the_onnx_backend_take_one_pass_each(trained, synth_root):
         np.testing.assert_allclose(got[name]["ood_score"].to_numpy(float), ref[name]["ood_score"].to_numpy(float),
                                    rtol=1e-3)
     assert not np.allclose(got["present"][P_COLS].to_numpy(), got["all_blank"][P_COLS].to_numpy(), atol=1e-6)
+
+
+def test_cpu_batches_are_capped_by_pixels_and_give_the_same_predictions(trained, synth_root, monkeypatch):
+    """On CPU a batch holds at most CPU_PIXELS_PER_BATCH input pixels (64 images at 288 px made buffers that
+    glibc maps and unmaps on every call); batch prediction and the scoring of `skain train` both take the cap,
+    and the predictions do not change."""
+    import torch
+
+    import skain.predict as predict_module
+    from skain.assess import variant_logits
+    from skain.evaluate import trust_variants
+    predictor = Predictor.from_bundle(trained, tta=2)
+    size = predictor.preprocess["input_size"]
+    assert predictor.batch_size(64) == min(64, predict_module.CPU_PIXELS_PER_BATCH // size ** 2)
+    frame = prediction_table(synth_root / "dataset_test")[0].head(12)
+    free = predictor.predict_variants(frame, trust_variants(predictor), batch_size=12, progress=False)
+    free_logits = variant_logits(predictor, frame, trust_variants(predictor), batch_size=12, views=2,
+                                 tta=("present",))
+    monkeypatch.setattr(predict_module, "CPU_PIXELS_PER_BATCH", 5 * size ** 2)
+    assert predictor.batch_size(64) == 5 and predictor.batch_size(3) == 3
+    seen = []
+    hook = predictor.model.backbone.register_forward_hook(lambda _m, inputs, _o: seen.append(len(inputs[0])))
+    capped = predictor.predict_variants(frame, trust_variants(predictor), batch_size=12, progress=False)
+    assert seen == [5, 5, 5, 5, 2, 2]  # 3 batches, 2 views each
+    seen.clear()
+    capped_logits = variant_logits(predictor, frame, trust_variants(predictor), batch_size=12, views=2,
+                                   tta=("present",))
+    hook.remove()
+    assert seen == [5, 5, 5, 5, 2, 2]
+    for name in free:
+        np.testing.assert_allclose(capped[name][P_COLS].to_numpy(), free[name][P_COLS].to_numpy(), atol=1e-5)
+        np.testing.assert_allclose(capped[name]["ood_score"].to_numpy(float), free[name]["ood_score"].to_numpy(float),
+                                   atol=1e-4)
+    for name, z in free_logits.items():
+        np.testing.assert_allclose(capped_logits[name], z, atol=1e-5)
+    predictor.device = torch.device("cuda")  # the cap is for CPU memory only; only the type is read
+    assert predictor.batch_size(64) == 64

@@ -36,7 +36,7 @@ def variant_logits(predictor, frame: pd.DataFrame, variants: dict[str, set[str]]
     `<variant>_tta<views>`; the single-view logits come from the identity view, the first of them."""
     from .data.transforms import tta_views
     dataset = LesionDataset(frame, predictor.encoder, predictor.loader(cache_dir), predictor.transform)
-    loader = DataLoader(dataset, batch_size, shuffle=False, num_workers=num_workers)
+    loader = DataLoader(dataset, predictor.batch_size(batch_size), shuffle=False, num_workers=num_workers)
     tta = tuple(tta) if views > 1 else ()
     res = predict_logits(predictor.model, loader, predictor.device, predictor.dtype, predictor.channels_last,
                          "scoring", progress, (lambda x: tta_views(x, views)) if tta else None,

@@ -68,6 +68,13 @@ class Prediction:
     in_distribution: bool | None = None    # False: "this does not look like a dermoscopic image"
 
 
+# On CPU, at most this many input pixels a batch (64 images at 224 px). 64 images at 288 px made buffers above
+# glibc's 1 GiB mmap threshold (skain.runtime_env), mapped and unmapped on every call: test-fold scoring in
+# `skain train` spent 30% of its CPU time in the kernel, 11.4 M minor page faults for 192 images against 0.4 M
+# with 32 a batch (benchmarks/results/cpu_cv_three.json). Results do not depend on the batch size.
+CPU_PIXELS_PER_BATCH = 64 * 224 * 224
+
+
 class Predictor:
     """Bundle -> probabilities. `precision="fp32"` is the reference; "fast" picks the fastest variant that
     stays within the measured agreement bounds (see `fast_choice`); `backend="onnx"` runs the exported
@@ -136,6 +143,12 @@ class Predictor:
                 "model_card": self.bundle.get("model_card"), "trust": self.trust.summary(),
                 "inference": {"backend": self.backend, "precision": self.precision, "tta": self.tta,
                               "device": self.device.type}}
+
+    def batch_size(self, requested: int) -> int:
+        """`requested`, capped on CPU to CPU_PIXELS_PER_BATCH input pixels a batch (see there)."""
+        if self.device.type != "cpu":
+            return requested
+        return max(1, min(int(requested), CPU_PIXELS_PER_BATCH // int(self.preprocess["input_size"]) ** 2))
 
     def loader(self, cache_dir: str | Path | None = None) -> ImageLoader:
         """The shared decode + resize step at this model's resolution (optionally cached)."""
@@ -211,7 +224,7 @@ class Predictor:
         once for all of them; the exported graph (ONNX backends) takes one pass per variant."""
         frame = _with_meta_columns(frame)
         dataset = LesionDataset(frame, self.encoder, self.loader(cache_dir), self.transform, on_error="skip")
-        loader = DataLoader(dataset, batch_size, shuffle=False, num_workers=num_workers)
+        loader = DataLoader(dataset, self.batch_size(batch_size), shuffle=False, num_workers=num_workers)
         res = self._run(loader, progress, variants)
         order = np.argsort(res["index"])
         ok = res["ok"][order].astype(bool)
