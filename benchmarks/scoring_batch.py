@@ -36,7 +36,8 @@ def measure(model: str, root: Path, images: int, cap: str) -> dict:
     assess(predictor, meta, batch_size=64, cache_dir=None, views=8)
     after = resource.getrusage(resource.RUSAGE_SELF)
     return {"cap": cap, "wall_s": round(time.perf_counter() - t0, 1),
-            "user_s": round(after.ru_utime - before.ru_utime, 1), "sys_s": round(after.ru_stime - before.ru_stime, 1), "minor_faults": after.ru_minflt - before.ru_minflt,
+            "user_s": round(after.ru_utime - before.ru_utime, 1), "sys_s": round(after.ru_stime - before.ru_stime, 1),
+            "minor_faults": after.ru_minflt - before.ru_minflt,
             "batch": predictor.batch_size(64), "input_size": predictor.preprocess["input_size"]}
 
 

@@ -69,9 +69,9 @@ class Prediction:
 
 
 # On CPU, at most this many input pixels a batch (64 images at 224 px). 64 images at 288 px made buffers above
-# glibc's 1 GiB mmap threshold (skain.runtime_env), mapped and unmapped on every call: test-fold scoring in
-# `skain train` spent 30% of its CPU time in the kernel, 11.4 M minor page faults for 192 images against 0.4 M
-# with 32 a batch (benchmarks/results/cpu_cv_three.json). Results do not depend on the batch size.
+# glibc's 1 GiB mmap threshold (skain.runtime_env), mapped and unmapped on every call: the test-fold scoring of
+# a 288 px `skain train` took 426 s instead of 202 s, and 192 images scored with 1.5-8.2 M minor page faults
+# instead of 0.6 M (benchmarks/scoring_batch.py). Results do not depend on the batch size.
 CPU_PIXELS_PER_BATCH = 64 * 224 * 224
 
 
