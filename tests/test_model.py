@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from skain.engine import EarlyStopping, ModelEma, unwrap
+from skain import engine
+from skain.engine import EarlyStopping, ModelEma, amp_dtype, unwrap
 from skain.model import SkainNet
 from skain.train import class_weights, lr_schedule
 from skain.weights import WeightsError, load_pretrained
@@ -135,3 +136,29 @@ def test_pretrained_file_round_trip(tmp_path):
     torch.save(renamed, tmp_path / "renamed.pth")  # same shapes in the same order, other names: refused
     with pytest.raises(WeightsError, match="names do not match"):
         load_pretrained(dst.backbone, "test_efficientnet", str(tmp_path / "renamed.pth"))
+
+
+@pytest.mark.parametrize("amx, expected", [(True, torch.bfloat16), (False, None)])
+def test_cpu_autocast_is_bf16_only_where_amx_makes_it_pay(monkeypatch, amx, expected):
+    """AVX-512-BF16 without AMX trained at 0.56x fp32's speed (benchmarks/results/cpu_amp.json): auto stays fp32."""
+    monkeypatch.setattr(engine, "cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr(engine, "cpu_features", lambda: {"avx512_bf16": True, "amx_bf16": amx, "amx_tile": amx})
+    assert amp_dtype(torch.device("cpu"), "auto") is expected
+    assert amp_dtype(torch.device("cpu"), "bf16") is torch.bfloat16  # asked for by name: always honoured
+    assert amp_dtype(torch.device("cpu"), "off") is None
+
+
+def test_cpu_autocast_needs_onednn_bf16_even_with_amx(monkeypatch):
+    monkeypatch.setattr(engine, "cpu_supports_bf16", lambda: False)
+    monkeypatch.setattr(engine, "cpu_features", lambda: {"amx_bf16": True})
+    assert amp_dtype(torch.device("cpu"), "auto") is None
+
+
+def test_cpu_features_fall_back_to_proc_cpuinfo(monkeypatch, tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx512_bf16 amx_bf16 amx_tile\n\nprocessor\t: 1\n")
+    monkeypatch.delattr(torch._C._cpu, "_get_cpu_capability", raising=False)
+    monkeypatch.setattr(engine, "CPUINFO", str(cpuinfo))
+    assert engine.cpu_features() == {"fpu": True, "avx512_bf16": True, "amx_bf16": True, "amx_tile": True}
+    monkeypatch.setattr(engine, "CPUINFO", str(tmp_path / "absent"))
+    assert engine.cpu_features() == {}

@@ -83,7 +83,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                         "a learnt value (presets: 0.2; 0 disables)")
     t.add_argument("--max-minutes", type=float, help="stop after this much training time")
     t.add_argument("--seed", type=int)
-    t.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"])
+    t.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"],
+                   help="mixed precision; auto: bf16 on CUDA (fp16 on GPUs without bf16) and on CPUs with AMX, "
+                        "else fp32 (off)")
     t.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile the training step (opt-in: 60 s to compile and no gain on 2 CPU cores "
                    "here; untested on GPU)")

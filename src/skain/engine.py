@@ -22,14 +22,38 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def cpu_supports_bf16() -> bool:
+    """oneDNN can run bf16 on this CPU (AVX-512-BF16 or AMX); whether that is faster is `cpu_bf16_pays`."""
     try:
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except Exception:  # older/newer torch without the op
         return False
 
 
+CPUINFO = "/proc/cpuinfo"
+
+
+def cpu_features() -> dict[str, bool]:
+    """The CPU's instruction-set features as PyTorch sees them, else the flags in /proc/cpuinfo (Linux)."""
+    try:
+        return {k: v for k, v in torch._C._cpu._get_cpu_capability().items() if isinstance(v, bool)}
+    except Exception:  # a PyTorch without the private helper
+        try:
+            with open(CPUINFO, encoding="ascii", errors="replace") as f:
+                flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+        except OSError:
+            return {}
+        return {flag: True for flag in flags}
+
+
+def cpu_bf16_pays() -> bool:
+    """bf16 autocast speeds CPU training up only with AMX (Intel Sapphire Rapids and later, when the hypervisor
+    exposes it). With AVX-512-BF16 alone the `cpu` preset's training step ran at 0.56x fp32's speed
+    (benchmarks/results/cpu_amp.json), so `--amp auto` stays in fp32 there; `--amp bf16` still forces it."""
+    return cpu_supports_bf16() and bool(cpu_features().get("amx_bf16"))
+
+
 def amp_dtype(device: torch.device, amp: str = "auto") -> torch.dtype | None:
-    """bf16 where the hardware has it (CUDA Ampere+, AVX-512-BF16 CPUs), fp16 on older CUDA, else none."""
+    """bf16 where it pays (CUDA Ampere+, CPUs with AMX), fp16 on older CUDA, else none (fp32)."""
     if amp == "off":
         return None
     if amp == "bf16":
@@ -38,7 +62,7 @@ def amp_dtype(device: torch.device, amp: str = "auto") -> torch.dtype | None:
         return torch.float16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_supports_bf16() else None
+    return torch.bfloat16 if cpu_bf16_pays() else None
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
