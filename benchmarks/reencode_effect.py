@@ -1,0 +1,113 @@
+"""How much a model's answers move when the same images are saved again in another encoding.
+
+    python benchmarks/reencode_effect.py [--model src/skain/models/ham10000.safetensors]
+        [--data-root ../shared/ham10000] [--folds 10 --fold 0] [--out benchmarks/results/reencode_effect.json]
+
+Takes the validation images of a lesion-grouped split (by default the shipped model's: 10 folds, fold 0, split
+seed 42, 1,002 images it never trained on), writes each one again in every encoding below into a temporary
+folder (never beside the dataset), and predicts every copy through skAIn's own path (`Predictor.predict_frame`:
+decode, resize, crop, the decision rule and the trust layer). For each encoding: balanced accuracy of the decided
+label, the share of decided labels equal to those of the original JPEGs, the mean change of p(melanoma), and the
+out-of-distribution rejection rate.
+
+Encodings: `png` (lossless), `jpeg:Q`, `webp:Q` (Pillow, default chroma subsampling), and `@N` after either
+for the image resized to a shorter side of N px first (skAIn's resize_shorter), as `benchmarks/gpu/pack.py` does
+to fit HAM10000 into one GPU call.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from skain.data.images import open_image, resize_shorter
+from skain.data.schema import CLASSES
+from skain.data.split import lesion_split
+from skain.evaluate import align, evaluate
+from skain.predict import Predictor, prediction_table
+
+ENCODINGS = ["png", "jpeg:90", "jpeg:75", "webp:80", "png@256", "jpeg:90@256", "jpeg:75@256", "webp:80@256",
+             "webp:55@329"]
+
+
+def parse(encoding: str) -> tuple[str, int | None, int | None]:
+    """'webp:55@329' -> ('webp', 55, 329)."""
+    name, _, short = encoding.partition("@")
+    fmt, _, quality = name.partition(":")
+    if fmt not in ("png", "jpeg", "webp") or (fmt != "png") != bool(quality):
+        raise ValueError(f"unknown encoding {encoding!r}: png, jpeg:Q or webp:Q, optionally followed by @N")
+    return fmt, int(quality) if quality else None, int(short) if short else None
+
+
+def reencode(args: tuple[str, str, str]) -> None:
+    """One image in one encoding, decoded again and stored losslessly (PNG) where skAIn can read it."""
+    source, encoding, target = args
+    fmt, quality, short = parse(encoding)
+    img = open_image(source)
+    if short:
+        img = Image.fromarray(resize_shorter(img, short))
+    buf = io.BytesIO()
+    img.save(buf, fmt.upper(), **({"quality": quality} if quality else {}))
+    Image.open(io.BytesIO(buf.getvalue())).convert("RGB").save(target, compress_level=1)
+
+
+def scores(pred: pd.DataFrame, frame: pd.DataFrame) -> dict:
+    labels, probs, _, decided = align(pred, frame[["image_id", "dx"]])
+    recall = [np.mean(decided[labels == k] == k) for k in range(len(CLASSES))]
+    return {"balanced_accuracy_decided": float(np.mean(recall)),
+            "balanced_accuracy_argmax": evaluate(labels, probs)["balanced_accuracy"],
+            "macro_auc": evaluate(labels, probs)["macro_auc"], "ood_rate": float(pred["ood"].mean())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    root = Path(__file__).resolve().parents[1]
+    ap.add_argument("--model", default=str(root / "src" / "skain" / "models" / "ham10000.safetensors"))
+    ap.add_argument("--data-root", default=str(root / ".." / "shared" / "ham10000"))
+    ap.add_argument("--folds", type=int, default=10)
+    ap.add_argument("--fold", type=int, default=0)
+    ap.add_argument("--split-seed", type=int, default=42)
+    ap.add_argument("--encodings", nargs="+", default=ENCODINGS)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--out", default="benchmarks/out/reencode_effect.json")
+    ns = ap.parse_args()
+    for e in ns.encodings:
+        parse(e)
+    data = Path(ns.data_root)
+    meta = pd.read_csv(data / "HAM10000_metadata.csv")
+    _, val = lesion_split(meta, folds=ns.folds, fold=ns.fold, seed=ns.split_seed)
+    wanted = set(meta.iloc[val]["image_id"])
+    frame, _ = prediction_table(csv=data / "HAM10000_metadata.csv", images=[data / "images", data / "images_part_2"])
+    frame = frame[frame["image_id"].isin(wanted)].reset_index(drop=True)
+    predictor = Predictor.from_bundle(ns.model)
+    rows, started = {}, time.perf_counter()
+    original = predictor.predict_frame(frame, progress=False)
+    rows["original JPEG"] = scores(original, frame)
+    for encoding in ns.encodings:
+        with tempfile.TemporaryDirectory(prefix="skain-reencode-") as tmp:
+            targets = [str(Path(tmp) / f"{i}.png") for i in frame["image_id"]]
+            with ProcessPoolExecutor(ns.workers) as pool:
+                list(pool.map(reencode, [(p, encoding, t) for p, t in zip(frame["path"], targets)], chunksize=32))
+            pred = predictor.predict_frame(frame.assign(path=targets), progress=False)
+        both = original.merge(pred, on="image_id", suffixes=("", "_new"))
+        rows[encoding] = {**scores(pred, frame),
+                          "same_decision_as_original": float((both["pred"] == both["pred_new"]).mean()),
+                          "mean_abs_change_p_mel": float((both["p_mel"] - both["p_mel_new"]).abs().mean())}
+        print(encoding, json.dumps({k: round(v, 4) for k, v in rows[encoding].items() if v is not None}), flush=True)
+    result = {"what": __doc__.split("\n\n")[0].strip(), "model": ns.model, "images": len(frame),
+              "split": {"folds": ns.folds, "fold": ns.fold, "split_seed": ns.split_seed, "part": "validation"},
+              "seconds": round(time.perf_counter() - started, 1), "rows": rows}
+    Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(ns.out).write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
