@@ -29,7 +29,6 @@ import pandas as pd
 from PIL import Image
 
 from skain.data.images import open_image, resize_shorter
-from skain.data.schema import CLASSES
 from skain.data.split import lesion_split
 from skain.evaluate import align, evaluate
 from skain.predict import Predictor, prediction_table
@@ -61,10 +60,10 @@ def reencode(args: tuple[str, str, str]) -> None:
 
 def scores(pred: pd.DataFrame, frame: pd.DataFrame) -> dict:
     labels, probs, _, decided = align(pred, frame[["image_id", "dx"]])
-    recall = [np.mean(decided[labels == k] == k) for k in range(len(CLASSES))]
-    return {"balanced_accuracy_decided": float(np.mean(recall)),
+    metrics = evaluate(labels, probs, decided=decided)  # the `pred` column: the bundle's decision rule
+    return {"balanced_accuracy_decided": metrics["balanced_accuracy"],
             "balanced_accuracy_argmax": evaluate(labels, probs)["balanced_accuracy"],
-            "macro_auc": evaluate(labels, probs)["macro_auc"], "ood_rate": float(pred["ood"].mean())}
+            "macro_auc": metrics["macro_auc"], "ood_rate": float(pred["ood"].mean())}
 
 
 def main() -> None:
