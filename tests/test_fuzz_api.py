@@ -106,9 +106,8 @@ BAD_IMAGES = {
     "png claiming 100000x100000": (png_header(100_000, 100_000), 413, "too large"),
     "png claiming 7000x7000": (png_header(7_000, 7_000, 1, 0), 413, "too large"),
     "jpeg claiming 65000x65000": (jpeg_header(65_000, 65_000), 413, "too large"),
-    "gif": (encode(photo(), "GIF"), 415, "unsupported image format GIF"),
-    "bmp": (encode(photo(), "BMP"), 415, "unsupported image format BMP"),
-    "tiff": (encode(photo(), "TIFF"), 415, "unsupported image format TIFF"),
+    "ico": (encode(photo(), "ICO"), 415, "unsupported image format ICO"),
+    "pcx": (encode(photo(), "PCX"), 415, "unsupported image format PCX"),
 }
 
 

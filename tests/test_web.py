@@ -228,7 +228,7 @@ def test_fast_precision_serves_the_fast_path_and_keeps_heatmaps(trained, service
     (b"", "empty.jpg", {}, 400, "empty"),
     (b"hello, I am text" * 10, "notes.txt", {}, 415, "not an image"),
     (b"hello" * 10, "sneaky.jpg", {}, 415, "not an image"),
-    ("gif", "anim.gif", {}, 415, "unsupported image format"),
+    ("ico", "favicon.ico", {}, 415, "unsupported image format"),
     ("truncated", "broken.png", {}, 400, "cannot decode"),
     ("ok", "x.png", {"age": "abc"}, 400, "age must be a number"),
     ("ok", "x.png", {"age": "-3"}, 400, "between 0 and 120"),
@@ -238,7 +238,7 @@ def test_fast_precision_serves_the_fast_path_and_keeps_heatmaps(trained, service
     ("ok", "x.png", {"localization": "elbowpit"}, 400, "unknown localization"),
 ])
 def test_bad_input_gets_a_json_error_with_the_right_status(client, image, name, fields, status, words):
-    payload = {"gif": png_bytes(fmt="GIF"), "truncated": png_bytes((300, 300))[:200], "ok": png_bytes()}
+    payload = {"ico": png_bytes(fmt="ICO"), "truncated": png_bytes((300, 300))[:200], "ok": png_bytes()}
     r = post(client, payload.get(image, image) if isinstance(image, str) else image, name, **fields)
     assert r.status_code == status, r.get_data(as_text=True)
     assert r.is_json and words in r.json["error"] and r.json["status"] == status

@@ -22,7 +22,7 @@ def add_data_args(p: argparse.ArgumentParser, default_hint: str) -> None:
     g.add_argument("--data", help=f"folder with image/ + text/ (seed layout) or an official HAM10000 download "
                                   f"(default: {default_hint})")
     g.add_argument("--csv", help="metadata CSV (lesion_id,image_id,dx,age,sex,localization)")
-    g.add_argument("--images", nargs="+", metavar="DIR", help="image folder(s) (.jpg/.jpeg/.png)")
+    g.add_argument("--images", nargs="+", metavar="DIR", help="image folder(s) (JPEG, PNG, WebP, BMP, TIFF, GIF; HEIC/HEIF with the heic extra)")
     g.add_argument("--skip-missing", action="store_true", default=None,
                    help="go on (with a warning) when images named in the CSV are missing")
     g.add_argument("--cache-dir", help="pre-resized image cache (default ~/.cache/skain/images; 'off' disables)")
@@ -81,6 +81,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--meta-dropout", type=float,
                    help="training: blank all metadata fields (else each field) at this rate, so empty fields are "
                         "a learnt value (presets: 0.2; 0 disables)")
+    t.add_argument("--photo-augment", type=float,
+                   help="training: share of images first re-saved as a phone would (downscale, JPEG/WebP, "
+                        "blur/sharpen, border; default 0.5; 0 disables)")
     t.add_argument("--max-minutes", type=float, help="stop after this much training time")
     t.add_argument("--seed", type=int)
     t.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"],
@@ -108,9 +111,8 @@ def config_from_args(ns: argparse.Namespace):
                            "holdout", "inner_folds", "all_folds", "with_image_only", "split_seed"]),
         "model": model,
         "train": _pick(ns, ["epochs", "frozen_epochs", "lr", "lr_frozen", "unfreeze_fraction", "batch_size",
-                            "patience", "balance", "meta_dropout", "max_minutes", "seed", "amp", "compile",
-                            "progress", "fit_trust", "test_tta", "output",
-                            "resume", "overwrite"]),
+                            "patience", "balance", "meta_dropout", "photo_augment", "max_minutes", "seed", "amp",
+                            "compile", "progress", "fit_trust", "test_tta", "output", "resume", "overwrite"]),
     }
     return build_config(preset, ns.config, flags)
 

@@ -10,6 +10,7 @@ below twice any preset's size, so they decode in full as before.
 """
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
@@ -23,7 +24,13 @@ log = logging.getLogger(__name__)
 
 MAX_PIXELS = 40_000_000  # ~6300x6300; larger images are refused as possible decompression bombs
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
-SUPPORTED_FORMATS = ("JPEG", "PNG", "MPO")
+# What Pillow decodes and people have: camera JPEG (MPO is a multi-picture JPEG), PNG, WebP, BMP, TIFF (PH2 and
+# slide scanners), GIF (first frame), HEIC/HEIF and AVIF from phones (HEIF needs the `heic` extra: pillow-heif).
+SUPPORTED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "DIB", "TIFF", "GIF", "HEIF", "AVIF", "JPEG2000", "PPM")
+# Files a folder scan picks up (any case); the format itself is checked on decoding, not trusted from the name.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".dib", ".tif", ".tiff", ".gif",
+                  ".heic", ".heif", ".avif", ".jp2", ".ppm")
+FORMATS_TEXT = "JPEG, PNG, WebP, BMP, TIFF or GIF (HEIC/HEIF with pip install 'skain[heic]')"
 
 
 class ImageError(ValueError):
@@ -32,7 +39,7 @@ class ImageError(ValueError):
 
 def open_image(source: str | Path | bytes, name: str | None = None, max_pixels: int = MAX_PIXELS,
                draft_to: int | None = None) -> Image.Image:
-    """Decode a JPEG/PNG from a path or bytes into an upright 8-bit RGB image.
+    """Decode an image (any of SUPPORTED_FORMATS) from a path or bytes into an upright 8-bit RGB image.
 
     Images over `max_pixels` are refused before decoding (the web app sets a lower limit than files have);
     with `draft_to`, a JPEG is decoded at the smallest DCT scale whose shorter side is still >= draft_to."""
@@ -40,13 +47,14 @@ def open_image(source: str | Path | bytes, name: str | None = None, max_pixels: 
     if isinstance(source, bytes) and not source:
         raise ImageError(f"{label}: empty file (0 bytes)")
     limit = min(int(max_pixels), MAX_PIXELS)
+    register_plugins()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             fp = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
             with fp, Image.open(fp) as img:
                 if img.format not in SUPPORTED_FORMATS:
-                    raise ImageError(f"{label}: unsupported image format {img.format}; use JPEG or PNG")
+                    raise ImageError(f"{label}: unsupported image format {img.format}; use {FORMATS_TEXT}")
                 if img.width * img.height > limit:  # also when another library relaxed Pillow's global
                     raise Image.DecompressionBombError(f"{img.width}x{img.height} pixels")
                 if draft_to and img.format in ("JPEG", "MPO"):
@@ -58,12 +66,24 @@ def open_image(source: str | Path | bytes, name: str | None = None, max_pixels: 
     except UnidentifiedImageError as exc:
         if not isinstance(source, bytes) and _size_note(source):
             raise ImageError(f"{label}: empty file (0 bytes)") from exc
-        raise ImageError(f"{label}: not an image (or an unsupported format); use JPEG or PNG") from exc
+        raise ImageError(f"{label}: not an image (or an unsupported format); use {FORMATS_TEXT}") from exc
     except FileNotFoundError as exc:
         raise ImageError(f"{label}: file not found") from exc
     except OSError as exc:
         size = "" if isinstance(source, bytes) else _size_note(source)
         raise ImageError(f"{label}: cannot decode image{size} ({exc})") from exc
+
+
+@functools.lru_cache(maxsize=None)
+def register_plugins() -> bool:
+    """Let Pillow open HEIC/HEIF (and AVIF) when the optional pillow-heif package is installed; once per
+    process, on the first decode rather than at import. True when HEIF is readable."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
 
 
 def load_resized(source: str | Path | bytes, short_side: int, max_pixels: int = MAX_PIXELS,

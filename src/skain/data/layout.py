@@ -8,11 +8,11 @@ from pathlib import Path
 import pandas as pd
 
 from . import isic
+from .images import FORMATS_TEXT, IMAGE_SUFFIXES
 from .schema import TRAIN_COLUMNS, DataError, clean_metadata, read_csv
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 @dataclass
@@ -84,7 +84,7 @@ def _has_images(folder: Path) -> bool:
 
 
 def index_images(image_dirs: list[Path]) -> dict[str, Path]:
-    """Map image stem -> file for every .jpg/.jpeg/.png (any case) directly inside the folders."""
+    """Map image stem -> file for every image file (IMAGE_SUFFIXES, any case) directly inside the folders."""
     index: dict[str, Path] = {}
     for folder in image_dirs:
         if not folder.is_dir():
@@ -125,7 +125,7 @@ def load_table(src: Source, require: tuple[str, ...] = TRAIN_COLUMNS, skip_missi
             raise DataError(f"no metadata CSV found for {', '.join(map(str, src.image_dirs))}; "
                             "training needs lesion_id, image_id and dx: pass --csv FILE")
         if not index:
-            raise DataError(f"no .jpg/.jpeg/.png images in {', '.join(map(str, src.image_dirs))}")
+            raise DataError(f"no images ({FORMATS_TEXT}) in {', '.join(map(str, src.image_dirs))}")
         frame = pd.DataFrame({"image_id": list(index)})
         frame = clean_metadata(frame, "images", require=("image_id",), warn_absent=False)  # no CSV at all
         return attach_paths(frame, index, "images", folders=src.image_dirs)

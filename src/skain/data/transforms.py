@@ -1,7 +1,8 @@
 """Tensor transforms after the shared resize: dermoscopy augmentation for training, a centre crop otherwise.
 
 Dermoscopic images have no canonical orientation, so flips and 90-degree rotations are label-preserving;
-colour jitter models differences between dermatoscopes; scale crops model zoom.
+colour jitter models differences between dermatoscopes; scale crops model zoom; a random re-save
+(downscale, JPEG/WebP, blur/sharpen, border: `degrade.PhotoDegrade`) models how photos reach the web app.
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+
+from .degrade import PhotoDegrade
 
 
 def resolve_preprocess(pretrained_cfg: dict[str, Any], input_size: int | None = None,
@@ -123,8 +126,10 @@ class DermoscopyAugment:
     """
 
     def __init__(self, pre: dict[str, Any], strength: float = 1.0,
-                 scale: tuple[float, float] = (0.35, 1.0), ratio: tuple[float, float] = (0.75, 4 / 3)):
+                 scale: tuple[float, float] = (0.35, 1.0), ratio: tuple[float, float] = (0.75, 4 / 3),
+                 photo: float = 0.0):
         self.pre, self.size = pre, pre["input_size"]
+        self.photo = PhotoDegrade(photo) if photo > 0 else None  # re-saved like a phone would (degrade.py)
         self.jitter = (0.2 * strength, 0.2 * strength, 0.15 * strength, 0.03 * strength)
         self.scale, self.log_ratio = scale, (math.log(ratio[0]), math.log(ratio[1]))
 
@@ -160,6 +165,8 @@ class DermoscopyAugment:
         return torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1)[None]
 
     def __call__(self, arr: np.ndarray) -> torch.Tensor:
+        if self.photo is not None:
+            arr = self.photo(arr)
         crop = self.oriented_crop(arr)
         img = torch.nn.functional.interpolate(crop, size=(self.size, self.size), mode="bilinear", antialias=True,
                                               align_corners=False)[0].float()
@@ -169,8 +176,10 @@ class DermoscopyAugment:
         return apply_colour(img, m, c, self.pre)
 
 
-def train_transform(pre: dict[str, Any], strength: float = 1.0) -> Callable[[np.ndarray], torch.Tensor]:
-    return DermoscopyAugment(pre, strength)
+def train_transform(pre: dict[str, Any], strength: float = 1.0,
+                    photo: float = 0.0) -> Callable[[np.ndarray], torch.Tensor]:
+    """The training augmentation; `photo` is the share of images first re-saved as a phone would (degrade.py)."""
+    return DermoscopyAugment(pre, strength, photo=photo)
 
 
 def tta_views(batch: torch.Tensor, n: int) -> list[torch.Tensor]:

@@ -7,7 +7,10 @@
   // Fields the page renders itself; any other field of the prediction is listed under "More outputs".
   const KNOWN = new Set(["diagnosis", "probability", "probabilities", "name", "description", "malignant",
     "ranking", "model_id", "inputs", "heatmap", "rejected", "triage", "triage_figures", "in_distribution"]);
-  const TYPES = ["image/jpeg", "image/png"];
+  // What the server decodes (skain.data.images.SUPPORTED_FORMATS); an empty type (HEIC on some systems) is
+  // left to the server, which answers 415 with the list when it cannot read the file.
+  const TYPES = ["image/jpeg", "image/png", "image/webp", "image/bmp", "image/x-ms-bmp", "image/tiff",
+    "image/gif", "image/heic", "image/heif", "image/avif", "image/jp2"];
   let file = null;
   let previewUrl = null;
 
@@ -21,7 +24,7 @@
   function choose(f) {
     if (!f) return;
     if (f.type && !TYPES.includes(f.type)) {
-      say(`${f.name}: not a JPEG or PNG image`, true);
+      say(`${f.name}: not an image skAIn reads (JPEG, PNG, WebP, BMP, TIFF, GIF, HEIC)`, true);
       return;
     }
     file = f;
