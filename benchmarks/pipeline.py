@@ -8,6 +8,8 @@
    matrix product). Target >= 3x.
 2. Training images/s per preset on this device: the real data pipeline in the loop vs synthetic tensors already
    in memory (the model's own limit). Target: the pipeline reaches >= 90% of the model's limit.
+3. The cost of the re-save augmentation (`--photo-augment`, data/degrade.py: downscale, JPEG/WebP, blur, border)
+   at the configured share: input pipeline images/s and training images/s with it against without it.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from skain.config import build_config
+from skain.config import TrainConfig, build_config
 from skain.data.dataset import LesionDataset
 from skain.data.encoder import MetadataEncoder
 from skain.data.images import ImageLoader, open_image
@@ -61,14 +63,17 @@ def pipeline_ratio(paths: list[str], pre: dict, cache_dir: Path) -> dict:
     skAIn's pre-resized cache, and skAIn's own (cache + fused augmentation), all measured here in one run."""
     from PIL import Image
     notebook, ours = notebook_transform(pre), train_transform(pre)
+    photo = train_transform(pre, photo=TrainConfig().photo_augment)
     loader = ImageLoader(pre["resize"], cache_dir)
     for p in paths:  # fill the cache once (what `skain train` does before epoch 1)
         loader(p)
     naive = time_pipeline(paths, lambda p: notebook(open_image(p)))
     cache_only = time_pipeline(paths, lambda p: notebook(Image.fromarray(loader(p))))
     skain = time_pipeline(paths, lambda p: ours(loader(p)))
+    with_photo = time_pipeline(paths, lambda p: photo(loader(p)))
     return {"naive_img_s": naive, "cache_notebook_aug_img_s": cache_only, "skain_img_s": skain,
-            "ratio": skain / naive}
+            "ratio": skain / naive, "skain_photo_augment_img_s": with_photo,
+            "photo_augment_cost_ratio": skain / with_photo}
 
 
 class Synthetic(torch.utils.data.Dataset):
@@ -96,18 +101,21 @@ def train_speed(preset: str, frame: pd.DataFrame, steps: int, cache_dir: Path, c
     enc = MetadataEncoder.fit(frame)
     real = LesionDataset(frame.iloc[:n].reset_index(drop=True), enc, ImageLoader(pre["resize"], cache_dir),
                          train_transform(pre))
+    photo = LesionDataset(frame.iloc[:n].reset_index(drop=True), enc, ImageLoader(pre["resize"], cache_dir),
+                          train_transform(pre, photo=cfg.train.photo_augment))
     for i in range(len(real)):  # warm the cache, as training does before its first epoch
         real.loader(real.paths[i])
     n_workers = workers(cfg, device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 1e-5)
     loss = torch.nn.CrossEntropyLoss()
     out = {}
-    for name, ds in (("synthetic", Synthetic(n, pre["input_size"])), ("pipeline", real)):
+    for name, ds in (("synthetic", Synthetic(n, pre["input_size"])), ("pipeline", real), ("pipeline_photo", photo)):
         dl = DataLoader(ds, bs, shuffle=False, num_workers=n_workers, pin_memory=device.type == "cuda")
         train_one_epoch(model, [next(iter(dl))], opt, loss, device, dtype, channels_last=True, progress=False)
         out[name] = train_one_epoch(model, dl, opt, loss, device, dtype, channels_last=True,
                                     progress=False)["images_per_s"]
     out["pipeline_share"] = out["pipeline"] / out["synthetic"]
+    out["photo_augment_share"] = out["pipeline_photo"] / out["pipeline"]
     if compiled:  # opt-in torch.compile of the training step, on the same synthetic tensors
         net = torch.compile(model)
         dl = DataLoader(Synthetic(n, pre["input_size"]), bs, shuffle=False, num_workers=n_workers)
@@ -145,13 +153,15 @@ def main() -> None:
             r = result["input_pipeline"][preset] = pipeline_ratio(paths, pre, Path(tmp) / preset)
             print(f"input pipeline {preset} ({pre['input_size']} px, one process): naive {r['naive_img_s']:.0f} img/s, "
                   f"cache + notebook augmentation {r['cache_notebook_aug_img_s']:.0f} img/s, "
-                  f"skAIn {r['skain_img_s']:.0f} img/s -> {r['ratio']:.1f}x")
+                  f"skAIn {r['skain_img_s']:.0f} img/s -> {r['ratio']:.1f}x; with the re-save augmentation "
+                  f"{r['skain_photo_augment_img_s']:.0f} img/s")
         for preset in [] if args.skip_training else args.presets:
             s = result["training"][preset] = train_speed(preset, frame, args.steps, Path(tmp) / preset,
                                                          preset in args.compile)
             print(f"training {preset} ({s['input']} px, batch {s['batch']}, {s['device']}, {s['amp']}, "
                   f"{s['workers']} workers): synthetic tensors {s['synthetic']:.1f} img/s, with the data pipeline "
-                  f"{s['pipeline']:.1f} img/s -> {100 * s['pipeline_share']:.0f}% of the model's limit")
+                  f"{s['pipeline']:.1f} img/s -> {100 * s['pipeline_share']:.0f}% of the model's limit; with the "
+                  f"re-save augmentation {s['pipeline_photo']:.1f} img/s ({100 * s['photo_augment_share']:.0f}%)")
             if "compile_speedup" in s:
                 print(f"  torch.compile: {s['compile_seconds']:.0f} s to compile, then {s['synthetic_compiled']:.1f} img/s "
                       f"on synthetic tensors = {s['compile_speedup']:.2f}x eager")

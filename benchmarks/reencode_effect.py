@@ -2,17 +2,21 @@
 
     python benchmarks/reencode_effect.py [--model src/skain/models/ham10000.safetensors]
         [--data-root ../shared/ham10000] [--folds 10 --fold 0] [--out benchmarks/results/reencode_effect.json]
+    python benchmarks/reencode_effect.py --run outputs/RUN [--tta 8] --encodings phone webp screenshot
 
 Takes the validation images of a lesion-grouped split (by default the shipped model's: 10 folds, fold 0, split
-seed 42, 1,002 images it never trained on), writes each one again in every encoding below into a temporary
-folder (never beside the dataset), and predicts every copy through skAIn's own path (`Predictor.predict_frame`:
-decode, resize, crop, the decision rule and the trust layer). For each encoding: balanced accuracy of the decided
-label, the share of decided labels equal to those of the original JPEGs, the mean change of p(melanoma), and the
-out-of-distribution rejection rate.
+seed 42, 1,002 images it never trained on), or with `--run` the held-out TEST fold of a `skain train --holdout`
+run folder (images that chose nothing: not the weights, the epoch or the trust layer), writes each one again in
+every encoding below into a temporary folder (never beside the dataset), and predicts every copy through skAIn's
+own path (`Predictor.predict_frame`: decode, resize, crop, the decision rule and the trust layer). For each
+encoding: balanced accuracy of the decided label, the share of decided labels equal to those of the original
+JPEGs, the mean change of p(melanoma), and the out-of-distribution rejection rate. Non-dermoscopic probes (blank
+frames, noise, text screenshots, scikit-image's sample photos) are scored too: each must be turned away.
 
 Encodings: `png` (lossless), `jpeg:Q`, `webp:Q` (Pillow, default chroma subsampling), and `@N` after either
 for the image resized to a shorter side of N px first (skAIn's resize_shorter), as `benchmarks/gpu/pack.py` does
-to fit HAM10000 into one GPU call.
+to fit HAM10000 into one GPU call; or one of the maintainers' copies of `skain.data.degrade.COPIES` (`phone`: half
+size, JPEG q70; `webp`: WebP q60; `screenshot`: PNG at 75% with a 20 px grey border), kept in their own format.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from skain.data.degrade import COPIES, saved_copy
 from skain.data.images import open_image, resize_shorter
 from skain.data.split import lesion_split
 from skain.evaluate import align, evaluate
@@ -38,7 +43,9 @@ ENCODINGS = ["png", "jpeg:90", "jpeg:75", "webp:80", "png@256", "jpeg:90@256", "
 
 
 def parse(encoding: str) -> tuple[str, int | None, int | None]:
-    """'webp:55@329' -> ('webp', 55, 329)."""
+    """'webp:55@329' -> ('webp', 55, 329); a named copy -> (name, None, None)."""
+    if encoding in COPIES:
+        return encoding, None, None
     name, _, short = encoding.partition("@")
     fmt, _, quality = name.partition(":")
     if fmt not in ("png", "jpeg", "webp") or (fmt != "png") != bool(quality):
@@ -51,6 +58,9 @@ def reencode(args: tuple[str, str, str]) -> None:
     source, encoding, target = args
     fmt, quality, short = parse(encoding)
     img = open_image(source)
+    if fmt in COPIES:  # as the user's file arrives: skAIn decodes the JPEG/WebP/PNG itself
+        Path(target).write_bytes(saved_copy(img, fmt))
+        return
     if short:
         img = Image.fromarray(resize_shorter(img, short))
     buf = io.BytesIO()
@@ -66,33 +76,64 @@ def scores(pred: pd.DataFrame, frame: pd.DataFrame) -> dict:
             "macro_auc": metrics["macro_auc"], "ood_rate": float(pred["ood"].mean())}
 
 
+SUFFIX = {"phone": ".jpg", "webp": ".webp", "screenshot": ".png"}
+
+
+def probe_images(seed: int = 5) -> dict[str, list[bytes]]:
+    """Non-dermoscopic images every model must turn away: skAIn's probes and scikit-image's sample photos."""
+    import skimage.data as sk
+    from skain.trust.probes import probe_set, to_png
+    photos = []
+    for name in ("chelsea", "coffee", "rocket", "astronaut", "horse", "page", "text", "logo", "camera", "clock"):
+        arr = getattr(sk, name)()
+        arr = (arr.astype(np.uint8) * (255 if arr.dtype == bool else 1))
+        photos.append(to_png(arr[..., :3] if arr.ndim == 3 else arr))
+    return {**probe_set(seed), "photos": photos}
+
+
+def held_out_images(ns, data: Path) -> tuple[pd.DataFrame, dict]:
+    """The images to copy: a run folder's test fold, or the validation part of a fresh lesion-grouped split."""
+    frame, _ = prediction_table(csv=data / "HAM10000_metadata.csv", images=[data / "images", data / "images_part_2"])
+    if ns.run:
+        split = pd.read_csv(Path(ns.run) / "split.csv")
+        wanted = set(split.loc[split["split"] == "test", "image_id"])
+        if not wanted:
+            raise SystemExit(f"{ns.run}: no test fold in split.csv (train it with --holdout)")
+        where = {"run": str(ns.run), "part": "test fold (chose nothing)"}
+    else:
+        meta = pd.read_csv(data / "HAM10000_metadata.csv")
+        _, val = lesion_split(meta, folds=ns.folds, fold=ns.fold, seed=ns.split_seed)
+        wanted = set(meta.iloc[val]["image_id"])
+        where = {"folds": ns.folds, "fold": ns.fold, "split_seed": ns.split_seed, "part": "validation"}
+    return frame[frame["image_id"].isin(wanted)].reset_index(drop=True), where
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     root = Path(__file__).resolve().parents[1]
     ap.add_argument("--model", default=str(root / "src" / "skain" / "models" / "ham10000.safetensors"))
+    ap.add_argument("--run", help="a `skain train --holdout` run folder: its model on its held-out test fold")
     ap.add_argument("--data-root", default=str(root / ".." / "shared" / "ham10000"))
     ap.add_argument("--folds", type=int, default=10)
     ap.add_argument("--fold", type=int, default=0)
     ap.add_argument("--split-seed", type=int, default=42)
+    ap.add_argument("--tta", type=int, default=1, help="TTA views, as `skain predict --tta`")
     ap.add_argument("--encodings", nargs="+", default=ENCODINGS)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/out/reencode_effect.json")
     ns = ap.parse_args()
     for e in ns.encodings:
         parse(e)
-    data = Path(ns.data_root)
-    meta = pd.read_csv(data / "HAM10000_metadata.csv")
-    _, val = lesion_split(meta, folds=ns.folds, fold=ns.fold, seed=ns.split_seed)
-    wanted = set(meta.iloc[val]["image_id"])
-    frame, _ = prediction_table(csv=data / "HAM10000_metadata.csv", images=[data / "images", data / "images_part_2"])
-    frame = frame[frame["image_id"].isin(wanted)].reset_index(drop=True)
-    predictor = Predictor.from_bundle(ns.model)
+    frame, where = held_out_images(ns, Path(ns.data_root))
+    model = str(Path(ns.run) / "best_model.pt") if ns.run else ns.model
+    predictor = Predictor.from_bundle(model, tta=ns.tta)
     rows, started = {}, time.perf_counter()
     original = predictor.predict_frame(frame, progress=False)
     rows["original JPEG"] = scores(original, frame)
+    print("original JPEG", json.dumps({k: round(v, 4) for k, v in rows["original JPEG"].items()}), flush=True)
     for encoding in ns.encodings:
         with tempfile.TemporaryDirectory(prefix="skain-reencode-") as tmp:
-            targets = [str(Path(tmp) / f"{i}.png") for i in frame["image_id"]]
+            targets = [str(Path(tmp) / f"{i}{SUFFIX.get(encoding, '.png')}") for i in frame["image_id"]]
             with ProcessPoolExecutor(ns.workers) as pool:
                 list(pool.map(reencode, [(p, encoding, t) for p, t in zip(frame["path"], targets)], chunksize=32))
             pred = predictor.predict_frame(frame.assign(path=targets), progress=False)
@@ -101,9 +142,12 @@ def main() -> None:
                           "same_decision_as_original": float((both["pred"] == both["pred_new"]).mean()),
                           "mean_abs_change_p_mel": float((both["p_mel"] - both["p_mel_new"]).abs().mean())}
         print(encoding, json.dumps({k: round(v, 4) for k, v in rows[encoding].items() if v is not None}), flush=True)
-    result = {"what": __doc__.split("\n\n")[0].strip(), "model": ns.model, "images": len(frame),
-              "split": {"folds": ns.folds, "fold": ns.fold, "split_seed": ns.split_seed, "part": "validation"},
-              "seconds": round(time.perf_counter() - started, 1), "rows": rows}
+    probes = {kind: float(np.mean([not predictor.predict_one(b).in_distribution for b in images]))
+              for kind, images in probe_images().items()}
+    print("probes turned away:", json.dumps(probes), flush=True)
+    result = {"what": __doc__.split("\n\n")[0].strip(), "model": model, "images": len(frame), "tta": ns.tta,
+              "split": where, "seconds": round(time.perf_counter() - started, 1), "rows": rows,
+              "probes_turned_away": probes}
     Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
     Path(ns.out).write_text(json.dumps(result, indent=1) + "\n")
 

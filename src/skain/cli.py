@@ -22,7 +22,8 @@ def add_data_args(p: argparse.ArgumentParser, default_hint: str) -> None:
     g.add_argument("--data", help=f"folder with image/ + text/ (seed layout) or an official HAM10000 download "
                                   f"(default: {default_hint})")
     g.add_argument("--csv", help="metadata CSV (lesion_id,image_id,dx,age,sex,localization)")
-    g.add_argument("--images", nargs="+", metavar="DIR", help="image folder(s) (JPEG, PNG, WebP, BMP, TIFF, GIF; HEIC/HEIF with the heic extra)")
+    g.add_argument("--images", nargs="+", metavar="DIR",
+                   help="image folder(s): JPEG, PNG, WebP, BMP, TIFF, GIF; HEIC/HEIF with the heic extra")
     g.add_argument("--skip-missing", action="store_true", default=None,
                    help="go on (with a warning) when images named in the CSV are missing")
     g.add_argument("--cache-dir", help="pre-resized image cache (default ~/.cache/skain/images; 'off' disables)")

@@ -14,6 +14,7 @@ DataLoader seeds per worker), so a run is repeatable.
 from __future__ import annotations
 
 import io
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -111,3 +112,24 @@ class PhotoDegrade:
         framed = Image.new("RGB", (img.width + 2 * dx, img.height + 2 * dy), (level, level, level))
         framed.paste(img, (dx, dy))
         return framed
+
+
+class ResavedLoader:
+    """Wraps an image loader (path -> resized uint8 array): returns a randomly re-saved copy of the image instead,
+    always the same copy for the same file name and seed, whatever order or process asks (the OOD fit's
+    in-distribution examples of what a phone makes of a lesion photo)."""
+
+    def __init__(self, loader, seed: int = 0, degrade: PhotoDegrade | None = None):
+        self.loader, self.seed = loader, int(seed)
+        self.degrade = degrade or PhotoDegrade(p=1.0, p_encode=1.0, p_scale=0.7, p_border=0.2)
+
+    @property
+    def cache_dir(self):
+        return getattr(self.loader, "cache_dir", None)
+
+    def __call__(self, path) -> np.ndarray:
+        arr = self.loader(path)
+        name = str(path).replace("\\", "/").rsplit("/", 1)[-1]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((zlib.crc32(name.encode()) + 7919 * self.seed) % 2 ** 63)
+            return self.degrade(arr)

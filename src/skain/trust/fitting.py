@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from ..bundle import BUNDLE_NAME, atomic_torch_save, load_model, read_bundle
 from ..data.dataset import LesionDataset
+from ..data.degrade import ResavedLoader
 from ..data.encoder import FIELDS, MetadataEncoder
 from ..data.images import ImageLoader
 from ..data.schema import DataError
@@ -49,6 +50,9 @@ class TrustSettings:
     # every blank frame through (tests/test_trust.py). The max of both caught noise and blank frames on both.
     ood_method: str = "max"
     ood_normalize: bool = True
+    # Fit and set the OOD check on each image AND a randomly re-saved copy of it (data/degrade.py: downscale,
+    # JPEG/WebP, blur, border), so a lesion photo a phone has saved again stays in distribution.
+    ood_resaved: bool = True
     ece_bins: int = 15
     seed: int = 0
     batch_size: int = 64
@@ -62,6 +66,16 @@ class Outputs:
     labels: np.ndarray
     features: np.ndarray
     blank_logits: np.ndarray | None = None  # the same images with age, sex and site all left empty
+    resaved: np.ndarray | None = None       # backbone features of a re-saved copy of each image (same rows)
+
+    def ood_features(self, rows: np.ndarray | slice = slice(None)) -> np.ndarray:
+        """The rows' features for the OOD check: each image, and its re-saved copy when there is one."""
+        if self.resaved is None:
+            return self.features[rows]
+        return np.concatenate([self.features[rows], self.resaved[rows]])
+
+    def ood_labels(self) -> np.ndarray:
+        return self.labels if self.resaved is None else np.concatenate([self.labels, self.labels])
 
 
 def extract(model: torch.nn.Module, bundle: dict, frame: pd.DataFrame, loader_fn: ImageLoader,
@@ -151,6 +165,7 @@ class HeldOut:
     flagged: np.ndarray | None       # P(malignant) under T_other >= threshold_other (None: a half lacks malignant)
     flagged_blank: np.ndarray | None  # the same with every metadata field left empty (None: not measured)
     ood_ratio: np.ndarray | None     # OOD score / threshold, scales and threshold from the other half (> 1: rejected)
+    ood_ratio_resaved: np.ndarray | None = None  # the same for each row's re-saved copy
 
 
 def cross_fit(va: Outputs, parts: list[np.ndarray], cols: list[int] | None,
@@ -158,7 +173,7 @@ def cross_fit(va: Outputs, parts: list[np.ndarray], cols: list[int] | None,
     """Each half is scored with the temperature, triage threshold and OOD scales/threshold chosen on the other
     half alone, so no row's held-out figure ever sees that row's half (labels or features)."""
     blank = va.blank_logits
-    chosen = [choose(va.logits[p], va.labels[p], va.features[p] if base_ood else None, cols, base_ood, s,
+    chosen = [choose(va.logits[p], va.labels[p], va.ood_features(p) if base_ood else None, cols, base_ood, s,
                      None if blank is None else blank[p]) for p in parts]
     n = len(va.labels)
     probs = np.zeros((n, va.logits.shape[1]))
@@ -166,6 +181,7 @@ def cross_fit(va: Outputs, parts: list[np.ndarray], cols: list[int] | None,
     flagged = np.zeros(n, dtype=bool) if has_triage else None
     flagged_blank = np.zeros(n, dtype=bool) if has_triage and blank is not None else None
     ood_ratio = np.zeros(n) if base_ood is not None else None
+    ood_ratio_resaved = np.zeros(n) if base_ood is not None and va.resaved is not None else None
     for i, part in enumerate(parts):
         other = chosen[1 - i]
         probs[part] = apply_temperature(va.logits[part], other.temperature)
@@ -176,7 +192,10 @@ def cross_fit(va: Outputs, parts: list[np.ndarray], cols: list[int] | None,
             flagged_blank[part] = p_blank >= other.triage_threshold
         if ood_ratio is not None:
             ood_ratio[part] = other.ood.score(va.features[part]) / max(other.ood_threshold, 1e-12)
-    return HeldOut(probs, flagged, flagged_blank=flagged_blank, ood_ratio=ood_ratio)
+        if ood_ratio_resaved is not None:
+            ood_ratio_resaved[part] = other.ood.score(va.resaved[part]) / max(other.ood_threshold, 1e-12)
+    return HeldOut(probs, flagged, flagged_blank=flagged_blank, ood_ratio=ood_ratio,
+                   ood_ratio_resaved=ood_ratio_resaved)
 
 
 # ----------------------------------------------------------------------------- the three pieces
@@ -246,20 +265,25 @@ def triage_rates(flagged: np.ndarray, positive: np.ndarray, melanoma: np.ndarray
 def ood_scorer(tr: Outputs, va: Outputs, s: TrustSettings) -> MahalanobisScorer | MaxScorer:
     """The OOD scorer the settings name, fit on training features (validation scales the parts of "max")."""
     if s.ood_method == "max":
-        return MaxScorer.fit(tr.features, tr.labels, va.features, s.false_rejection)
-    return MahalanobisScorer.fit(tr.features, tr.labels, s.ood_normalize)
+        return MaxScorer.fit(tr.ood_features(), tr.ood_labels(), va.ood_features(), s.false_rejection)
+    return MahalanobisScorer.fit(tr.ood_features(), tr.ood_labels(), s.ood_normalize)
 
 
 def ood_part(scorer: MahalanobisScorer | MaxScorer, va: Outputs, probes: dict[str, np.ndarray],
              held: HeldOut | None, s: TrustSettings) -> dict:
     """Gaussians on training features; threshold = validation quantile for the stated false-rejection rate."""
     val_scores = scorer.score(va.features)
-    thr = threshold_for_false_rejection(val_scores, s.false_rejection)
+    thr = threshold_for_false_rejection(scorer.score(va.ood_features()), s.false_rejection)
     out = {**scorer.state_dict(), "threshold": thr, "target_false_rejection": s.false_rejection,
            "val_false_rejection": float((val_scores > thr).mean()),
+           "fit_on_resaved_copies": va.resaved is not None,
            "probe_detection": {k: float((scorer.score(f) > thr).mean()) for k, f in probes.items() if len(f)}}
+    if va.resaved is not None:
+        out["val_false_rejection_resaved"] = float((scorer.score(va.resaved) > thr).mean())
     if held is not None and held.ood_ratio is not None:
         out["held_out_false_rejection"] = float((held.ood_ratio > 1.0).mean())
+    if held is not None and held.ood_ratio_resaved is not None:
+        out["held_out_false_rejection_resaved"] = float((held.ood_ratio_resaved > 1.0).mean())
     return out
 
 
@@ -288,11 +312,16 @@ def fit_trust(bundle_path: str | Path, frame: pd.DataFrame, train_idx: np.ndarra
                  "trust: validation features")
     va.blank_logits = blank_logits(model, bundle, frame.iloc[val_idx], va.features, device)
     rate = len(val_idx) / max(time.perf_counter() - started, 1e-6)
-    train_idx = budget_sample(train_idx, frame["dx"].to_numpy(), rate, _left(budget_s, started), s.seed)
+    passes = 2 if s.ood_resaved else 1  # each training image, and its re-saved copy
+    train_idx = budget_sample(train_idx, frame["dx"].to_numpy(), rate / passes, _left(budget_s, started), s.seed)
     log.info("trust: validation features in %.0f s (%.1f images/s); training features of %d images: about %.1f min",
-             time.perf_counter() - started, rate, len(train_idx), len(train_idx) / rate / 60)
+             time.perf_counter() - started, rate, len(train_idx), passes * len(train_idx) / rate / 60)
     tr = extract(model, bundle, frame.iloc[train_idx], loader_fn, device, s.batch_size, progress,
                  "trust: training features")
+    if s.ood_resaved:
+        for out, idx, name in ((va, val_idx, "validation"), (tr, train_idx, "training")):
+            out.resaved = extract(model, bundle, frame.iloc[idx], ResavedLoader(loader_fn, s.seed), device,
+                                  s.batch_size, progress, f"trust: re-saved {name} copies").features
     probes = {k: image_features(model, bundle, v, device) for k, v in probe_set(s.seed).items()}
     figures = assemble(bundle, tr, va, halves(frame.iloc[val_idx], s.seed), probes, s)
     figures["fit_seconds"] = round(time.perf_counter() - started, 1)
