@@ -157,6 +157,23 @@ def test_tta_averages_views_and_rejects_impossible_counts(trained, synth_root):
         Predictor.from_bundle(trained, tta=9)
 
 
+def test_a_model_can_make_its_fitted_tta_views_the_default(trained, synth_root, tmp_path, capsys):
+    """`skain calibrate --tta 2 --default`: predict (and serve) then run 2 views unless told --tta 1."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    assert Predictor.from_bundle(run).tta == 1
+    assert main(["calibrate", "--model", str(run), "--default"]) == 2
+    assert "--default needs --tta N" in capsys.readouterr().err
+    assert main(["calibrate", "--model", str(run), "--tta", "2", "--default"]) == 0
+    assert Predictor.from_bundle(run).tta == 2 and Predictor.from_bundle(run, tta=1).tta == 1
+    assert Predictor.from_bundle(trained).tta == 1  # the copy changed, not the original
+    _, default = _predict(["--data", synth_root / "dataset_test", "--model", run], tmp_path, "default.csv")
+    _, two = _predict(["--data", synth_root / "dataset_test", "--model", run, "--tta", "2"], tmp_path, "two.csv")
+    _, one = _predict(["--data", synth_root / "dataset_test", "--model", run, "--tta", "1"], tmp_path, "one.csv")
+    np.testing.assert_array_equal(default[P_COLS].to_numpy(), two[P_COLS].to_numpy())
+    assert not np.array_equal(default[P_COLS].to_numpy(), one[P_COLS].to_numpy())
+
+
 def test_missing_model_is_a_clear_error(synth_root, tmp_path, capsys):
     code, _ = _predict(["--data", synth_root / "dataset_test", "--model", tmp_path / "nothing"], tmp_path)
     assert code == 2 and "no trained model" in capsys.readouterr().err

@@ -171,7 +171,7 @@ def run_demo(ns: argparse.Namespace) -> int:
 
 
 def _serve_defaults() -> dict:
-    return {"max_mb": None, "cors": None, "threads": None, "precision": "fp32"}
+    return {"max_mb": None, "cors": None, "threads": None, "precision": "fp32", "tta": None}
 
 
 def run_check_gpu(ns: argparse.Namespace) -> int:
@@ -195,6 +195,8 @@ PARTIAL_FAILURE = 3  # exit code: predictions written, but some images could not
 
 MODEL_HELP = ("output folder, .pt bundle or .safetensors file (default: outputs/ if a model was trained there, "
               "else the HAM10000 model shipped with skAIn)")
+TTA_HELP = ("test-time augmentation views, 1-8 (flips, 90-degree turns); default: the model's own (skain calibrate "
+            "--tta N --default), else 1; 1 is the fast setting")
 PRECISION_HELP = ("fp32 (reference); fast: the fastest variant measured to agree with fp32 (OpenVINO, else ONNX "
                   "Runtime, on CPU; channels_last on GPU); bf16 variants are faster but less exact")
 
@@ -207,7 +209,7 @@ def add_predict_args(p: argparse.ArgumentParser) -> None:
                    help="skain: image_id,pred,prob,p_<class>,error; isic2018: image,MEL,NV,BCC,AKIEC,BKL,DF,VASC")
     p.add_argument("--report", help="evaluation report folder when the CSV has dx (default: <output dir>/report)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--tta", type=int, default=1, help="test-time augmentation views, 1-8 (flips, 90-degree turns)")
+    p.add_argument("--tta", type=int, help=TTA_HELP)
     p.add_argument("--precision", choices=["fp32", "fast", "channels_last", "bf16", "bf16_channels_last"],
                    default="fp32", help=PRECISION_HELP)
     p.add_argument("--backend", choices=["torch", "onnx", "openvino"], default="torch",
@@ -288,8 +290,8 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
                                          "against --csv ground truth (image_id,dx or ISIC 2018 one-hot)")
     p.add_argument("--report", help="report folder (default: <predictions dir>/report, or report/ with --model)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--tta", type=int, default=1, help="test-time augmentation views (calibration and triage apply "
-                                                      "above 1 only when fit for that many: skain calibrate --tta N)")
+    p.add_argument("--tta", type=int, help=TTA_HELP + " (calibration and triage apply above 1 only when fit for "
+                   "that many: skain calibrate --tta N)")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=True)
 
@@ -379,6 +381,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cors", metavar="ORIGIN", help="allow browser calls to /api from ORIGIN ('*' = any); off by default")
     p.add_argument("--threads", type=int, help="waitress worker threads (default 4)")
     p.add_argument("--precision", choices=["fp32", "fast", "channels_last"], default="fp32", help=PRECISION_HELP)
+    p.add_argument("--tta", type=int, help=TTA_HELP)
 
 
 def run_serve(ns: argparse.Namespace) -> int:
@@ -387,7 +390,7 @@ def run_serve(ns: argparse.Namespace) -> int:
         from .web.server import serve
     except ImportError as exc:
         raise ValueError(f"the web app needs Flask and waitress ({exc}): pip install 'skain[web]'") from exc
-    config = {"CORS_ORIGIN": ns.cors, "PRECISION": ns.precision}
+    config = {"CORS_ORIGIN": ns.cors, "PRECISION": ns.precision, "TTA": ns.tta}
     if ns.model is not None:  # else SKAIN_MODEL, else outputs/ if trained there, else the shipped model
         config["MODEL"] = ns.model
     if ns.max_mb is not None:
@@ -407,19 +410,24 @@ def add_calibrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--tta", type=int, default=1, help="also fit temperature and triage threshold for predictions "
                    "averaged over this many TTA views (2-8), so `skain predict --tta N` keeps them")
+    p.add_argument("--default", action="store_true", help="with --tta N: make N views the model's default inference "
+                   "(predict, evaluate, serve and the web app run it unless told --tta 1)")
 
 
 def run_calibrate(ns: argparse.Namespace) -> int:
     """Fit temperature, triage threshold and OOD check for a run trained before they existed (or, with --tta N,
     the temperature and triage threshold for N-view test-time augmentation)."""
     from .trust import fit_trust_folder, fit_views_folder
+    if ns.default and ns.tta < 2:
+        raise ValueError("--default needs --tta N with N >= 2 (one view is already the fallback)")
     if ns.tta > 1:
-        block = fit_views_folder(ns.model, ns.tta, ns.cache_dir, ns.device)
+        block = fit_views_folder(ns.model, ns.tta, ns.cache_dir, ns.device, make_default=ns.default)
         c, t = block["calibration"], block["triage"]
         held = t.get("held_out") or {}
         print(f"{ns.tta} TTA views: T={c['temperature']:.3f}  ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f}; "
               f"triage threshold {t.get('threshold')} (held-out sensitivity {held.get('sensitivity')}, specificity "
-              f"{held.get('specificity')}); stored in {ns.model} for `skain predict --tta {ns.tta}`")
+              f"{held.get('specificity')}); stored in {ns.model} for `skain predict --tta {ns.tta}`"
+              + (f"; {ns.tta} views are now its default" if ns.default else ""))
         return 0
     figures = fit_trust_folder(ns.model, ns.cache_dir, ns.device)
     c = figures["calibration"]

@@ -80,7 +80,7 @@ class Predictor:
     stays within the measured agreement bounds (see `fast_choice`); `backend="onnx"` runs the exported
     network in ONNX Runtime (from `onnx_path`, or exported in memory when none is given)."""
 
-    def __init__(self, bundle: dict, device: str = "auto", precision: str = "fp32", tta: int = 1,
+    def __init__(self, bundle: dict, device: str = "auto", precision: str = "fp32", tta: int | None = None,
                  backend: str = "torch", onnx_path: str | Path | None = None):
         self.bundle = bundle
         self.classes: list[str] = list(bundle["classes"])
@@ -89,7 +89,7 @@ class Predictor:
         self.preprocess: dict = dict(bundle["preprocess"])
         self.transform = eval_transform(self.preprocess)
         self.device = resolve_device(device)
-        self.tta = _check_tta(tta)
+        self.tta = _check_tta(default_views(bundle) if tta is None else tta)  # None: the model's own default
         # temperature, OOD scorer, triage threshold (all optional); under TTA only the OOD check applies
         self.trust = TrustLayer.from_bundle(bundle).for_views(self.tta)
         replace_stale = precision == "fast" and backend == "torch"  # the user asked for speed, not for a file
@@ -286,6 +286,12 @@ def _check_choice(name: str, value: str, allowed) -> str:
         raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}"
                          + (", fast" if name == "precision" else ""))
     return value
+
+
+def default_views(bundle: dict) -> int:
+    """The TTA view count a model runs by default: its `inference.tta` (set by `skain calibrate --tta N
+    --default`, only once a trust block is fitted for N views), else one view."""
+    return int((bundle.get("inference") or {}).get("tta", 1))
 
 
 def _check_tta(tta: int) -> int:

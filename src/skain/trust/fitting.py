@@ -353,7 +353,7 @@ def tta_outputs(bundle: dict, frame: pd.DataFrame, loader_fn: ImageLoader, devic
 
 def fit_views(bundle_path: str | Path, frame: pd.DataFrame, val_idx: np.ndarray, loader_fn: ImageLoader,
               views: int, device: str | torch.device = "cpu", settings: TrustSettings | None = None,
-              progress: bool = False, save_to: str | Path | None = None) -> dict:
+              progress: bool = False, save_to: str | Path | None = None, make_default: bool = False) -> dict:
     """Temperature and triage threshold for predictions averaged over `views` TTA views, fit on the validation
     split like the single-view ones (blank-aware threshold, cross-fitted held-out figures), stored in the
     bundle's trust block under `views`; `skain predict --tta views` then applies them. The OOD check needs
@@ -378,6 +378,8 @@ def fit_views(bundle_path: str | Path, frame: pd.DataFrame, val_idx: np.ndarray,
              "held_out_method": HELD_OUT_METHOD if parts else "none (validation too small to split)",
              "fit_seconds": round(time.perf_counter() - started, 1)}
     bundle["trust"].setdefault("views", {})[str(int(views))] = block
+    if make_default:  # the model now answers with `views` views unless asked otherwise (predict.default_views)
+        bundle["inference"] = {"tta": int(views)}
     if bundle.get("model_card"):
         bundle["model_card"].setdefault("tta", {})[str(int(views))] = {
             "temperature": t, "threshold": triage.get("threshold"), "held_out": triage.get("held_out"),
@@ -498,12 +500,12 @@ def fit_trust_folder(out: str | Path, cache_dir: str | Path | None = None, devic
 
 
 def fit_views_folder(out: str | Path, views: int, cache_dir: str | Path | None = None, device: str = "cpu",
-                     settings: TrustSettings | None = None, progress: bool = False) -> dict:
+                     settings: TrustSettings | None = None, progress: bool = False, make_default: bool = False) -> dict:
     """fit_views for an existing output folder (its validation split)."""
     out = Path(out)
     frame, _, val_idx, cfg = folder_split(out)
     return fit_views(out / BUNDLE_NAME, frame, val_idx, ImageLoader(cfg["preprocess"]["resize"], cache_dir), views,
-                     device, settings, progress)
+                     device, settings, progress, make_default=make_default)
 
 
 def after_training(bundle_path: str | Path, frame: pd.DataFrame, train_idx: np.ndarray, val_idx: np.ndarray,

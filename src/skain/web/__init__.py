@@ -18,6 +18,7 @@ DEFAULTS = {
                                      # model was trained there, else the HAM10000 model shipped with skAIn
     "DEVICE": "auto",
     "PRECISION": "fp32",             # "fast": the fastest inference path measured to agree with fp32
+    "TTA": None,                     # views per image; None: the model's own default (1 = the fast setting)
     "MAX_CONTENT_LENGTH": 10 * 2**20,  # bytes; larger uploads get 413
     "MAX_PIXELS": 12_000_000,        # decoded size limit for uploads (files: 40 Mpx); larger images get 413
     "CORS_ORIGIN": None,             # e.g. "https://example.org" or "*"; None = no CORS headers
@@ -41,7 +42,7 @@ def create_app(config: Mapping[str, Any] | None = None, service: Service | None 
         app.config.update(config)
     app.json.sort_keys = False
     app.extensions[EXTENSION] = service or Service.load(app.config["MODEL"], app.config["DEVICE"],
-                                                                 app.config["PRECISION"])
+                                                        app.config["PRECISION"], app.config["TTA"])
     app.register_blueprint(pages.bp)
     app.register_blueprint(api.bp)
     errors.register(app)

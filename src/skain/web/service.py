@@ -50,7 +50,8 @@ class Service:
     source: ModelChoice | None = None  # which model answers: the user's own or the one shipped with skAIn
 
     @classmethod
-    def load(cls, model: str | Path | None = None, device: str = "auto", precision: str = "fp32") -> "Service":
+    def load(cls, model: str | Path | None = None, device: str = "auto", precision: str = "fp32",
+             tta: int | None = None) -> "Service":
         """Read the bundle once; the id is the first 12 hex digits of its SHA-256. No `model`: outputs/ if a
         model was trained there, else the shipped HAM10000 model (`skain.portable.choose_model`).
 
@@ -58,7 +59,8 @@ class Service:
         then come from a PyTorch fp32 copy of the same network."""
         source = choose_model(model)
         path = source.path
-        predictor = Predictor.from_bundle(path, device=device, precision=precision)
+        predictor = Predictor.from_bundle(path, device=device, precision=precision,
+                                          tta=None if tta in (None, "") else int(tta))
         try:
             torch_side = predictor if predictor.backend == "torch" else Predictor(predictor.bundle, device=device)
             explainer = GradCam(torch_side)
