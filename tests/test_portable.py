@@ -64,7 +64,8 @@ def test_file_holds_tensors_by_dotted_path_and_the_rest_as_json(bundle, tmp_path
     assert head["state_dict.backbone.bn1.running_var"]["dtype"] == "F32"              # BN vectors stay exact
     assert head["state_dict.head.0.bias"]["dtype"] == "F32"
     assert head["state_dict.backbone.bn1.num_batches_tracked"]["dtype"] == "I64"      # integers unchanged
-    assert head["trust.ood.parts.0.whitener"]["dtype"] == "F32"                        # OOD stays float32
+    assert head["trust.ood.parts.0.whitener"]["dtype"] == "F16"                        # OOD matrices too
+    assert head["trust.ood.parts.0.means"]["dtype"] == "F16"
     doc = json.loads(head["__metadata__"][META_KEY])
     assert doc["classes"] == bundle["classes"] and doc["portable"] == {"dtype": "float16"}
     assert doc["state_dict"]["head.0.weight"] == {"__tensor__": "state_dict.head.0.weight"}
@@ -82,6 +83,10 @@ def test_float16_halves_the_weights_and_stays_within_tolerance(bundle, frame, tm
     assert 0 < diff < 1e-2
     parity = check_parity(bundle, back, frame, "float16")
     assert parity.images == len(frame) and parity.top1_agreement >= 0.95 and parity.max_prob_diff < 0.05
+    assert parity.ood_agreement == 1.0
+    full, half = Predictor(bundle).predict_frame(frame, progress=False), Predictor(back).predict_frame(frame,
+                                                                                                  progress=False)
+    np.testing.assert_allclose(half["ood_score"], full["ood_score"], rtol=5e-3)  # float16 OOD matrices
 
 
 def test_numpy_arrays_and_nested_lists_round_trip(bundle, tmp_path):
