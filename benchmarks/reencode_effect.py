@@ -111,7 +111,7 @@ def held_out_images(ns, data: Path) -> tuple[pd.DataFrame, dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     root = Path(__file__).resolve().parents[1]
-    ap.add_argument("--model", default=str(root / "src" / "skain" / "models" / "ham10000.safetensors"))
+    ap.add_argument("--model", help="model to score (default: the --run's, else the shipped file)")
     ap.add_argument("--run", help="a `skain train --holdout` run folder: its model on its held-out test fold")
     ap.add_argument("--data-root", default=str(root / ".." / "shared" / "ham10000"))
     ap.add_argument("--folds", type=int, default=10)
@@ -125,7 +125,8 @@ def main() -> None:
     for e in ns.encodings:
         parse(e)
     frame, where = held_out_images(ns, Path(ns.data_root))
-    model = str(Path(ns.run) / "best_model.pt") if ns.run else ns.model
+    model = ns.model or str(Path(ns.run) / "best_model.pt" if ns.run else root / "src" / "skain" / "models" /
+                            "ham10000.safetensors")
     predictor = Predictor.from_bundle(model, tta=ns.tta)
     rows, started = {}, time.perf_counter()
     original = predictor.predict_frame(frame, progress=False)

@@ -341,3 +341,23 @@ def test_app_py_runs_the_serve_command(tmp_path):
 def test_model_json_is_strict_json(client):
     """NaN metrics (absent classes) become null so browsers' JSON.parse accepts the answer."""
     json.loads(client.get("/api/model").get_data(as_text=True), parse_constant=lambda c: pytest.fail(c))
+
+
+@pytest.mark.parametrize("fmt", ["WEBP", "BMP", "TIFF"])
+def test_uploads_in_other_formats_get_the_same_answer_as_their_png(client, image_bytes, fmt):
+    img = Image.open(io.BytesIO(image_bytes)).convert("RGB")
+    answers = {}
+    for name in ("PNG", fmt):
+        buf = io.BytesIO()
+        img.save(buf, name, **({"lossless": True} if name == "WEBP" else {}))
+        r = post(client, buf.getvalue(), f"lesion.{name.lower()}", probabilities="1")
+        assert r.status_code == 200, r.json
+        answers[name] = r.json["probabilities"]
+    assert answers[fmt] == answers["PNG"]
+
+
+def test_the_web_app_runs_the_views_it_is_told_else_the_models_default(trained, monkeypatch):
+    assert Service.load(trained).predictor.tta == 1  # the tiny model has no default: one view
+    assert create_app({"TESTING": True, "MODEL": str(trained), "TTA": 4}).extensions["skain"].predictor.tta == 4
+    monkeypatch.setenv("SKAIN_TTA", "2")
+    assert create_app({"TESTING": True, "MODEL": str(trained)}).extensions["skain"].predictor.tta == 2

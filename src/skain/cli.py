@@ -436,6 +436,28 @@ def run_calibrate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def add_compare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("a", help="predictions CSV of model A (skain predict's, or ISIC 2018 format)")
+    p.add_argument("b", help="predictions CSV of model B, on the same images")
+    p.add_argument("--truth", required=True, help="ground truth: image_id,dx (lesion_id too: lesions are resampled)")
+    p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", help="also write the whole comparison as JSON here")
+
+
+def run_compare(ns: argparse.Namespace) -> int:
+    import json
+    from .compare import compare, table
+    from .fileio import atomic_write
+    result = compare(ns.a, ns.b, ns.truth, ns.resamples, ns.seed)
+    print(table(result))
+    if ns.output:
+        atomic_write(ns.output, lambda fh: fh.write(json.dumps(result, indent=1).encode() + b"\n"))
+    return 0
+
+
+COMMANDS["compare"] = (add_compare_args, run_compare,
+                       "paired comparison of two models' predictions: differences with bootstrap intervals, DeLong")
 COMMANDS["calibrate"] = (add_calibrate_args, run_calibrate,
                          "fit calibration, OOD check, triage threshold and model card for an existing run")
 
