@@ -140,6 +140,13 @@ def test_evaluate_a_labelled_folder_reports_trust_with_and_without_metadata(trai
     assert runs["without metadata"]["balanced_accuracy"] == pytest.approx(expected, abs=1e-9)
     card = (rep / "model_card.md").read_text()
     assert "Measured on an external folder" in card and "Trust figures measured on the validation split" in card
+    # 95% intervals, resampling the CSV's lesions, around every headline figure
+    iv = metrics["intervals"]
+    assert iv["unit"] == "lesion" and iv["resamples"] == 2000 and iv["level"] == 0.95
+    ba = iv["metrics"]["balanced_accuracy"]
+    assert ba["value"] == pytest.approx(metrics["balanced_accuracy"]) and ba["ci"][0] <= ba["value"] <= ba["ci"][1]
+    assert iv["metrics"]["macro_auc"]["value"] == pytest.approx(metrics["macro_auc"])
+    assert "95% intervals: 2000 bootstrap resamples of lesions" in (rep / "report.md").read_text()
     assert "without metadata" in card and "Trust on these images" in (rep / "report.md").read_text()
 
 

@@ -221,7 +221,7 @@ def add_predict_args(p: argparse.ArgumentParser) -> None:
 def run_predict(ns: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .evaluate import folder_trust
+    from .evaluate import folder_trust, truth_columns
     from .portable import choose_model
     from .predict import Predictor, default_workers, prediction_table
     from .report import write_predictions
@@ -241,7 +241,7 @@ def run_predict(ns: argparse.Namespace) -> int:
         print(f"failed: {image_id}: {error}", file=sys.stderr)
     if labelled and len(failed) < len(pred):
         data = str(src.csv or src.image_dirs[0])
-        _report(pred, frame[["image_id", "dx"]], Path(ns.report or Path(ns.output).parent / "report"),
+        _report(pred, truth_columns(frame), Path(ns.report or Path(ns.output).parent / "report"),
                 {"model": str(model), "data": data, **_inference_context(predictor)},
                 folder_trust(predictor, frame, data, preds))
     if len(failed):
@@ -264,10 +264,10 @@ def _predict(predictor, frame, labelled: bool, batch_size: int, workers: int, ca
 
 
 def _report(pred, truth, folder, context: dict, trust: dict | None = None) -> None:
-    from .evaluate import align, evaluate, headline
+    from .evaluate import align, evaluate, headline, with_intervals
     from .report import write_report
-    labels, probs, info, decided = align(pred, truth)
-    metrics = evaluate(labels, probs, decided=decided)
+    labels, probs, info, decided, lesions = align(pred, truth, groups=True)
+    metrics = with_intervals(evaluate(labels, probs, decided=decided), labels, probs, decided, lesions)
     write_report(metrics, labels, probs, folder, {**context, **info}, trust)
     print(headline(metrics))
     for name, run in (trust or {}).get("runs", {}).items():
@@ -316,7 +316,7 @@ def run_evaluate(ns: argparse.Namespace) -> int:
 def _evaluate_model(ns: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .evaluate import folder_trust
+    from .evaluate import folder_trust, truth_columns
     from .predict import Predictor, default_workers, prediction_table
     from .report import write_predictions
     frame, src = prediction_table(ns.data, ns.csv, ns.images, bool(ns.skip_missing))
@@ -330,7 +330,7 @@ def _evaluate_model(ns: argparse.Namespace) -> int:
     folder = Path(ns.report or "report")
     write_predictions(pred, folder / "predictions.csv")
     data = str(src.csv or src.image_dirs[0])
-    _report(pred, frame[["image_id", "dx"]], folder, {"model": str(ns.model), "data": data,
+    _report(pred, truth_columns(frame), folder, {"model": str(ns.model), "data": data,
                                                       **_inference_context(predictor)},
             folder_trust(predictor, frame, data, preds))
     return 0

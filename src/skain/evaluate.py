@@ -41,11 +41,17 @@ def read_truth(path: str | Path) -> pd.DataFrame:
     if "dx" not in raw.columns and "image" in raw.columns and set(ISIC2018_COLUMNS) <= set(upper):
         onehot = raw[[upper[c] for c in ISIC2018_COLUMNS]].astype(float).to_numpy()
         raw = pd.DataFrame({"image_id": raw["image"], "dx": [ISIC2018_COLUMNS[i].lower() for i in onehot.argmax(1)]})
-    return clean_metadata(raw, str(path), require=("image_id", "dx"))[["image_id", "dx"]]
+    return truth_columns(clean_metadata(raw, str(path), require=("image_id", "dx")))
 
 
-def align(pred: pd.DataFrame, truth: pd.DataFrame, classes: tuple[str, ...] = CLASSES):
-    """-> (labels, probs, info, decided) over the ground-truth images that were predicted; `decided` holds the
+def truth_columns(frame: pd.DataFrame) -> pd.DataFrame:
+    """image_id, dx and, where known, lesion_id (intervals then resample lesions)."""
+    return frame[[c for c in ("image_id", "dx", "lesion_id") if c in frame.columns]]
+
+
+def align(pred: pd.DataFrame, truth: pd.DataFrame, classes: tuple[str, ...] = CLASSES, groups: bool = False):
+    """-> (labels, probs, info, decided[, lesion ids]) over the ground-truth images that were predicted (the lesion
+    ids, from the truth's `lesion_id` column or None, with `groups=True`); `decided` holds the
     class indices of a skAIn CSV's `pred` column (the model's decision rule), else None. Truth rows without a
     prediction and predictions without truth are counted (and warned about), never guessed; rows whose image
     failed to decode (NaN probabilities) are left out and counted."""
@@ -71,6 +77,9 @@ def align(pred: pd.DataFrame, truth: pd.DataFrame, classes: tuple[str, ...] = CL
     if "pred" in merged.columns:
         decided = merged["pred"].map({c: i for i, c in enumerate(classes)}).to_numpy()[ok]
         decided = None if np.isnan(decided.astype(float)).any() else decided.astype(int)
+    if groups:
+        lesions = merged["lesion_id"].astype(str).to_numpy()[ok] if "lesion_id" in merged else None
+        return labels[ok], probs[ok], info, decided, lesions
     return labels[ok], probs[ok], info, decided
 
 
@@ -87,10 +96,22 @@ def evaluate(labels: np.ndarray, probs: np.ndarray, classes: tuple[str, ...] = C
     return metrics
 
 
+def with_intervals(metrics: dict, labels: np.ndarray, probs: np.ndarray, decided: np.ndarray | None,
+                   lesions: np.ndarray | None, resamples: int = 2000, seed: int = 0) -> dict:
+    """`metrics` plus 95% bootstrap intervals of the headline and per-class figures (lesions resampled within
+    their class where lesion ids are known, else images), under "intervals"."""
+    from .bootstrap import Sample, bootstrap
+    mel = list(CLASSES).index("mel") if "mel" in CLASSES and probs.shape[1] == len(CLASSES) else None
+    sample = Sample(labels, probs, probs.argmax(1) if decided is None else decided, mel=mel)
+    return {**metrics, "intervals": bootstrap(sample, lesions, resamples=resamples, seed=seed)}
+
+
 def headline(metrics: dict) -> str:
     """One printable block: balanced accuracy first, as HAM10000 is 67% nevi."""
     mel = metrics.get("melanoma", {})
-    return (f"balanced accuracy {metrics['balanced_accuracy']:.4f} | accuracy {metrics['accuracy']:.4f} | "
+    ci = (metrics.get("intervals") or {}).get("metrics", {}).get("balanced_accuracy", {}).get("ci")
+    ci_text = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+    return (f"balanced accuracy {metrics['balanced_accuracy']:.4f}{ci_text} | accuracy {metrics['accuracy']:.4f} | "
             f"macro F1 {metrics['macro_f1']:.4f} | macro AUC {metrics['macro_auc']:.4f} | "
             f"melanoma sensitivity {mel.get('sensitivity', float('nan')):.4f} specificity "
             f"{mel.get('specificity', float('nan')):.4f} (n={metrics['n']})")

@@ -127,10 +127,24 @@ def report_markdown(metrics: dict, context: dict) -> str:
     for c, m in metrics["per_class"].items():
         lines.append(f"| {c} | {_f(m['precision'])} | {_f(m['recall'])} | {_f(m['f1'])} | {_f(m['auc'])} | "
                      f"{m['support']} |")
+    lines += interval_lines(metrics.get("intervals"))
     lines += ["", "Balanced accuracy is the mean per-class recall (HAM10000 is ~67% nevi, so plain accuracy "
               "flatters a model that favours nevi). Melanoma sensitivity/specificity use the argmax decision.",
               "", "![confusion matrix](confusion_matrix.png)", "", "![ROC curves](roc_curves.png)", ""]
     return "\n".join(lines)
+
+
+def interval_lines(intervals: dict | None) -> list[str]:
+    """The bootstrap intervals as a table (skain.evaluate.with_intervals)."""
+    if not intervals:
+        return []
+    level = int(round(100 * intervals["level"]))
+    lines = ["", f"{level}% intervals: {intervals['resamples']} bootstrap resamples of {intervals['unit']}s within "
+             f"each class (seed {intervals['seed']}).", "", f"| metric | value | {level}% interval |", "|---|---|---|"]
+    for key, m in intervals["metrics"].items():
+        lo, hi = m["ci"]
+        lines.append(f"| {key.replace('_', ' ')} | {_f(m['value'])} | {_f(lo)} - {_f(hi)} |")
+    return lines
 
 
 def trust_markdown(trust: dict) -> str:
