@@ -4,7 +4,8 @@
 # Steps (recorded in src/skain/models/README.md with the figures of the shipped file):
 #   1. cross-validation (5 lesion-grouped folds, each test fold chooses nothing) -> oof_predictions.csv
 #   2. the shipped network: cpu preset, 90% train / 10% validation (--folds 10 --fold 0), split seed 42, seed 42
-#   3. calibration, OOD check and triage on its validation split; the decision rule from step 1's predictions
+#   3. calibration, OOD check (fit on each image and a re-saved copy) and triage on its validation split, again for
+#      8 TTA views, which become its default inference; the decision rule from step 1's predictions
 #   4. float16 safetensors, written only if it agrees with float32 on the >= 500 validation images
 # Times: on one H200 steps 1-2 took 1.5 + 4 minutes; on 2 CPU cores plan on 2-3 hours.
 set -euo pipefail
@@ -19,6 +20,7 @@ budget=(); [ -n "$CV_MINUTES" ] && budget=(--max-minutes "$CV_MINUTES")
 $SKAIN train "${data[@]}" --all-folds --folds 5 --no-trust "${budget[@]}" --output "$OUT/cv"
 $SKAIN train "${data[@]}" --folds 10 --fold 0 --epochs "$FINAL_EPOCHS" --no-trust --output "$OUT/final"
 $SKAIN calibrate --model "$OUT/final"
+$SKAIN calibrate --model "$OUT/final" --tta 8 --default   # 8 views: the model's default inference, trust fit for it
 $SKAIN decide --oof "$OUT/cv/oof_predictions.csv" --model "$OUT/final"
 python - "$OUT/final" "$CSV" $IMAGES <<'PY'
 import sys

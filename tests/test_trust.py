@@ -216,14 +216,7 @@ def test_ood_rejects_blank_and_noise_but_accepts_held_out_real_dermoscopy(shared
     table = pred.predict_frame(unseen.assign(path=[str(shared_data / "images" / f"{i}.jpg") for i in unseen["image_id"]]),
                                progress=False)
     assert table["ood"].astype(bool).mean() <= 0.10, table["ood_score"].describe()
-    # the same unseen lesions as a phone, a WebP re-save and a screenshot send them stay in distribution ...
-    from skain.data.degrade import COPIES, saved_copy
-    from skain.data.images import open_image
-    originals = [open_image(shared_data / "images" / f"{i}.jpg") for i in unseen["image_id"]]
-    for copy in COPIES:
-        rejected = np.mean([not pred.predict_one(saved_copy(img, copy)).in_distribution for img in originals])
-        assert rejected <= table["ood"].astype(bool).mean() + 0.05, (copy, rejected)
-    # ... while text screenshots and everyday photos (scikit-image's samples) are still turned away
+    # text screenshots and everyday photos (scikit-image's samples) are turned away too
     import skimage.data as sk
     for kind, images in (("text", probes["text"]), ("photos", [sk.chelsea(), sk.coffee(), sk.rocket()])):
         verdicts = [pred.predict_one(b if isinstance(b, bytes) else to_png(b)).in_distribution for b in images]
