@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from .bootstrap import Sample, delong, paired
-from .data.schema import CLASSES, DataError, read_csv
+from .data.schema import CLASSES, DataError
 from .evaluate import read_predictions, read_truth
 from .trust.triage import INVESTIGATE, MALIGNANT
 
@@ -40,10 +40,7 @@ def sample_of(pred: pd.DataFrame, labels: np.ndarray, classes: tuple[str, ...] =
 
 def load_pair(a: str | Path, b: str | Path, truth: str | Path) -> tuple[Sample, Sample, np.ndarray | None, dict]:
     """Both prediction files and the truth, on the images all three share (scorable in both)."""
-    t = read_truth(truth)
-    raw = read_csv(truth)
-    if "lesion_id" in raw.columns and "image_id" in raw.columns:
-        t = t.merge(raw[["image_id", "lesion_id"]].astype(str).drop_duplicates("image_id"), on="image_id")
+    t = read_truth(truth)  # with lesion_id where the CSV has it
     pa, pb = read_predictions(a), read_predictions(b)
     cols = [f"p_{c}" for c in CLASSES]
     ok_a = pa.loc[np.isfinite(pa[cols].to_numpy(float)).all(1), "image_id"]
