@@ -77,28 +77,30 @@ def pipeline_ratio(paths: list[str], pre: dict, cache_dir: Path) -> dict:
 
 
 class Synthetic(torch.utils.data.Dataset):
-    def __init__(self, n: int, size: int):
-        self.n, self.size = n, size
+    def __init__(self, n: int, size: int, age_width: int = 1):
+        self.n, self.size, self.age_width = n, size, age_width
         self.image = torch.randn(3, size, size)
 
     def __len__(self) -> int:
         return self.n
 
     def __getitem__(self, i: int) -> dict:
-        return {"image": self.image, "age": torch.zeros(1), "sex": torch.tensor(0), "site": torch.tensor(0),
-                "label": torch.tensor(i % 7), "index": torch.tensor(i), "ok": torch.tensor(True)}
+        return {"image": self.image, "age": torch.zeros(self.age_width), "sex": torch.tensor(0),
+                "site": torch.tensor(0), "label": torch.tensor(i % 7), "index": torch.tensor(i), "ok": torch.tensor(True)}
 
 
 def train_speed(preset: str, frame: pd.DataFrame, steps: int, cache_dir: Path, compiled: bool = False) -> dict:
     cfg = build_config(preset, flags={"model": {"pretrained": "none"}})
     device = resolve_device()
     dtype = amp_dtype(device, "auto")
-    model = SkainNet(cfg.model.backbone, n_sex=3, n_site=15).to(device, memory_format=torch.channels_last)
+    enc = MetadataEncoder.fit(frame)
+    model = SkainNet(cfg.model.backbone, n_sex=len(enc.sex_vocab), n_site=len(enc.site_vocab),
+                     age_inputs=enc.age_width).to(
+        device, memory_format=torch.channels_last)
     model.set_backbone_trainable(cfg.train.unfreeze_fraction)
     pre = resolve_preprocess(model.backbone.pretrained_cfg, cfg.model.input_size)
     bs = cfg.train.batch_size
     n = bs * steps
-    enc = MetadataEncoder.fit(frame)
     real = LesionDataset(frame.iloc[:n].reset_index(drop=True), enc, ImageLoader(pre["resize"], cache_dir),
                          train_transform(pre))
     photo = LesionDataset(frame.iloc[:n].reset_index(drop=True), enc, ImageLoader(pre["resize"], cache_dir),
@@ -109,7 +111,8 @@ def train_speed(preset: str, frame: pd.DataFrame, steps: int, cache_dir: Path, c
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 1e-5)
     loss = torch.nn.CrossEntropyLoss()
     out = {}
-    for name, ds in (("synthetic", Synthetic(n, pre["input_size"])), ("pipeline", real), ("pipeline_photo", photo)):
+    synthetic = Synthetic(n, pre["input_size"], enc.age_width)
+    for name, ds in (("synthetic", synthetic), ("pipeline", real), ("pipeline_photo", photo)):
         dl = DataLoader(ds, bs, shuffle=False, num_workers=n_workers, pin_memory=device.type == "cuda")
         train_one_epoch(model, [next(iter(dl))], opt, loss, device, dtype, channels_last=True, progress=False)
         out[name] = train_one_epoch(model, dl, opt, loss, device, dtype, channels_last=True,
@@ -118,7 +121,7 @@ def train_speed(preset: str, frame: pd.DataFrame, steps: int, cache_dir: Path, c
     out["photo_augment_share"] = out["pipeline_photo"] / out["pipeline"]
     if compiled:  # opt-in torch.compile of the training step, on the same synthetic tensors
         net = torch.compile(model)
-        dl = DataLoader(Synthetic(n, pre["input_size"]), bs, shuffle=False, num_workers=n_workers)
+        dl = DataLoader(Synthetic(n, pre["input_size"], enc.age_width), bs, shuffle=False, num_workers=n_workers)
         start = time.perf_counter()
         train_one_epoch(net, [next(iter(dl))], opt, loss, device, dtype, channels_last=True, progress=False)
         out["compile_seconds"] = time.perf_counter() - start
