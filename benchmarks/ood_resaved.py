@@ -28,7 +28,8 @@ from skain.trust.ood import threshold_for_false_rejection
 def shares(tr: Outputs, va: Outputs, copies: np.ndarray, probes: dict, s: TrustSettings) -> dict:
     scorer = ood_scorer(tr, va, s)
     thr = threshold_for_false_rejection(scorer.score(va.ood_features()), s.false_rejection)
-    out = {"val": float((scorer.score(va.features) > thr).mean()), "val_copies": float((scorer.score(copies) > thr).mean())}
+    out = {"val": float((scorer.score(va.features) > thr).mean()),
+           "val_copies": float((scorer.score(copies) > thr).mean())}
     return out | {k: float((scorer.score(f) > thr).mean()) for k, f in probes.items()}
 
 

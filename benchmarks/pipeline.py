@@ -86,7 +86,8 @@ class Synthetic(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         return {"image": self.image, "age": torch.zeros(self.age_width), "sex": torch.tensor(0),
-                "site": torch.tensor(0), "label": torch.tensor(i % 7), "index": torch.tensor(i), "ok": torch.tensor(True)}
+                "site": torch.tensor(0), "label": torch.tensor(i % 7), "index": torch.tensor(i),
+                "ok": torch.tensor(True)}
 
 
 def train_speed(preset: str, frame: pd.DataFrame, steps: int, cache_dir: Path, compiled: bool = False) -> dict:
