@@ -161,3 +161,13 @@ def test_predict_with_dx_reports_trust_with_and_without_metadata(trained, synth_
     runs = json.loads((tmp_path / "rep" / "metrics.json").read_text())["trust"]["runs"]
     assert {"with metadata", "without metadata"} <= set(runs)
     assert (tmp_path / "rep" / "model_card.md").exists()
+
+
+def test_prediction_files_naming_images_by_file_name_give_the_stem_in_every_format(tmp_path):
+    from skain.data.schema import CLASSES
+    from skain.evaluate import read_predictions
+    names = ["ISIC_1.jpg", "ISIC_2.JPEG", "ISIC_3.png", "ISIC_4.webp", "ISIC_5.bmp", "ISIC_6.tif", "ISIC_7.heic",
+             "ISIC_8"]
+    pd.DataFrame({"image_id": names, **{f"p_{c}": 1 / len(CLASSES) for c in CLASSES}}).to_csv(
+        tmp_path / "p.csv", index=False)
+    assert read_predictions(tmp_path / "p.csv")["image_id"].tolist() == [f"ISIC_{i}" for i in range(1, 9)]

@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import norm
+from scipy.stats import norm, rankdata
 
 
 @dataclass
@@ -67,10 +67,6 @@ def recalls(w: np.ndarray, labels: np.ndarray, pred: np.ndarray, k: int) -> np.n
     hit = onehot * (pred == labels)[:, None]
     with np.errstate(invalid="ignore", divide="ignore"):
         return (w @ hit) / (w @ onehot)
-
-
-def balanced_accuracy(w: np.ndarray, labels: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
-    return np.nanmean(recalls(w, labels, pred, k), axis=1)
 
 
 def auc(w: np.ndarray, positive: np.ndarray, score: np.ndarray) -> np.ndarray:
@@ -183,20 +179,6 @@ def _in_chunks(counts: np.ndarray, lesion_of: np.ndarray, chunk: int, fn) -> dic
 
 
 # ----------------------------------------------------------------------------- DeLong
-def _midranks(x: np.ndarray) -> np.ndarray:
-    order = np.argsort(x, kind="mergesort")
-    xs = x[order]
-    ranks = np.empty(len(x), dtype=np.float64)
-    i = 0
-    while i < len(x):
-        j = i
-        while j < len(x) and xs[j] == xs[i]:
-            j += 1
-        ranks[order[i:j]] = 0.5 * (i + j - 1) + 1
-        i = j
-    return ranks
-
-
 def delong(positive: np.ndarray, score_a: np.ndarray, score_b: np.ndarray) -> dict:
     """DeLong's test that two scores of the same images have the same ROC AUC -> AUCs, their difference (b - a),
     its standard error, z and the two-sided p-value."""
@@ -207,7 +189,7 @@ def delong(positive: np.ndarray, score_a: np.ndarray, score_b: np.ndarray) -> di
     v10, v01, aucs = [], [], []
     for score in (np.asarray(score_a, float), np.asarray(score_b, float)):
         x, y = score[positive], score[~positive]
-        tx, ty, tz = _midranks(x), _midranks(y), _midranks(np.r_[x, y])
+        tx, ty, tz = rankdata(x), rankdata(y), rankdata(np.r_[x, y])  # mid-ranks: ties share their mean rank
         aucs.append((tz[:m].sum() - m * (m + 1) / 2) / (m * n))
         v10.append((tz[:m] - tx) / n)         # structural components of the positives
         v01.append(1.0 - (tz[m:] - ty) / m)   # and of the negatives

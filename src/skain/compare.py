@@ -60,12 +60,11 @@ def compare(a: str | Path, b: str | Path, truth: str | Path, resamples: int = 20
     sa, sb, groups, info = load_pair(a, b, truth)
     result = {"a": str(a), "b": str(b), "truth": str(truth), **info,
               **paired(sa, sb, groups, resamples=resamples, seed=seed)}
-    tests = {"macro_auc": None}
-    if sa.mel is not None:
-        tests["melanoma_auc"] = delong(sa.labels == sa.mel, sa.probs[:, sa.mel], sb.probs[:, sb.mel])
     per_class = {c: delong(sa.labels == i, sa.probs[:, i], sb.probs[:, i]) for i, c in enumerate(CLASSES)
                  if 2 <= (sa.labels == i).sum() <= len(sa.labels) - 2}
-    result["delong"] = {**{k: v for k, v in tests.items() if v is not None}, "per_class_auc": per_class}
+    result["delong"] = {"per_class_auc": per_class}
+    if "mel" in per_class:  # melanoma's AUC is reported on its own row of the table
+        result["delong"]["melanoma_auc"] = per_class["mel"]
     return result
 
 

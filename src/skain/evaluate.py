@@ -13,6 +13,7 @@ import pandas as pd
 from scipy.special import softmax
 
 from .data.encoder import FIELDS
+from .data.images import IMAGE_SUFFIXES
 from .data.schema import CLASSES, DataError, clean_metadata, read_csv
 from .metrics import classification_metrics, expected_calibration_error, one_vs_rest_rates
 
@@ -30,7 +31,8 @@ def read_predictions(path: str | Path, classes: tuple[str, ...] = CLASSES) -> pd
     if missing:
         raise DataError(f"{path}: not a predictions CSV: missing column(s) {', '.join(missing)} (expected "
                         f"skAIn's image_id,pred,prob,p_<class>... or ISIC 2018's image,{','.join(ISIC2018_COLUMNS)})")
-    frame["image_id"] = frame["image_id"].astype(str).str.replace(r"\.(jpe?g|png)$", "", case=False, regex=True)
+    suffixes = "|".join(s.lstrip(".") for s in IMAGE_SUFFIXES)  # a file name in the CSV: the image id is its stem
+    frame["image_id"] = frame["image_id"].astype(str).str.replace(rf"\.({suffixes})$", "", case=False, regex=True)
     return frame
 
 
@@ -101,8 +103,7 @@ def with_intervals(metrics: dict, labels: np.ndarray, probs: np.ndarray, decided
     """`metrics` plus 95% bootstrap intervals of the headline and per-class figures (lesions resampled within
     their class where lesion ids are known, else images), under "intervals"."""
     from .bootstrap import Sample, bootstrap
-    mel = list(CLASSES).index("mel") if "mel" in CLASSES and probs.shape[1] == len(CLASSES) else None
-    sample = Sample(labels, probs, probs.argmax(1) if decided is None else decided, mel=mel)
+    sample = Sample(labels, probs, probs.argmax(1) if decided is None else decided, mel=CLASSES.index("mel"))
     return {**metrics, "intervals": bootstrap(sample, lesions, resamples=resamples, seed=seed)}
 
 
