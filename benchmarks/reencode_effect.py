@@ -119,12 +119,17 @@ def main() -> None:
     ap.add_argument("--split-seed", type=int, default=42)
     ap.add_argument("--tta", type=int, default=1, help="TTA views, as `skain predict --tta`")
     ap.add_argument("--encodings", nargs="+", default=ENCODINGS)
+    ap.add_argument("--limit", type=int, help="score a seeded random sample of this many images (same sample "
+                    "for every --tta, so two runs pair image by image)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/out/reencode_effect.json")
     ns = ap.parse_args()
     for e in ns.encodings:
         parse(e)
     frame, where = held_out_images(ns, Path(ns.data_root))
+    if ns.limit and ns.limit < len(frame):
+        frame = frame.sample(n=ns.limit, random_state=0).reset_index(drop=True)
+        where = {**where, "sample": f"{ns.limit} images, random_state 0"}
     model = ns.model or str(Path(ns.run) / "best_model.pt" if ns.run else root / "src" / "skain" / "models" /
                             "ham10000.safetensors")
     predictor = Predictor.from_bundle(model, tta=ns.tta)
