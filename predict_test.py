@@ -5,7 +5,7 @@
 """
 import sys
 
-from skain.runtime_env import run_cli  # allocator set-up first, then skain.cli (see skain.runtime_env)
+from skain.launch import run_cli  # allocator set-up first, then skain.cli (see skain.launch)
 
 if __name__ == "__main__":
     sys.exit(run_cli(["predict", *sys.argv[1:]]))

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from skain.config import Config, build_config
 from skain.data.synthetic import make_synthetic
+from skain.training.config import Config, build_config
 
 SHARED = Path(os.environ.get("SKAIN_SHARED_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "ham10000"))
 
@@ -34,7 +34,7 @@ def synth_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def trained(synth_root, tmp_path_factory) -> Path:
     """An output folder holding a tiny model trained on the synthetic set (shared by read-only tests)."""
-    from skain.train import fit
+    from skain.training.train import fit
     out = tmp_path_factory.mktemp("trained")
     fit(tiny_config(synth_root / "dataset_train", out, epochs=6, seed=1))
     return out
@@ -52,8 +52,8 @@ def default_model(trained, tmp_path_factory) -> Path:
     """The model commands fall back to: the shipped HAM10000 file when this checkout has it, else a stand-in
     exported from the tiny trained bundle (without its OOD check, which knows only synthetic drawings and would
     turn every real lesion away). Tests point SKAIN_DEFAULT_MODEL at it."""
-    from skain.bundle import read_bundle
-    from skain.portable import SHIPPED_MODEL, export_portable
+    from skain.modelfile.load import SHIPPED_MODEL, read_bundle
+    from skain.modelfile.portable import export_portable
     if SHIPPED_MODEL.is_file():
         return SHIPPED_MODEL
     bundle = read_bundle(trained)

@@ -2,12 +2,17 @@
 import numpy as np
 import pytest
 import torch
+from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from torchvision.transforms import v2
-
-from skain.data.transforms import (DermoscopyAugment, apply_colour, colour_affine, eval_transform, normalise,
-                                   resolve_preprocess)
+from skain.data.transforms import (
+    DermoscopyAugment,
+    apply_colour,
+    colour_affine,
+    eval_transform,
+    normalise,
+    resolve_preprocess,
+)
 
 PRE = resolve_preprocess({}, 32)  # input 32, resize 37
 

@@ -8,8 +8,18 @@ import numpy as np
 import pytest
 from sklearn.metrics import balanced_accuracy_score, recall_score, roc_auc_score
 
-from skain.bootstrap import (Sample, auc, bootstrap, delong, ece, image_weights, interval, lesion_counts,
-                             metric_values, paired)
+from skain.evaluation.bootstrap import (
+    Sample,
+    auc,
+    bootstrap,
+    delong,
+    ece,
+    image_weights,
+    interval,
+    lesion_counts,
+    metric_values,
+    paired,
+)
 from skain.metrics import expected_calibration_error
 
 K = 7

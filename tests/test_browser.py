@@ -148,7 +148,8 @@ def default_server(browser, default_model, tmp_path_factory):
     import sys
     import time
     import urllib.request
-    from skain.portable import DEFAULT_MODEL_ENV
+
+    from skain.modelfile.load import DEFAULT_MODEL_ENV
     cwd, port = tmp_path_factory.mktemp("fresh_user"), free_port()
     log = (cwd / "serve.log").open("w")
     env = {**os.environ, DEFAULT_MODEL_ENV: str(default_model),
@@ -179,7 +180,7 @@ def test_fresh_user_drops_a_real_lesion_on_the_default_model_and_gets_a_diagnosi
                                                                                    shared_data, default_model):
     import time
 
-    from skain.portable import SHIPPED_MODEL
+    from skain.modelfile.load import SHIPPED_MODEL
     url, start, ready, log = default_server
     image = real_image(shared_data)
     page = browser.new_page(viewport={"width": 1280, "height": 1000})

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from skain.bundle import FORMAT_VERSION, BundleError, check_bundle, load_model, read_bundle
 from skain.cli import main
-from skain.predict import Predictor
+from skain.inference.predictor import Predictor
+from skain.modelfile.bundle import FORMAT_VERSION, BundleError, check_bundle, load_model
+from skain.modelfile.load import read_bundle
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "skain"
 

@@ -55,7 +55,7 @@ def test_unwritable_cache_falls_back_to_decoding(image, tmp_path):
 
 def test_cached_predictions_equal_uncached(trained, synth_root, tmp_path):
     from skain.data.layout import discover, load_table
-    from skain.predict import Predictor
+    from skain.inference.predictor import Predictor
     frame = load_table(discover(synth_root / "dataset_test"), require=("image_id",))
     p = Predictor.from_bundle(trained)
     plain = p.predict_frame(frame, progress=False)

@@ -8,8 +8,8 @@ import pytest
 
 from conftest import tiny_config
 from skain.cli import main
-from skain.crossval import fit_all_folds
 from skain.data.schema import CLASSES
+from skain.training.crossval import fit_all_folds
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,8 @@ def test_cv_report_of_one_run_matches_its_test_folds_and_ensembles_average_runs(
     scored as the average of their probabilities; an image-only run stands in with its one variant; runs on
     other test images are refused."""
     import shutil
-    from skain.crossval import cross_run_report
+
+    from skain.training.crossval import cross_run_report
     out, _ = cv
     one = cross_run_report([out], tmp_path / "one", "present")
     for k in range(3):
@@ -156,7 +157,8 @@ def test_cv_report_image_only_writes_the_paired_metadata_table(cv, tmp_path, cap
     """`skain cv-report MM --image-only IMG`: every metadata variant, the image-only row and their ensemble, single
     view and 8 views, each paired per fold against the image-only row of the same views."""
     from sklearn.metrics import balanced_accuracy_score
-    from skain.crossval import fold_probs
+
+    from skain.training.crossval import fold_probs
     out, _ = cv
     img = _fake_image_only(out, tmp_path / "img", seed=3)
     assert main(["cv-report", str(out), "--image-only", str(img), "--output", str(tmp_path / "t")]) == 0

@@ -140,7 +140,7 @@ def test_real_official_csv_names_missing_images(shared_data, tmp_path):
 
 def test_unreadable_image_stops_training_before_work(synth_root, tmp_path):
     from conftest import tiny_config
-    from skain.train import fit
+    from skain.training.train import fit
     data = tmp_path / "d"
     shutil.copytree(synth_root / "dataset_train", data)
     bad = sorted((data / "image").iterdir())[5]

@@ -5,8 +5,14 @@ import pytest
 import torch
 
 from skain.data.schema import CLASSES
-from skain.decision import Decision, adjusted_pred, decision_scores, fit_tau, nested_estimate
-from skain.evaluate import align, evaluate
+from skain.evaluation.evaluate import align, evaluate
+from skain.inference.decision import (
+    Decision,
+    adjusted_pred,
+    decision_scores,
+    fit_tau,
+    nested_estimate,
+)
 
 
 def _oof(seed=0, n=1400):
@@ -51,8 +57,8 @@ def test_nested_estimate_never_chooses_a_folds_tau_on_that_fold():
 
 
 def test_predictor_names_classes_by_the_bundle_rule(trained, synth_root, tmp_path):
-    from skain.predict import Predictor, prediction_table
-    from skain.report import isic2018_table
+    from skain.evaluation.report import isic2018_table
+    from skain.inference.predictor import Predictor, prediction_table
     bundle = torch.load(trained / "best_model.pt", weights_only=True)
     frame, _ = prediction_table(synth_root / "dataset_test")
     plain = Predictor(bundle).predict_frame(frame, progress=False)

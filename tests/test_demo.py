@@ -13,9 +13,14 @@ from pathlib import Path
 import pytest
 
 from skain import cli
-from skain.bundle import BundleError, read_bundle
 from skain.demo import MARKER, DemoError, claim, synthetic_demo
-from skain.portable import DEFAULT_MODEL_ENV, SHIPPED_MODEL, choose_model
+from skain.modelfile.bundle import BundleError
+from skain.modelfile.load import (
+    DEFAULT_MODEL_ENV,
+    SHIPPED_MODEL,
+    choose_model,
+    read_bundle,
+)
 from skain.web import create_app
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +44,7 @@ def nothing(tmp_path, monkeypatch) -> Path:
 
 # ------------------------------------------------------------------------------------------- which model answers
 def test_no_trained_model_falls_back_to_the_shipped_model(fresh, default_model, caplog):
-    with caplog.at_level(logging.INFO, logger="skain.portable"):
+    with caplog.at_level(logging.INFO, logger="skain.modelfile.load"):
         choice = choose_model(None)
     assert choice.path == default_model and choice.shipped and choice.kind == "shipped"
     assert "shipped with skAIn" in caplog.text and "CC BY-NC 4.0" in caplog.text
@@ -101,7 +106,7 @@ def test_serve_start_up_log_says_which_model_answers(fresh, default_model, monke
 
 def test_predict_without_model_uses_the_shipped_model(fresh, synth_root, caplog):
     out = fresh / "preds.csv"
-    with caplog.at_level(logging.INFO, logger="skain.portable"):
+    with caplog.at_level(logging.INFO, logger="skain.modelfile.load"):
         assert cli.main(["predict", "--data", str(synth_root / "dataset_test"), "--output", str(out),
                          "--no-progress"]) == 0
     assert "shipped with skAIn" in caplog.text and len(out.read_text().splitlines()) == 41
@@ -119,7 +124,7 @@ def test_app_py_falls_back_too(fresh):
 def test_demo_serves_the_shipped_model_without_training(fresh, default_model, monkeypatch):
     seen = {}
     monkeypatch.setattr(cli, "run_serve", lambda ns: seen.update(vars(ns)) or 0)
-    monkeypatch.setattr("skain.train.fit", lambda cfg: pytest.fail("the demo must not train"))
+    monkeypatch.setattr("skain.demo.fit", lambda cfg: pytest.fail("the demo must not train"))
     assert cli.main(["demo", "--port", "5123"]) == 0
     assert Path(seen["model"]) == default_model and seen["port"] == 5123 and seen["host"] == "127.0.0.1"
     assert not (fresh / "outputs").exists()
@@ -132,7 +137,7 @@ def test_demo_without_the_shipped_model_points_to_the_synthetic_demo(nothing, ca
 
 def test_synthetic_demo_writes_only_inside_its_own_marked_folder(fresh, monkeypatch):
     configs = []
-    monkeypatch.setattr("skain.train.fit", configs.append)
+    monkeypatch.setattr("skain.demo.fit", configs.append)
     model = synthetic_demo(fresh / "outputs" / "demo-synthetic", epochs=1, images=40)
     root = fresh / "outputs" / "demo-synthetic"
     assert model == root / "model" and (root / MARKER).is_file()

@@ -8,15 +8,16 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from skain.bundle import load_model, read_bundle
 from skain.data.dataset import LesionDataset
 from skain.data.encoder import MetadataEncoder
 from skain.data.images import ImageLoader
 from skain.data.layout import discover, load_table
 from skain.data.transforms import eval_transform
-from skain.distributed import DistInfo, EpochSampler, ShardSampler
 from skain.engine import predict_logits
 from skain.metrics import classification_metrics
+from skain.modelfile.bundle import load_model
+from skain.modelfile.load import read_bundle
+from skain.training.distributed import DistInfo, EpochSampler, ShardSampler
 
 
 def train_args(data, out, cache):

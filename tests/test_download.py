@@ -421,7 +421,7 @@ def real_sample(shared_data: Path, per_class: int = 2) -> tuple[dict[str, bytes]
 
 
 def test_real_ham10000_images_round_trip_into_a_training_table(serve, tmp_path, shared_data):
-    from skain.predict import prediction_table
+    from skain.inference.predictor import prediction_table
     files, clinical, meta = real_sample(shared_data)
     archive = Archive(files, clinical, page_size=4)
     archive.fault("truncate", r"/files/", 3)

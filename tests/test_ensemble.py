@@ -12,15 +12,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from skain.bundle import BundleError, atomic_torch_save, check_bundle, read_bundle
+from conftest import tiny_config
 from skain.cli import main
 from skain.data.schema import CLASSES
-from skain.ensemble import OOF_NAME, averaged_oof, build_ensemble
-from skain.explain import GradCam
+from skain.inference.explain import GradCam
+from skain.inference.predictor import GRAPH_RUNTIMES, Predictor, prediction_table
 from skain.model import EnsembleNet
-from skain.predict import GRAPH_RUNTIMES, Predictor, prediction_table
-
-from conftest import tiny_config
+from skain.modelfile.bundle import BundleError, atomic_torch_save, check_bundle
+from skain.modelfile.load import read_bundle
+from skain.training.ensemble import OOF_NAME, averaged_oof, build_ensemble
 
 P_COLS = [f"p_{c}" for c in CLASSES]
 
@@ -28,11 +28,11 @@ P_COLS = [f"p_{c}" for c in CLASSES]
 @pytest.fixture(scope="module")
 def folds(synth_root, tmp_path_factory):
     """Two tiny runs on complementary folds of a 2-fold lesion-grouped split (each with its trust block)."""
-    from skain.train import fit
+    from skain.training.train import fit
     root = tmp_path_factory.mktemp("kfold")
     runs = []
     for k in (0, 1):
-        cfg = tiny_config(synth_root / "dataset_train", root / f"fold{k}", epochs=2, seed=3)  # one split seed: complementary folds
+        cfg = tiny_config(synth_root / "dataset_train", root / f"fold{k}", epochs=2, seed=3)  # one split seed
         cfg.data.folds, cfg.data.fold, cfg.data.split_seed = 2, k, 3  # split seed 3: one fold never sees 'chest'
         fit(cfg)
         runs.append(root / f"fold{k}")
@@ -72,7 +72,7 @@ def test_ensemble_probabilities_are_the_mean_of_the_members(folds, ensemble, fra
 def test_blank_variant_from_one_pass_equals_a_blank_csv_on_the_ensemble(ensemble, frame):
     """The ensemble's backbone + classify split (members with different encoders) gives the same with- and
     without-metadata predictions in one pass as two separate prediction passes."""
-    from skain.evaluate import trust_variants
+    from skain.evaluation.evaluate import trust_variants
     predictor = Predictor.from_bundle(ensemble)
     both = predictor.predict_variants(frame, trust_variants(predictor), batch_size=8, progress=False)
     blank = frame.assign(age=np.nan, sex="unknown", localization="unknown")
@@ -87,7 +87,8 @@ def test_tta_trust_inputs_of_the_ensemble_are_its_tta_predictions(ensemble, fram
     """`skain calibrate --tta N` on an ensemble fits on exactly what `predict --tta N` outputs (no blank variant:
     like the single-view trust, blank-aware triage is for one multimodal network)."""
     from skain.data.images import ImageLoader
-    from skain.trust.fitting import TrustSettings, tta_outputs
+    from skain.training.trust_fit import tta_outputs
+    from skain.trust.crossfit import TrustSettings
     bundle = read_bundle(ensemble)
     out = tta_outputs(bundle, frame, ImageLoader(bundle["preprocess"]["resize"]), torch.device("cpu"), 2,
                       TrustSettings())
@@ -155,7 +156,7 @@ def test_trust_layer_is_fit_on_out_of_fold_logits(folds, ensemble, tmp_path):
 
 def _oof_csv(folds) -> pd.DataFrame:
     """Each fold's member on its own validation images, in the `skain predict` CSV format plus fold/logits."""
-    from skain.trust.fitting import folder_split
+    from skain.training.trust_fit import folder_split
     parts = []
     for k, run in enumerate(folds):
         frame, _, val_idx, _ = folder_split(run)
@@ -247,7 +248,7 @@ def test_members_with_one_encoder_feed_it_straight_through_in_every_backend(fold
 def wide(synth_root, tmp_path_factory):
     """A run at 80 px (resize 91: the 64 px runs' field of view, 0.88) on fold 0 of the same split, like a Lite2
     run at 260 px beside Lite0 at 224."""
-    from skain.train import fit
+    from skain.training.train import fit
     out = tmp_path_factory.mktemp("wide") / "fold0"
     cfg = tiny_config(synth_root / "dataset_train", out, epochs=2, seed=3)
     cfg.data.folds, cfg.data.fold, cfg.data.split_seed = 2, 0, 3
@@ -334,7 +335,7 @@ def test_runs_on_one_split_share_their_averaged_out_of_fold_predictions(folds, t
 def test_members_sharing_a_validation_split_are_averaged_on_it(folds, wide):
     """Two runs on the same fold and no oof_predictions.csv: every validation image once, with the mean of both
     members' probabilities (what the ensemble of the two predicts for it), not the first member's alone."""
-    from skain.ensemble import predict_own_validation, read_members
+    from skain.training.ensemble import predict_own_validation, read_members
     members = read_members([folds[0], wide])
     got = predict_own_validation(members, None, torch.device("cpu"))
     alone = [predict_own_validation([m], None, torch.device("cpu")).set_index("image_id") for m in members]

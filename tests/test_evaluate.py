@@ -5,11 +5,20 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from isic_challenge_scoring.classification import ClassificationMetric, ClassificationScore
+from isic_challenge_scoring.classification import (
+    ClassificationMetric,
+    ClassificationScore,
+)
 
 from skain.cli import main
 from skain.data.schema import DataError
-from skain.evaluate import ISIC2018_COLUMNS, align, evaluate, read_predictions, read_truth
+from skain.evaluation.evaluate import (
+    ISIC2018_COLUMNS,
+    align,
+    evaluate,
+    read_predictions,
+    read_truth,
+)
 from skain.metrics import one_vs_rest_rates
 
 
@@ -88,7 +97,7 @@ def test_files_that_are_not_predictions_or_truth_are_refused(tmp_path):
 
 # ----------------------------------------------------------------------------- trust on labelled data from elsewhere
 def test_trust_metrics_on_a_hand_counted_example():
-    from skain.evaluate import trust_metrics
+    from skain.evaluation.evaluate import trust_metrics
     classes = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
     dx = ["mel", "mel", "bcc", "nv", "nv", "nv", "bkl", "vasc"]
     probs = np.full((8, 7), 0.02)
@@ -116,7 +125,7 @@ def test_evaluate_a_labelled_folder_reports_trust_with_and_without_metadata(trai
     """`skain evaluate --model --data FOLDER`: ECE before/after temperature, OOD false rejection, triage
     sensitivity/specificity and per-class recall, with metadata as given and with every field blanked,
     beside the model card's validation figures; the card in the report says what was measured where."""
-    from skain.predict import Predictor, prediction_table
+    from skain.inference.predictor import Predictor, prediction_table
     from skain.trust.modelcard import VALIDATION_COLUMN
     rep = tmp_path / "rep"
     assert main(["evaluate", "--model", str(trained), "--data", str(synth_root / "dataset_test"),
@@ -165,7 +174,7 @@ def test_predict_with_dx_reports_trust_with_and_without_metadata(trained, synth_
 
 def test_prediction_files_naming_images_by_file_name_give_the_stem_in_every_format(tmp_path):
     from skain.data.schema import CLASSES
-    from skain.evaluate import read_predictions
+    from skain.evaluation.evaluate import read_predictions
     names = ["ISIC_1.jpg", "ISIC_2.JPEG", "ISIC_3.png", "ISIC_4.webp", "ISIC_5.bmp", "ISIC_6.tif", "ISIC_7.heic",
              "ISIC_8"]
     pd.DataFrame({"image_id": names, **{f"p_{c}": 1 / len(CLASSES) for c in CLASSES}}).to_csv(

@@ -81,7 +81,7 @@ GOOD_IMAGES = {
     "png with alpha": lambda: encode(photo().convert("RGBA"), "PNG"),
     "grayscale jpeg": lambda: encode(photo().convert("L"), "JPEG"),
     "cmyk jpeg": lambda: encode(photo().convert("CMYK"), "JPEG"),
-    "16-bit png": lambda: encode(Image.fromarray((np.asarray(photo().convert("L"), np.uint16) * 257)), "PNG"),
+    "16-bit png": lambda: encode(Image.fromarray(np.asarray(photo().convert("L"), np.uint16) * 257), "PNG"),
     "palette png": lambda: encode(photo().convert("P"), "PNG"),
     "exif-rotated jpeg": exif_rotated,
     "tiny 1x1 png": lambda: encode(Image.new("RGB", (1, 1)), "PNG"),

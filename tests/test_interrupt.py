@@ -27,7 +27,7 @@ from conftest import tiny_config
 from skain.cli import main
 from skain.data.schema import DataError
 from skain.data.synthetic import make_synthetic
-from skain.train import LAST_NAME, RunLock, check_output, fit
+from skain.training.train import LAST_NAME, RunLock, check_output, fit
 
 TIMING = ("elapsed_s", "train_images_per_s")  # wall-clock columns; everything else must match exactly
 Run = namedtuple("Run", "out history metrics")
@@ -36,8 +36,8 @@ Run = namedtuple("Run", "out history metrics")
 # ------------------------------------------------------------------------------------------- guards (fast)
 def forbid_work(monkeypatch):
     """Fail loudly if training gets as far as reading data."""
-    import skain.train
-    monkeypatch.setattr(skain.train, "prepare_data", lambda cfg: pytest.fail("work started"))
+    import skain.training.train
+    monkeypatch.setattr(skain.training.train, "prepare_data", lambda cfg: pytest.fail("work started"))
 
 
 def test_unwritable_output_folder_is_refused_before_work(tmp_path, monkeypatch):

@@ -5,8 +5,8 @@ import torch
 from skain import engine
 from skain.engine import EarlyStopping, ModelEma, amp_dtype, unwrap
 from skain.model import SkainNet
-from skain.train import class_weights, lr_schedule
-from skain.weights import WeightsError, load_pretrained
+from skain.training.train import class_weights, lr_schedule
+from skain.training.weights import WeightsError, load_pretrained
 
 
 def batch(n=4, size=64):

@@ -6,10 +6,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from skain.bundle import BundleError, atomic_torch_save, read_bundle
 from skain.cli import main
 from skain.data.schema import CLASSES
-from skain.predict import GRAPH_RUNTIMES, Predictor, prediction_table
+from skain.inference.predictor import GRAPH_RUNTIMES, Predictor, prediction_table
+from skain.modelfile.bundle import BundleError, atomic_torch_save
+from skain.modelfile.load import read_bundle
 
 P_COLS = [f"p_{c}" for c in CLASSES]
 GRAPH_BACKENDS = list(GRAPH_RUNTIMES)

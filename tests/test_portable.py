@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from skain import portable
-from skain.bundle import BundleError, read_bundle, resolve_path
+from skain.evaluation import parity as parity_check
 from skain.data.layout import Source, load_table
-from skain.portable import META_KEY, ParityError, check_parity, export_portable, read_portable
-from skain.predict import Predictor
+from skain.evaluation.parity import ParityError, check_parity
+from skain.inference.predictor import Predictor
+from skain.modelfile.bundle import BundleError
+from skain.modelfile.load import read_bundle, resolve_path
+from skain.modelfile.portable import META_KEY, export_portable, read_portable
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +211,7 @@ def test_export_command_writes_a_checked_float16_file(trained, synth_root, tmp_p
 
 def test_export_refuses_to_write_when_parity_misses_the_bar(trained, synth_root, tmp_path, monkeypatch, capsys):
     from skain.cli import main
-    monkeypatch.setattr(portable, "MAX_PROB_DIFF", 0.0)
+    monkeypatch.setattr(parity_check, "MAX_PROB_DIFF", 0.0)
     out = tmp_path / "model.safetensors"
     assert main(["export", "--model", str(trained), "--format", "safetensors", "--output", str(out),
                  "--check-images", str(synth_root / "dataset_test" / "image"), "--check-n", "10"]) == 2
@@ -223,7 +225,7 @@ def test_parity_error_is_a_user_error():
 
 
 def test_export_without_check_and_read_portable_directly(trained, tmp_path):
-    from skain.portable import export_checked
+    from skain.evaluation.parity import export_checked
     path, parity = export_checked(trained, tmp_path / "x.safetensors", "float32")
     assert parity is None and read_portable(path)["portable"] == {"dtype": "float32"}
     with pytest.raises(ValueError, match="is the model being exported"):
@@ -233,7 +235,8 @@ def test_export_without_check_and_read_portable_directly(trained, tmp_path):
 @pytest.mark.slow
 def test_float16_parity_on_real_images_with_metadata(trained, shared_data):
     """The parity check runs the real-data path (CSV metadata, unseen sites as unknown) end to end."""
-    from skain.portable import parity_frame, reload
+    from skain.evaluation.parity import parity_frame
+    from skain.modelfile.portable import reload
     bundle = read_bundle(trained)
     frame = parity_frame(shared_data / "images", shared_data / "metadata.csv", n=64)
     parity = check_parity(bundle, reload(bundle, "float16"), frame, "float16")

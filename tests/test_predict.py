@@ -9,8 +9,8 @@ import pytest
 
 from skain.cli import main
 from skain.data.schema import CLASSES
+from skain.inference.predictor import Predictor, prediction_table
 from skain.metrics import classification_metrics
-from skain.predict import Predictor, prediction_table
 
 P_COLS = [f"p_{c}" for c in CLASSES]
 
@@ -188,7 +188,7 @@ def test_variants_from_one_backbone_pass_equal_separate_predictions(trained, syn
     """`predict_variants` (what predict/evaluate on labelled data use for the with/without-metadata trust
     figures) runs the backbone once for both variants; each table equals its own full prediction pass, the
     blank one that of a CSV whose age, sex and site cells are all empty."""
-    from skain.evaluate import trust_variants
+    from skain.evaluation.evaluate import trust_variants
     frame, _ = prediction_table(synth_root / "dataset_test")
     frame = frame.head(12)
     predictor = Predictor.from_bundle(trained, tta=tta)
@@ -211,7 +211,7 @@ def test_variants_on_the_onnx_backend_take_one_pass_each(trained, synth_root):
     pytest.importorskip("onnxruntime")
     frame, _ = prediction_table(synth_root / "dataset_test")
     frame = frame.head(6)
-    from skain.bundle import read_bundle
+    from skain.modelfile.load import read_bundle
     onnx = Predictor(read_bundle(trained), backend="onnx")  # exported in memory
     torch_ = Predictor.from_bundle(trained)
     variants = {"present": set(), "all_blank": {"age", "sex", "site"}}
@@ -234,9 +234,9 @@ def test_cpu_batches_are_capped_by_pixels_and_give_the_same_predictions(trained,
     and the predictions do not change."""
     import torch
 
-    import skain.predict as predict_module
-    from skain.assess import variant_logits
-    from skain.evaluate import trust_variants
+    import skain.inference.predictor as predict_module
+    from skain.evaluation.evaluate import trust_variants
+    from skain.evaluation.variants import variant_logits
     predictor = Predictor.from_bundle(trained, tta=2)
     size = predictor.preprocess["input_size"]
     assert predictor.batch_size(64) == min(64, predict_module.CPU_PIXELS_PER_BATCH // size ** 2)

@@ -4,9 +4,9 @@ import json
 import pandas as pd
 import pytest
 
-from skain.config import build_config
 from skain.data.schema import CLASSES
-from skain.train import fit
+from skain.training.config import build_config
+from skain.training.train import fit
 
 
 @pytest.mark.slow

@@ -16,11 +16,11 @@ import torch
 from PIL import Image
 
 from conftest import tiny_config
-from skain import runid
+from skain.training import runfolder as runid
 from skain.cli import build_parser, config_from_args
 from skain.data.schema import DataError
 from skain.data.synthetic import make_synthetic
-from skain.train import LAST_NAME, check_output, fit, prepare_data
+from skain.training.train import LAST_NAME, check_output, fit, prepare_data
 
 RUN_FILES = ("last.pt", "best_model.pt", "config.json", "split.csv", "train_history.csv", "metrics.json")
 
@@ -158,12 +158,12 @@ def test_overwrite_removes_the_old_runs_files_only(data, run, monkeypatch):
     (run / "folder").mkdir()
     (run / "folder" / LAST_NAME).write_bytes(b"not a fold folder: kept")
 
-    import skain.train
+    import skain.training.train
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(skain.train, "run_phase", interrupted)
+    monkeypatch.setattr(skain.training.train, "run_phase", interrupted)
     with pytest.raises(KeyboardInterrupt):
         fit(tiny_config(data, run, epochs=1, seed=8, batch_size=32))
     for name in ("last.pt", "best_model.pt", "metrics.json", "train_history.csv", ".last.pt.abc123.tmp"):

@@ -19,7 +19,7 @@ from skain.cli import main
 from skain.data.encoder import MetadataEncoder
 from skain.data.layout import discover, load_table
 from skain.data.schema import DataError
-from skain.predict import prediction_table
+from skain.inference.predictor import prediction_table
 
 HEADER = "lesion_id,image_id,dx,age,sex,localization\n"
 ROWS = "L1,ISIC_1,mel,45,male,back\nL2,ISIC_2,nv,30,female,face\nL3,ISIC_3,bcc,70,male,scalp\n"
@@ -155,7 +155,7 @@ def bad_images(image_dir: Path) -> dict[str, str]:
 
 
 def test_training_with_unreadable_images_stops_before_work_listing_every_one(synth_root, tmp_path):
-    from skain.train import fit
+    from skain.training.train import fit
     data = tmp_path / "d"
     shutil.copytree(synth_root / "dataset_train", data)
     expected = bad_images(data / "image")

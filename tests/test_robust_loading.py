@@ -12,9 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-from skain.bundle import BundleError, atomic_torch_save, check_backbone, check_torch, load_model, read_bundle
 from skain.cli import main
-from skain.predict import Predictor
+from skain.inference.predictor import Predictor
+from skain.modelfile.bundle import (
+    BundleError,
+    atomic_torch_save,
+    check_backbone,
+    check_torch,
+    load_model,
+)
+from skain.modelfile.load import read_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,16 +106,15 @@ def retrained_beside_old_export(trained, tmp_path) -> Path:
 
 
 def fingerprints_match(folder: Path) -> bool:
-    from skain.export import bundle_fingerprint
-    from skain.onnx_runtime import read_fingerprint
+    from skain.modelfile.onnx import bundle_fingerprint, read_fingerprint
     return read_fingerprint(folder / "best_model.onnx") == bundle_fingerprint(read_bundle(folder))
 
 
 def test_fast_precision_replaces_a_stale_onnx_file_with_a_warning(retrained_beside_old_export, synth_root, caplog):
-    from skain.predict import prediction_table
+    from skain.inference.predictor import prediction_table
     out = retrained_beside_old_export
     assert not fingerprints_match(out)
-    with caplog.at_level(logging.WARNING, logger="skain.export"):
+    with caplog.at_level(logging.WARNING, logger="skain.inference.export"):
         fast = Predictor.from_bundle(out, precision="fast")
     assert "exported from a different bundle" in caplog.text and "exporting this bundle again" in caplog.text
     assert fast.backend in ("openvino", "onnx") and fingerprints_match(out)
@@ -119,7 +125,7 @@ def test_fast_precision_replaces_a_stale_onnx_file_with_a_warning(retrained_besi
 
 
 def test_a_stale_file_that_cannot_be_replaced_is_exported_in_memory(retrained_beside_old_export, monkeypatch):
-    import skain.export as export
+    import skain.inference.export as export
     out = retrained_beside_old_export
     before = (out / "best_model.onnx").read_bytes()
 

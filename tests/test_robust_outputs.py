@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from skain.bundle import atomic_json, atomic_torch_save, atomic_write
+from skain.fileio import atomic_json, atomic_write
+from skain.modelfile.bundle import atomic_torch_save
 
 
 @pytest.fixture()
@@ -61,7 +62,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, umask):
 
 
 def report_inputs():
-    from skain.evaluate import evaluate
+    from skain.evaluation.evaluate import evaluate
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(7), 4)
     probs = rng.dirichlet(np.ones(7), len(labels))
@@ -69,7 +70,7 @@ def report_inputs():
 
 
 def test_report_files_are_readable_by_others(tmp_path, umask):
-    from skain.report import write_report
+    from skain.evaluation.report import write_report
     metrics, labels, probs = report_inputs()
     folder = write_report(metrics, labels, probs, tmp_path / "report")
     names = ("metrics.json", "confusion_matrix.png", "roc_curves.png", "report.md")
@@ -81,7 +82,7 @@ def test_png_reports_are_written_atomically(tmp_path, monkeypatch, umask):
     """A figure that fails half-way through saving must leave the previous PNG whole and no partial file."""
     from matplotlib.figure import Figure
 
-    from skain.report import write_report
+    from skain.evaluation.report import write_report
     from skain.trust.calibration import plot_reliability
     metrics, labels, probs = report_inputs()
     folder = write_report(metrics, labels, probs, tmp_path / "report")
@@ -104,7 +105,7 @@ def test_png_reports_are_written_atomically(tmp_path, monkeypatch, umask):
 
 
 def test_the_training_lock_is_created_0644(tmp_path, umask):
-    from skain.train import RunLock
+    from skain.training.train import RunLock
     with RunLock(tmp_path) as lock:
         assert mode(lock.path) == 0o644 and lock.path.read_text() == str(os.getpid())
     assert not lock.path.exists()

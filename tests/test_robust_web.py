@@ -10,7 +10,13 @@ import pytest
 from PIL import Image
 
 import skain.data.images as images
-from skain.data.images import MAX_PIXELS, ImageError, load_resized, open_image, resize_shorter
+from skain.data.images import (
+    MAX_PIXELS,
+    ImageError,
+    load_resized,
+    open_image,
+    resize_shorter,
+)
 from skain.web import DEFAULTS, create_app
 from skain.web.service import Service
 

@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 
 from skain import runtime_env
-from skain.runtime_env import allocator_mode, child_env, find_tcmalloc, loaded_allocator, preload_env
+from skain.runtime_env import (
+    allocator_mode,
+    child_env,
+    find_tcmalloc,
+    loaded_allocator,
+    preload_env,
+)
 
 SRC = str(Path(runtime_env.__file__).resolve().parents[1])
 LINUX_GLIBC = runtime_env.is_glibc()

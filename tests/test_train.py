@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from skain.bundle import read_bundle
 from skain.data.layout import discover, load_table
 from skain.data.schema import DataError
-from skain.predict import Predictor
-from skain.train import fit
+from skain.inference.predictor import Predictor
+from skain.modelfile.load import read_bundle
+from skain.training.train import fit
 
 
 def test_training_writes_the_seed_outputs_and_a_self_describing_bundle(trained):

@@ -8,14 +8,30 @@ import torch
 from scipy.special import softmax
 
 from conftest import tiny_config
-from skain.bundle import load_model
+from skain.inference.predictor import Predictor
 from skain.metrics import expected_calibration_error
-from skain.predict import Predictor
-from skain.trust.calibration import LOG_T_BOUNDS, calibration_report, fit_temperature, nll
-from skain.trust.ood import MahalanobisScorer, MaxScorer, scorer_from_state, threshold_for_false_rejection
+from skain.modelfile.bundle import load_model
+from skain.trust.calibration import (
+    LOG_T_BOUNDS,
+    calibration_report,
+    fit_temperature,
+    nll,
+)
+from skain.trust.ood import (
+    MahalanobisScorer,
+    MaxScorer,
+    scorer_from_state,
+    threshold_for_false_rejection,
+)
 from skain.trust.probes import probe_set, to_png
-from skain.trust.triage import (INVESTIGATE, ROUTINE, operating_point, p_malignant, sensitivity_at_specificity,
-                                threshold_for_sensitivity)
+from skain.trust.triage import (
+    INVESTIGATE,
+    ROUTINE,
+    operating_point,
+    p_malignant,
+    sensitivity_at_specificity,
+    threshold_for_sensitivity,
+)
 
 CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
 
@@ -197,7 +213,7 @@ def test_bundles_without_trust_still_predict(trained, synth_root):
 def test_ood_rejects_blank_and_noise_but_accepts_held_out_real_dermoscopy(shared_data, tmp_path):
     """A frozen-backbone Lite0 (ImageNet weights) trained briefly on ~240 real HAM10000 images: the OOD
     check built at the end of training must pass unseen real lesions and reject blank frames and noise."""
-    from skain.train import fit
+    from skain.training.train import fit
     meta = pd.read_csv(shared_data / "metadata.csv")
     lesions = meta["lesion_id"].drop_duplicates().sample(frac=1.0, random_state=0)
     used = meta[meta["lesion_id"].isin(lesions.iloc[:180])]
@@ -225,7 +241,7 @@ def test_ood_rejects_blank_and_noise_but_accepts_held_out_real_dermoscopy(shared
 
 # ----------------------------------------------------------------------------- cross-fitting is held out
 def _validation_outputs(n: int = 600, seed: int = 0):
-    from skain.trust.fitting import Outputs
+    from skain.trust.crossfit import Outputs
     rng = np.random.default_rng(seed)
     labels = rng.choice(7, n, p=[0.05, 0.07, 0.12, 0.03, 0.12, 0.56, 0.05])
     logits = rng.normal(0, 1, (n, 7)) * 2.0
@@ -236,7 +252,7 @@ def _validation_outputs(n: int = 600, seed: int = 0):
 
 def _poisoned(va, rows: np.ndarray, rng):
     """The same validation outputs with the labels and features of `rows` replaced by garbage."""
-    from skain.trust.fitting import Outputs
+    from skain.trust.crossfit import Outputs
     labels, features = va.labels.copy(), va.features.copy()
     labels[rows] = rng.permutation(labels[rows])[::-1] % 7   # other diagnoses, other malignant share
     labels[rows[: len(rows) // 3]] = 4                       # and many more melanomas
@@ -249,7 +265,7 @@ def test_cross_fit_never_sees_the_labels_or_features_of_the_half_it_scores():
     probabilities, triage flags, and the OOD verdict of the one row of A left intact) comes from half B alone,
     so it must stay bit for bit the same. Before the fix A's triage threshold was chosen on softmax(z_B / T_A),
     with a temperature fit on A's own labels, and the OOD scales used all of validation."""
-    from skain.trust.fitting import TrustSettings, cross_fit, halves
+    from skain.trust.crossfit import TrustSettings, cross_fit, halves
     from skain.trust.triage import malignant_columns
     va = _validation_outputs()
     frame = pd.DataFrame({"lesion_id": [f"L{i}" for i in range(len(va.labels))],
@@ -270,7 +286,7 @@ def test_cross_fit_never_sees_the_labels_or_features_of_the_half_it_scores():
 
 def test_cross_fit_scores_each_half_with_the_other_halfs_temperature_on_both_sides():
     """The threshold applied to half A is chosen on softmax(z_B / T_B) and applied to softmax(z_A / T_B)."""
-    from skain.trust.fitting import TrustSettings, cross_fit, halves
+    from skain.trust.crossfit import TrustSettings, cross_fit, halves
     from skain.trust.triage import malignant_columns
     va = _validation_outputs(seed=3)
     frame = pd.DataFrame({"lesion_id": [f"L{i}" for i in range(len(va.labels))],
@@ -317,9 +333,10 @@ def test_calibrate_tta_fits_temperature_and_triage_that_predict_tta_applies(trai
     predictions (cross-fitted held-out figures too); `--tta 4` predictions then use them (probabilities =
     softmax(log mean / T), a triage verdict per image), while a view count never fitted still says why not."""
     import shutil
-    from skain.bundle import read_bundle
+
     from skain.cli import main
     from skain.data.transforms import tta_views
+    from skain.modelfile.load import read_bundle
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     assert main(["calibrate", "--model", str(run), "--tta", "4", "--device", "cpu"]) == 0
@@ -344,7 +361,8 @@ def test_calibrate_tta_fits_temperature_and_triage_that_predict_tta_applies(trai
     expected = softmax(np.log(mean[0].numpy().astype(np.float64)) / block["temperature"])
     np.testing.assert_allclose([table.loc[0, f"p_{c}"] for c in tta.classes], expected, atol=1e-5)
     untouched = Predictor.from_bundle(run, tta=2)
-    assert untouched.trust.triage_threshold is None and "skain calibrate --model RUN --tta 2" in untouched.info["trust"]["calibration"]
+    assert untouched.trust.triage_threshold is None
+    assert "skain calibrate --model RUN --tta 2" in untouched.info["trust"]["calibration"]
     rep = tmp_path / "rep"  # skain evaluate --tta 4 shows the 4-view held-out figures as the validation column
     assert main(["evaluate", "--model", str(run), "--data", str(synth_root / "dataset_test"), "--tta", "4",
                  "--report", str(rep), "--no-progress"]) == 0
@@ -359,7 +377,7 @@ def test_calibrate_tta_fits_temperature_and_triage_that_predict_tta_applies(trai
 
 # ----------------------------------------------------------------------------- time budget and progress
 def test_budget_sample_keeps_every_class_and_fits_the_budget():
-    from skain.trust.fitting import MIN_OOD_TRAIN, budget_sample
+    from skain.training.trust_fit import MIN_OOD_TRAIN, budget_sample
     rng = np.random.default_rng(0)
     dx = rng.choice(CLASSES, 6000, p=[0.03, 0.05, 0.11, 0.01, 0.11, 0.67, 0.02])
     idx = np.arange(6000)
@@ -372,11 +390,12 @@ def test_budget_sample_keeps_every_class_and_fits_the_budget():
 
 def test_trust_fitting_logs_its_timing_and_respects_a_spent_budget(trained, tmp_path, caplog, monkeypatch):
     import logging
+
     from skain.data.images import ImageLoader
-    from skain.trust import fitting
+    from skain.training import trust_fit as fitting
     frame, train_idx, val_idx, cfg = fitting.folder_split(trained)
     monkeypatch.setattr(fitting, "MIN_OOD_TRAIN", 60)
-    with caplog.at_level(logging.INFO, logger="skain.trust.fitting"):
+    with caplog.at_level(logging.INFO, logger="skain.training.trust_fit"):
         figures = fitting.fit_trust(trained / "best_model.pt", frame, train_idx, val_idx,
                                     ImageLoader(cfg["preprocess"]["resize"]), out_dir=tmp_path,
                                     save_to=tmp_path / "b.pt", budget_s=0.0)
@@ -389,7 +408,7 @@ def test_trust_fitting_logs_its_timing_and_respects_a_spent_budget(trained, tmp_
 def test_triage_threshold_keeps_its_sensitivity_when_every_field_is_left_blank():
     """Validation logits with metadata and (less confident about malignancy) with every field blank: the
     threshold must reach the target on both, in-sample, and the cross-fit reports the blank figures held out."""
-    from skain.trust.fitting import TrustSettings, cross_fit, halves, triage_part
+    from skain.trust.crossfit import TrustSettings, cross_fit, halves, triage_part
     from skain.trust.triage import malignant_columns
     va = _validation_outputs()
     cols = malignant_columns(CLASSES)
@@ -413,8 +432,9 @@ def test_calibrate_refuses_a_run_without_validation_images_and_leaves_it_as_it_w
     """A split whose validation part is gone (edited split.csv, or images removed since) gets a clear error
     before any inference, not a shape mismatch inside the model; the bundle is left untouched."""
     import shutil
+
     from skain.data.schema import DataError
-    from skain.trust import fit_trust_folder, fit_views_folder
+    from skain.training.trust_fit import fit_trust_folder, fit_views_folder
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     split = pd.read_csv(run / "split.csv", dtype=str)
@@ -448,7 +468,14 @@ def test_resaved_loader_gives_one_copy_per_file_whatever_the_order_and_leaves_th
 def test_resaved_copies_join_the_fit_and_are_reported_held_out():
     """Copies shifted off the originals' cloud: without them in the fit most copies are rejected; fit with them,
     the copies pass at about the stated rate while far-away junk is still rejected."""
-    from skain.trust.fitting import Outputs, TrustSettings, cross_fit, halves, ood_part, ood_scorer
+    from skain.trust.crossfit import (
+        Outputs,
+        TrustSettings,
+        cross_fit,
+        halves,
+        ood_part,
+        ood_scorer,
+    )
     rng = np.random.default_rng(2)
     tr, va = _validation_outputs(1200, seed=5), _validation_outputs(600, seed=6)
     shift = np.r_[4.0, -3.5, np.zeros(6)]

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from skain.bundle import BundleError
-from skain.explain import GradCam
-from skain.predict import Prediction
+from skain.inference.explain import GradCam
+from skain.inference.predictor import Prediction
+from skain.modelfile.bundle import BundleError
 from skain.web import create_app
 from skain.web.service import Service
 

@@ -6,7 +6,12 @@ import pytest
 import timm
 import torch
 
-from skain.weights import OFFLINE_WEIGHTS, WeightsError, load_pretrained, map_lukemelas_keys
+from skain.training.weights import (
+    OFFLINE_WEIGHTS,
+    WeightsError,
+    load_pretrained,
+    map_lukemelas_keys,
+)
 
 
 def _installed(name: str) -> bool:
@@ -28,7 +33,7 @@ def test_offline_weights_classify_real_photos(name):
         x = torch.from_numpy(np.ascontiguousarray(photo)).permute(2, 0, 1)[None].float() / 255.0
         x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
         with torch.no_grad():
-            logits = model(((x - 0.5) / 0.5)) @ state["_fc.weight"].T + state["_fc.bias"]
+            logits = model((x - 0.5) / 0.5) @ state["_fc.weight"].T + state["_fc.bias"]
         assert int(logits.argmax()) in wanted, (name, int(logits.argmax()))
 
 

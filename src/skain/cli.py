@@ -4,14 +4,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from .bundle import BundleError
-from .data.images import ImageError
-from .data.schema import DataError
-from .data.split import LeakageError
-from .runtime_env import prepare_process
-from .weights import WeightsError
+from skain.data.images import ImageError
+from skain.data.schema import DataError
+from skain.data.split import LeakageError
+from skain.modelfile.bundle import BundleError
+from skain.training.weights import WeightsError
 
 USER_ERRORS = (DataError, ImageError, BundleError, WeightsError, LeakageError, ValueError, FileNotFoundError)
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]] = {}
@@ -101,8 +101,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(ns: argparse.Namespace):
-    from .config import build_config
-    from .engine import resolve_device
+    from skain.engine import resolve_device
+    from skain.training.config import build_config
     preset = ns.preset or ("gpu" if resolve_device().type == "cuda" else "cpu")
     model = _pick(ns, ["backbone", "pretrained", "image_only", "input_size"])
     if ns.pretrained_file:
@@ -119,8 +119,8 @@ def config_from_args(ns: argparse.Namespace):
 
 
 def run_train(ns: argparse.Namespace) -> int:
-    from .crossval import fit_all_folds
-    from .train import fit
+    from skain.training.crossval import fit_all_folds
+    from skain.training.train import fit
     cfg = config_from_args(ns)
     if cfg.data.with_image_only and not cfg.data.all_folds:
         raise ValueError("--with-image-only needs --all-folds (it compares the two models fold by fold)")
@@ -137,7 +137,7 @@ def add_synth_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_synth(ns: argparse.Namespace) -> int:
-    from .data.synthetic import SYNTHETIC_NOTE, make_synthetic
+    from skain.data.synthetic import SYNTHETIC_NOTE, make_synthetic
     root = make_synthetic(ns.output, ns.images, ns.seed)
     print(f"wrote {ns.images} images to {root}/image and {root}/text/metadata.csv\n{SYNTHETIC_NOTE}")
     return 0
@@ -157,9 +157,9 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
 
 def run_demo(ns: argparse.Namespace) -> int:
     """The shipped HAM10000 model in the web app at once; or SYNTHETIC data -> short training -> web app."""
-    from .demo import shipped_demo_model, synthetic_demo
+    from skain.demo import shipped_demo_model, synthetic_demo
     if ns.synthetic:
-        from .data.synthetic import SYNTHETIC_NOTE
+        from skain.data.synthetic import SYNTHETIC_NOTE
         print(SYNTHETIC_NOTE)
         model = synthetic_demo(ns.output, ns.epochs)
     else:
@@ -175,7 +175,7 @@ def _serve_defaults() -> dict:
 
 
 def run_check_gpu(ns: argparse.Namespace) -> int:
-    from .gpu import report
+    from skain.gpu import report
     print("\n".join(report()))
     return 0
 
@@ -221,10 +221,10 @@ def add_predict_args(p: argparse.ArgumentParser) -> None:
 def run_predict(ns: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .evaluate import folder_trust, truth_columns
-    from .portable import choose_model
-    from .predict import Predictor, default_workers, prediction_table
-    from .report import write_predictions
+    from skain.evaluation.evaluate import folder_trust, truth_columns
+    from skain.evaluation.report import write_predictions
+    from skain.inference.predictor import Predictor, default_workers, prediction_table
+    from skain.modelfile.load import choose_model
     frame, src = prediction_table(ns.data, ns.csv, ns.images, bool(ns.skip_missing))
     model = choose_model(ns.model).path
     predictor = Predictor.from_bundle(model, device=ns.device, precision=ns.precision, tta=ns.tta,
@@ -258,14 +258,14 @@ def _inference_context(predictor) -> dict:
 def _predict(predictor, frame, labelled: bool, batch_size: int, workers: int, cache, progress: bool) -> dict:
     """Predictions with metadata as given (`present`); for labelled images also every field blank
     (`all_blank`, for the trust figures), from the same backbone pass."""
-    from .evaluate import trust_variants
+    from skain.evaluation.evaluate import trust_variants
     variants = trust_variants(predictor) if labelled else {"present": set()}
     return predictor.predict_variants(frame, variants, batch_size, workers, cache, progress)
 
 
 def _report(pred, truth, folder, context: dict, trust: dict | None = None) -> None:
-    from .evaluate import align, evaluate, headline, with_intervals
-    from .report import write_report
+    from skain.evaluation.evaluate import align, evaluate, headline, with_intervals
+    from skain.evaluation.report import write_report
     labels, probs, info, decided, lesions = align(pred, truth, groups=True)
     metrics = with_intervals(evaluate(labels, probs, decided=decided), labels, probs, decided, lesions)
     write_report(metrics, labels, probs, folder, {**context, **info}, trust)
@@ -299,7 +299,7 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
 def run_evaluate(ns: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .evaluate import read_predictions, read_truth, trust_metrics
+    from skain.evaluation.evaluate import read_predictions, read_truth, trust_metrics
     if ns.model:
         return _evaluate_model(ns)
     if not ns.predictions or not ns.csv:
@@ -316,9 +316,9 @@ def run_evaluate(ns: argparse.Namespace) -> int:
 def _evaluate_model(ns: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .evaluate import folder_trust, truth_columns
-    from .predict import Predictor, default_workers, prediction_table
-    from .report import write_predictions
+    from skain.evaluation.evaluate import folder_trust, truth_columns
+    from skain.evaluation.report import write_predictions
+    from skain.inference.predictor import Predictor, default_workers, prediction_table
     frame, src = prediction_table(ns.data, ns.csv, ns.images, bool(ns.skip_missing))
     if "dx" not in frame:
         raise ValueError(f"{src.csv or src.image_dirs[0]}: no dx column; skain evaluate --model needs labelled images")
@@ -355,11 +355,11 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
 
 def run_export(ns: argparse.Namespace) -> int:
     if ns.format == "safetensors":
-        from .portable import export_checked
+        from skain.evaluation.parity import export_checked
         path, parity = export_checked(ns.model, ns.output, ns.dtype, ns.check_images, ns.check_csv, ns.check_n)
         print((f"parity: {parity.line()}\n" if parity else "") + f"wrote {path}; use it with `--model {path}`")
         return 0
-    from .export import export_onnx
+    from skain.inference.export import export_onnx
     path = export_onnx(ns.model, ns.output, ns.opset)
     print(f"wrote {path}; use it with `skain predict --backend onnx --model {ns.model}`")
     return 0
@@ -386,8 +386,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 
 def run_serve(ns: argparse.Namespace) -> int:
     try:
-        from .web import create_app
-        from .web.server import serve
+        from skain.web import create_app
+        from skain.web.server import serve
     except ImportError as exc:
         raise ValueError(f"the web app needs Flask and waitress ({exc}): pip install 'skain[web]'") from exc
     config = {"CORS_ORIGIN": ns.cors, "PRECISION": ns.precision, "TTA": ns.tta}
@@ -417,7 +417,7 @@ def add_calibrate_args(p: argparse.ArgumentParser) -> None:
 def run_calibrate(ns: argparse.Namespace) -> int:
     """Fit temperature, triage threshold and OOD check for a run trained before they existed (or, with --tta N,
     the temperature and triage threshold for N-view test-time augmentation)."""
-    from .trust import fit_trust_folder, fit_views_folder
+    from skain.training.trust_fit import fit_trust_folder, fit_views_folder
     if ns.default and ns.tta < 2:
         raise ValueError("--default needs --tta N with N >= 2 (one view is already the fallback)")
     if ns.tta > 1:
@@ -447,8 +447,9 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
 
 def run_compare(ns: argparse.Namespace) -> int:
     import json
-    from .compare import compare, table
-    from .fileio import atomic_write
+
+    from skain.evaluation.compare import compare, table
+    from skain.fileio import atomic_write
     result = compare(ns.a, ns.b, ns.truth, ns.resamples, ns.seed)
     print(table(result))
     if ns.output:
@@ -464,8 +465,8 @@ COMMANDS["calibrate"] = (add_calibrate_args, run_calibrate,
 
 # --------------------------------------------------------------------------------------------- download
 def add_download_args(p: argparse.ArgumentParser) -> None:
-    from .download import DATASETS
-    from .download.archive import API_ENV, DEFAULT_API
+    from skain.download import DATASETS
+    from skain.download.archive import API_ENV, DEFAULT_API
     p.add_argument("dataset", nargs="?", choices=list(DATASETS),
                    help="ham10000: the 10,015 HAM10000 images; isic2018-test / isic2018-val: the ISIC 2018 Task 3 "
                         "test / validation images (diagnoses where the Archive publishes them)")
@@ -485,8 +486,14 @@ def add_download_args(p: argparse.ArgumentParser) -> None:
 def run_download(ns: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .download import DownloadRequest, Http, default_base_url, default_output, download
-    from .download.files import human
+    from skain.download import (
+        DownloadRequest,
+        Http,
+        default_base_url,
+        default_output,
+        download,
+    )
+    from skain.download.files import human
     collections = tuple(ns.collection)
     req = DownloadRequest(Path(ns.output) if ns.output else default_output(ns.dataset, collections, ns.search),
                           ns.dataset, collections, ns.search, ns.limit, ns.base_url or default_base_url(),
@@ -513,8 +520,8 @@ def add_cache_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_cache(ns: argparse.Namespace) -> int:
-    from .data.cache import cache_stats, clear_cache
-    from .data.images import default_cache_dir
+    from skain.data.cache import cache_stats, clear_cache
+    from skain.data.images import default_cache_dir
     folder = ns.cache_dir or default_cache_dir()
     if ns.action == "info":
         print(cache_stats(folder).describe())
@@ -535,7 +542,7 @@ def add_decide_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_decide(ns: argparse.Namespace) -> int:
-    from .decision import fit_from_oof
+    from skain.training.decide import fit_from_oof
     r = fit_from_oof(ns.oof, ns.model)
     a, b = r["balanced_accuracy_argmax"], r["balanced_accuracy_adjusted"]
     print(f"tau = {r['tau']:.2f} (chosen on all folds). Nested cross-validation, each fold scored with a tau chosen "
@@ -559,7 +566,11 @@ def add_cv_report_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_cv_report(ns: argparse.Namespace) -> int:
-    from .crossval import cross_run_report, metadata_markdown, write_metadata_table
+    from skain.training.crossval import (
+        cross_run_report,
+        metadata_markdown,
+        write_metadata_table,
+    )
     if ns.image_only:
         if len(ns.runs) != 1:
             raise ValueError("--image-only compares one multimodal run with the image-only run; give one RUN")
@@ -590,7 +601,7 @@ def add_ensemble_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_ensemble(ns: argparse.Namespace) -> int:
-    from .ensemble import build_ensemble
+    from skain.training.ensemble import build_ensemble
     path = build_ensemble(ns.runs, ns.output, ns.oof, ns.cache_dir, ns.device)
     print(f"wrote an ensemble of {len(ns.runs)} runs to {path}; use it with `skain predict --model {ns.output}`")
     return 0
@@ -601,7 +612,7 @@ COMMANDS["ensemble"] = (add_ensemble_args, run_ensemble,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from skain import __version__
     parser = argparse.ArgumentParser(prog="skain", description="Skin-lesion classification on HAM10000 "
                                      "(image + age, sex, body site). Research and education only.")
     parser.add_argument("--version", action="version", version=f"skain {__version__}")
@@ -616,8 +627,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     setup_logging(ns.verbose)
     try:
-        if argv is None:  # the real command line: no-op after runtime_env.run_cli, else tunes malloc in-process
-            prepare_process(reexec=False)
         return COMMANDS[ns.command][1](ns)
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)

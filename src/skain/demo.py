@@ -9,8 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .bundle import BundleError
-from .portable import shipped_model
+from skain.data.synthetic import make_synthetic
+from skain.modelfile.bundle import BundleError
+from skain.modelfile.load import shipped_model
+from skain.training.config import build_config
+from skain.training.train import fit
 
 MARKER = ".skain-demo"
 SYNTHETIC_OUTPUT = Path("outputs") / "demo-synthetic"
@@ -44,9 +47,6 @@ def claim(folder: Path) -> Path:
 
 def synthetic_demo(folder: str | Path = SYNTHETIC_OUTPUT, epochs: int = 3, images: int = 600) -> Path:
     """Synthetic data (drawn once) -> a short cpu-preset training -> the model folder, all inside `folder`."""
-    from .config import build_config
-    from .data.synthetic import make_synthetic
-    from .train import fit
     root = claim(Path(folder))
     data = root / "dataset_train"
     if not data.exists():

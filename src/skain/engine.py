@@ -5,7 +5,7 @@ import contextlib
 import copy
 import logging
 import time
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -78,7 +78,7 @@ def to_device(batch: dict, device: torch.device, channels_last: bool = False) ->
 
 def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
                     criterion: nn.Module, device: torch.device, dtype: torch.dtype | None,
-                    scheduler: Callable[[], None] | None = None, ema: "ModelEma | None" = None,
+                    scheduler: Callable[[], None] | None = None, ema: ModelEma | None = None,
                     channels_last: bool = False, desc: str = "train", progress: bool = True) -> dict:
     model.train()
     scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))

@@ -2,9 +2,11 @@
 library only, so light commands such as `skain download` use it without importing torch)."""
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 
 def atomic_write(path: str | Path, write) -> None:
@@ -46,3 +48,7 @@ def current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def atomic_json(obj: Any, path: str | Path) -> None:
+    atomic_write(path, lambda fh: fh.write((json.dumps(obj, indent=2, allow_nan=True) + "\n").encode("utf-8")))

@@ -5,7 +5,13 @@ import time
 
 import torch
 
-from .engine import amp_dtype, autocast, cpu_features, cpu_supports_bf16, resolve_device
+from skain.engine import (
+    amp_dtype,
+    autocast,
+    cpu_features,
+    cpu_supports_bf16,
+    resolve_device,
+)
 
 
 def _timed_matmul(device: torch.device, dtype: torch.dtype | None, n: int = 2048, reps: int = 5) -> float:

@@ -66,7 +66,7 @@ class SkainNet(nn.Module):
             n_trainable += int(p.requires_grad)
         return n_trainable
 
-    def train(self, mode: bool = True) -> "SkainNet":
+    def train(self, mode: bool = True) -> SkainNet:
         """Frozen batch-norm layers keep their ImageNet statistics instead of drifting."""
         super().train(mode)
         if mode:

@@ -155,17 +155,6 @@ def _reexec(env: dict) -> None:
         log.warning("could not restart with tcmalloc (%s); using tuned glibc malloc", exc)
 
 
-def run_cli(argv: list[str] | None = None) -> int:
-    """The `skain` console script (and the root scripts): allocator first, then the heavy command-line module."""
-    try:
-        prepare_process()
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    from .cli import main
-    return main(argv)
-
-
 def main(argv: list[str] | None = None) -> int:
     """`python -m skain.runtime_env CMD [ARGS...]`: run CMD with the allocator skain would use."""
     args = list(sys.argv[1:] if argv is None else argv)

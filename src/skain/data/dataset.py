@@ -1,16 +1,16 @@
 """A torch Dataset over a validated frame: image through the shared path, encoded metadata, label."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from .encoder import MetadataEncoder
-from .images import ImageError, ImageLoader
-from .schema import CLASSES
+from skain.data.encoder import MetadataEncoder
+from skain.data.images import ImageError, ImageLoader
+from skain.data.schema import CLASSES
 
 
 class LesionDataset(Dataset):

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pandas as pd
 
-from .schema import UNKNOWN
+from skain.data.schema import UNKNOWN
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ class MetadataEncoder:
     zero_age_missing: bool = False   # age 0 counts as missing (a HAM10000 placeholder)
 
     @classmethod
-    def fit(cls, train: pd.DataFrame) -> "MetadataEncoder":
+    def fit(cls, train: pd.DataFrame) -> MetadataEncoder:
         """Statistics (over the ages actually given) and vocabularies from the training rows; `unknown` is
         always index 0."""
         ages = pd.to_numeric(train["age"], errors="coerce")
@@ -86,7 +86,7 @@ class MetadataEncoder:
         return asdict(self)
 
     @classmethod
-    def from_state(cls, state: dict) -> "MetadataEncoder":
+    def from_state(cls, state: dict) -> MetadataEncoder:
         return cls(**state)
 
     def vocabularies(self) -> dict[str, list[str]]:

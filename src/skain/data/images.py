@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from skain.data.cache import ImageCache
+
 log = logging.getLogger(__name__)
 
 MAX_PIXELS = 40_000_000  # ~6300x6300; larger images are refused as possible decompression bombs
@@ -74,7 +76,7 @@ def open_image(source: str | Path | bytes, name: str | None = None, max_pixels: 
         raise ImageError(f"{label}: cannot decode image{size} ({exc})") from exc
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def register_plugins() -> bool:
     """Let Pillow open HEIC/HEIF (and AVIF) when the optional pillow-heif package is installed; once per
     process, on the first decode rather than at import. True when HEIF is readable."""
@@ -142,7 +144,6 @@ class ImageLoader:
     """
 
     def __init__(self, short_side: int, cache_dir: str | Path | None = None, max_bytes: int | None = None):
-        from .cache import ImageCache
         self.short_side = short_side
         off = cache_dir is None or str(cache_dir) in ("", "off")  # "off" as on the command line, never a folder
         self.cache = None if off else ImageCache(cache_dir, max_bytes)

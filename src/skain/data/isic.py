@@ -10,7 +10,7 @@ from collections import Counter
 
 import pandas as pd
 
-from .schema import CLASSES, DataError, UNKNOWN
+from skain.data.schema import CLASSES, UNKNOWN, DataError
 
 log = logging.getLogger(__name__)
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import isic
-from .images import FORMATS_TEXT, IMAGE_SUFFIXES
-from .schema import TRAIN_COLUMNS, DataError, clean_metadata, read_csv
+from skain.data import isic
+from skain.data.images import FORMATS_TEXT, IMAGE_SUFFIXES
+from skain.data.schema import TRAIN_COLUMNS, DataError, clean_metadata, read_csv
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from .schema import DataError
+from skain.data.schema import DataError
 
 
 class LeakageError(RuntimeError):

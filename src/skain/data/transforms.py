@@ -7,12 +7,14 @@ colour jitter models differences between dermatoscopes; scale crops model zoom; 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 
-from .degrade import PhotoDegrade
+from skain.data.degrade import PhotoDegrade
+from skain.data.images import MAX_PIXELS, load_resized
 
 
 def resolve_preprocess(pretrained_cfg: dict[str, Any], input_size: int | None = None,
@@ -35,7 +37,6 @@ def image_to_tensor(image, pre: dict[str, Any], max_pixels: int | None = None) -
 
     The single-image form of the path every batch takes (ImageLoader + eval_transform); `max_pixels` lowers
     the decoder's pixel limit (the web app's)."""
-    from .images import MAX_PIXELS, load_resized
     return eval_transform(pre)(load_resized(image, pre["resize"], max_pixels or MAX_PIXELS))
 
 

@@ -11,17 +11,35 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from tqdm import tqdm
 
-from .archive import API_ENV, DATASETS, DEFAULT_API, ArchiveImage, collection, list_images, search_url
-from .files import (attribution_text, check_disk, human, licence_text, metadata_csv, part_bytes, plan,
-                    read_sums, write_sums, write_text)
-from .http import DownloadError, Http
+from skain.download.archive import (
+    API_ENV,
+    DATASETS,
+    DEFAULT_API,
+    ArchiveImage,
+    collection,
+    list_images,
+    search_url,
+)
+from skain.download.files import (
+    attribution_text,
+    check_disk,
+    human,
+    licence_text,
+    metadata_csv,
+    part_bytes,
+    plan,
+    read_sums,
+    write_sums,
+    write_text,
+)
+from skain.download.http import DownloadError, Http
 
 __all__ = ["DATASETS", "DownloadError", "DownloadRequest", "Http", "Summary", "default_base_url", "default_output",
            "download"]

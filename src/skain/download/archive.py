@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlencode, urljoin, urlparse
 
-from .http import DownloadError, Http
+from skain.download.http import DownloadError, Http
 
 log = logging.getLogger(__name__)
 

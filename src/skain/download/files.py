@@ -10,9 +10,9 @@ from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..fileio import atomic_write
-from .archive import ARCHIVE_CITATION, ArchiveImage
-from .http import DownloadError, sha256_file
+from skain.download.archive import ARCHIVE_CITATION, ArchiveImage
+from skain.download.http import DownloadError, sha256_file
+from skain.fileio import atomic_write
 
 log = logging.getLogger(__name__)
 

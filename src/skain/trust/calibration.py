@@ -12,8 +12,8 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
 
-from ..bundle import atomic_write
-from ..metrics import expected_calibration_error
+from skain.fileio import atomic_write
+from skain.metrics import expected_calibration_error
 
 log = logging.getLogger(__name__)
 LOG_T_BOUNDS = (-3.0, 3.0)  # T in [e^-3, e^3] ~ [0.05, 20]: beyond that the model, not the temperature, is the problem

@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from datetime import datetime, timezone
 
+from skain.fileio import atomic_write
+
 INTENDED_USE = ("Research and education: a second opinion on dermoscopic images of single skin lesions, "
                 "for comparing models and studying calibration and triage. Not a medical device.")
 LIMITATIONS = [
@@ -60,7 +62,6 @@ def _pct(x) -> str:
 def write_card(folder, card: dict) -> None:
     """<folder>/model_card.md from the card (written atomically)."""
     from pathlib import Path
-    from ..bundle import atomic_write
     atomic_write(Path(folder) / "model_card.md", lambda fh: fh.write(to_markdown(card).encode("utf-8")))
 
 

@@ -33,7 +33,7 @@ class MahalanobisScorer:
     normalize: bool = True   # L2-normalise features first (scale-free; loses the activation size)
 
     @classmethod
-    def fit(cls, features: np.ndarray, labels: np.ndarray, normalize: bool = True) -> "MahalanobisScorer":
+    def fit(cls, features: np.ndarray, labels: np.ndarray, normalize: bool = True) -> MahalanobisScorer:
         x = _prep(features, normalize)
         labels = np.asarray(labels, dtype=int)
         present = np.unique(labels[labels >= 0])
@@ -51,7 +51,7 @@ class MahalanobisScorer:
         d2 = (z ** 2).sum(1)[:, None] - 2 * z @ self.means.T + (self.means ** 2).sum(1)[None, :]
         return np.maximum(d2.min(1), 0.0)
 
-    def rescaled(self, val_features: np.ndarray, rate: float) -> "MahalanobisScorer":
+    def rescaled(self, val_features: np.ndarray, rate: float) -> MahalanobisScorer:
         """A single scorer has no validation scales: itself."""
         return self
 
@@ -61,7 +61,7 @@ class MahalanobisScorer:
                 "whitener": torch.from_numpy(self.whitener.astype(np.float32))}
 
     @classmethod
-    def from_state(cls, state: dict) -> "MahalanobisScorer":
+    def from_state(cls, state: dict) -> MahalanobisScorer:
         if state.get("method") != "mahalanobis":
             raise ValueError(f"unknown OOD method {state.get('method')!r} in the bundle")
         return cls(np.asarray(state["means"], dtype=np.float64), np.asarray(state["whitener"], dtype=np.float64),
@@ -77,11 +77,11 @@ class MaxScorer:
     scales: list[float]
 
     @classmethod
-    def fit(cls, features: np.ndarray, labels: np.ndarray, val_features: np.ndarray, rate: float) -> "MaxScorer":
+    def fit(cls, features: np.ndarray, labels: np.ndarray, val_features: np.ndarray, rate: float) -> MaxScorer:
         parts = [MahalanobisScorer.fit(features, labels, normalize) for normalize in (True, False)]
         return cls(parts, [1.0] * len(parts)).rescaled(val_features, rate)
 
-    def rescaled(self, val_features: np.ndarray, rate: float) -> "MaxScorer":
+    def rescaled(self, val_features: np.ndarray, rate: float) -> MaxScorer:
         """The same Gaussians with scales set on `val_features` only (the cross-fit sets them per half)."""
         scales = [max(threshold_for_false_rejection(p.score(val_features), rate), 1e-12) for p in self.parts]
         return MaxScorer(self.parts, scales)
@@ -94,7 +94,7 @@ class MaxScorer:
                 "parts": [p.state_dict() for p in self.parts], "scales": [float(s) for s in self.scales]}
 
     @classmethod
-    def from_state(cls, state: dict) -> "MaxScorer":
+    def from_state(cls, state: dict) -> MaxScorer:
         return cls([MahalanobisScorer.from_state(p) for p in state["parts"]], [float(s) for s in state["scales"]])
 
 
@@ -122,12 +122,12 @@ class EnsembleScorer:
                 "widths": [int(w) for w in self.widths], "thresholds": [float(t) for t in self.thresholds]}
 
     @classmethod
-    def from_state(cls, state: dict) -> "EnsembleScorer":
+    def from_state(cls, state: dict) -> EnsembleScorer:
         return cls([scorer_from_state(p) for p in state["parts"]], [int(w) for w in state["widths"]],
                    [float(t) for t in state["thresholds"]])
 
 
-def scorer_from_state(state: dict) -> "MahalanobisScorer | MaxScorer | EnsembleScorer":
+def scorer_from_state(state: dict) -> MahalanobisScorer | MaxScorer | EnsembleScorer:
     """The OOD scorer a bundle stores (older bundles: a single Mahalanobis scorer)."""
     if state.get("method") == "mahalanobis_max":
         return MaxScorer.from_state(state)
@@ -168,7 +168,7 @@ class BackboneTap:
         self.outputs: list[torch.Tensor] = []
         self._handle = None
 
-    def __enter__(self) -> "BackboneTap":
+    def __enter__(self) -> BackboneTap:
         self.outputs.clear()
         self._thread = threading.get_ident()
         self._handle = self.backbone.register_forward_hook(self._keep)

@@ -12,8 +12,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .ood import STATE_ARRAYS, BackboneTap, MahalanobisScorer, MaxScorer, scorer_from_state
-from .triage import malignant_columns, triage_labels
+from skain.trust.ood import (
+    STATE_ARRAYS,
+    BackboneTap,
+    MahalanobisScorer,
+    MaxScorer,
+    scorer_from_state,
+)
+from skain.trust.triage import malignant_columns, triage_labels
 
 NOT_DERMOSCOPIC = "this does not look like a dermoscopic image"
 
@@ -29,7 +35,7 @@ class TrustLayer:
     views: dict = field(default_factory=dict)  # "N" -> temperature and triage fit for N TTA views
 
     @classmethod
-    def from_bundle(cls, bundle: dict) -> "TrustLayer":
+    def from_bundle(cls, bundle: dict) -> TrustLayer:
         trust, classes = bundle.get("trust") or {}, list(bundle["classes"])
         ood = trust.get("ood") or {}
         triage = trust.get("triage") or {}
@@ -42,7 +48,7 @@ class TrustLayer:
                                                                        if k not in STATE_ARRAYS}},
                    dict(trust.get("views") or {}))
 
-    def for_views(self, views: int) -> "TrustLayer":
+    def for_views(self, views: int) -> TrustLayer:
         """The layer that applies to predictions averaged over `views` TTA views. Averaged views are less
         confident and rank differently (README, TTA), so the single-view temperature and triage threshold do not
         carry over: the ones `skain calibrate --tta N` fit for N views apply when the bundle has them, else
@@ -74,7 +80,7 @@ class TrustLayer:
         logits = torch.from_numpy(np.asarray(logits))
         return (logits / self.temperature if self.temperature != 1.0 else logits).softmax(1).numpy()
 
-    def tap(self, model: torch.nn.Module, views: int = 1) -> "BackboneTap | NoTap":
+    def tap(self, model: torch.nn.Module, views: int = 1) -> BackboneTap | NoTap:
         """Feature capture for the OOD score around one inference loop; a no-op when the bundle has no OOD
         scorer or the model exposes no backbone (the ONNX backend)."""
         if self.has_ood and isinstance(getattr(model, "backbone", None), torch.nn.Module):

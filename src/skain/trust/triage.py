@@ -6,7 +6,7 @@ so a miss costs more than a false alarm, as it does in the clinic.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from sklearn.metrics import roc_curve
@@ -69,3 +69,14 @@ def sensitivity_at_specificity(scores: np.ndarray, positive: np.ndarray, specifi
 
 def triage_labels(p_mal: np.ndarray, threshold: float) -> np.ndarray:
     return np.where(np.asarray(p_mal) >= threshold, INVESTIGATE, ROUTINE)
+
+
+def triage_rates(flagged: np.ndarray, positive: np.ndarray, melanoma: np.ndarray | None = None) -> dict:
+    """Sensitivity/specificity of given triage decisions (NaN where a group is empty)."""
+    flagged, positive = np.asarray(flagged, dtype=bool), np.asarray(positive, dtype=bool)
+    out = {"sensitivity": float(flagged[positive].mean()) if positive.any() else float("nan"),
+           "specificity": float((~flagged[~positive]).mean()) if (~positive).any() else float("nan"),
+           "positives": int(positive.sum()), "negatives": int((~positive).sum())}
+    if melanoma is not None and np.any(melanoma):
+        out["melanoma_sensitivity"] = float(flagged[np.asarray(melanoma, dtype=bool)].mean())
+    return out

@@ -6,12 +6,13 @@ SKAIN_MAX_CONTENT_LENGTH, SKAIN_MAX_PIXELS, ...) < `config` passed in (what `ska
 from __future__ import annotations
 
 import io
-from typing import IO, Any, Mapping
+from collections.abc import Mapping
+from typing import IO, Any
 
 from flask import Flask, Request, request
 
-from . import api, errors, pages
-from .service import EXTENSION, Service
+from skain.web import api, errors, pages
+from skain.web.service import EXTENSION, Service
 
 DEFAULTS = {
     "MODEL": None,                   # output folder, .pt bundle or .safetensors file; None: outputs/ if a

@@ -5,11 +5,19 @@ import logging
 
 from flask import Blueprint, current_app, jsonify, request
 
-from ..data.images import ImageError
-from ..explain import ExplainError
-from .render import heatmap_payload
-from .service import (EXTENSION, InputError, Service, flag, model_summary, parse_inputs, prediction_payload,
-                      rejected_payload)
+from skain.data.images import ImageError
+from skain.inference.explain import ExplainError
+from skain.web.render import heatmap_payload
+from skain.web.service import (
+    EXTENSION,
+    InputError,
+    Service,
+    flag,
+    model_summary,
+    parse_inputs,
+    prediction_payload,
+    rejected_payload,
+)
 
 log = logging.getLogger(__name__)
 bp = Blueprint("api", __name__, url_prefix="/api")

@@ -1,7 +1,7 @@
 """Words shown to people: class descriptions and the disclaimer. Presentation only, no ML."""
 from __future__ import annotations
 
-from ..data.schema import CLASS_NAMES, MALIGNANT
+from skain.data.schema import CLASS_NAMES, MALIGNANT
 
 DESCRIPTIONS: dict[str, str] = {
     "akiec": "Sun-damage lesions that are pre-cancerous (actinic keratosis) or an early, in-situ squamous "

@@ -6,7 +6,7 @@ import logging
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from .service import InputError
+from skain.web.service import InputError
 
 log = logging.getLogger(__name__)
 

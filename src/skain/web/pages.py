@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, render_template
 
-from .content import DISCLAIMER
-from .service import EXTENSION, model_summary
+from skain.web.content import DISCLAIMER
+from skain.web.service import EXTENSION, model_summary
 
 bp = Blueprint("pages", __name__)
 

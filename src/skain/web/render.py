@@ -1,4 +1,4 @@
-"""Heatmap arrays from `skain.explain` -> PNG data URLs the browser can layer over the image."""
+"""Heatmap arrays from `skain.inference.explain` -> PNG data URLs the browser can layer over the image."""
 from __future__ import annotations
 
 import base64

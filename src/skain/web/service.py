@@ -1,6 +1,6 @@
 """What the web layer holds between requests: the Predictor (loaded once), its model id and summary.
 
-Everything here is plumbing around `skain.predict.Predictor` and `skain.explain.GradCam`: checking form
+Everything here is plumbing around `skain.inference.predictor.Predictor` and `skain.inference.explain.GradCam`: checking form
 fields, calling them, and turning their results into JSON. No preprocessing and no model code.
 """
 from __future__ import annotations
@@ -8,17 +8,18 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
-from ..data.schema import MAX_AGE, UNKNOWN
-from ..explain import ExplainError, GradCam
-from ..portable import ModelChoice, choose_model
-from ..predict import Prediction, Predictor
-from .content import describe
+from skain.data.schema import MAX_AGE, UNKNOWN
+from skain.inference.explain import ExplainError, GradCam
+from skain.inference.predictor import Prediction, Predictor
+from skain.modelfile.load import ModelChoice, choose_model
+from skain.web.content import describe
 
 log = logging.getLogger(__name__)
 EXTENSION = "skain"  # key in app.extensions
@@ -51,9 +52,9 @@ class Service:
 
     @classmethod
     def load(cls, model: str | Path | None = None, device: str = "auto", precision: str = "fp32",
-             tta: int | None = None) -> "Service":
+             tta: int | None = None) -> Service:
         """Read the bundle once; the id is the first 12 hex digits of its SHA-256. No `model`: outputs/ if a
-        model was trained there, else the shipped HAM10000 model (`skain.portable.choose_model`).
+        model was trained there, else the shipped HAM10000 model (`skain.modelfile.load.choose_model`).
 
         With precision "fast" predictions may run in OpenVINO/ONNX Runtime; heatmaps need gradients, so they
         then come from a PyTorch fp32 copy of the same network."""

@@ -9,17 +9,16 @@ Files are written through a temporary file and a rename, with the permissions an
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import __version__
-from .fileio import atomic_write
-from .data.encoder import MetadataEncoder
-from .model import build_model
+from skain import __version__
+from skain.data.encoder import MetadataEncoder
+from skain.fileio import atomic_write
+from skain.model import build_model
 
 FORMAT = "skain-bundle"
 FORMAT_VERSION = 1
@@ -36,10 +35,6 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
-def atomic_json(obj: Any, path: str | Path) -> None:
-    atomic_write(path, lambda fh: fh.write((json.dumps(obj, indent=2, allow_nan=True) + "\n").encode("utf-8")))
-
-
 def make_bundle(model: torch.nn.Module, model_args: dict, preprocess: dict, encoder: MetadataEncoder,
                 classes: list[str], metrics: dict | None = None, **extra: Any) -> dict:
     return {
@@ -49,18 +44,6 @@ def make_bundle(model: torch.nn.Module, model_args: dict, preprocess: dict, enco
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         **extra,
     }
-
-
-def resolve_path(model: str | Path) -> Path:
-    """--model accepts an output folder (its best_model.pt) or a bundle file."""
-    path = Path(model)
-    if path.is_dir():
-        portable = path / Path(BUNDLE_NAME).with_suffix(".safetensors")
-        path = portable if portable.is_file() and not (path / BUNDLE_NAME).is_file() else path / BUNDLE_NAME
-    if not path.is_file():
-        raise BundleError(f"no trained model at {model}: train one with `skain train` (or `skain demo --synthetic`), "
-                          "or pass --model with an output folder, a .pt bundle or a .safetensors file")
-    return path
 
 
 def check_torch(version: str | None = None) -> None:
@@ -86,22 +69,6 @@ def check_backbone(name: Any, origin: str = "bundle") -> str:
         raise BundleError(f"{origin}: backbone {name[:80]!r} is not an architecture this timm "
                           f"({timm.__version__}) knows; upgrade timm or retrain")
     return name
-
-
-def read_bundle(model: str | Path) -> dict:
-    """A .pt bundle (torch.load, weights_only) or a portable .safetensors file (skain.portable), checked."""
-    path = resolve_path(model)
-    check_torch()
-    if path.suffix == ".safetensors":
-        from .portable import read_portable
-        return read_portable(path)
-    try:
-        bundle = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise BundleError(f"{path}: not a loadable skAIn bundle (refused by torch.load(weights_only=True): "
-                          f"{(str(exc).splitlines() or [type(exc).__name__])[0][:200]})") from exc
-    check_bundle(bundle, str(path))
-    return bundle
 
 
 def check_bundle(bundle: Any, origin: str) -> None:

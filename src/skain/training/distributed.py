@@ -10,8 +10,9 @@ import logging
 import math
 import os
 import pickle
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch

@@ -17,24 +17,46 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from .bundle import BUNDLE_NAME, atomic_json, atomic_torch_save, atomic_write, make_bundle
-from .config import Config
-from .data.dataset import LesionDataset
-from .data.encoder import MetadataDropout, MetadataEncoder
-from .data.images import ImageError, ImageLoader, default_cache_dir
-from .data.layout import discover, load_table
-from .data.schema import CLASSES, DataError
-from .data.split import holdout_split, lesion_split, split_table
-from .data.transforms import eval_transform, resolve_preprocess, train_transform
-from .distributed import (DistInfo, EpochSampler, ShardSampler, broadcast, cleanup, device_for,
-                          gather_predictions, init_distributed, on_main_rank, reduce_mean, sync_buffers)
-from .engine import (EarlyStopping, ModelEma, amp_dtype, predict_logits, resolve_device,
-                     train_one_epoch)
-from .metrics import classification_metrics, history_row
-from .model import SkainNet
-from .runid import KEY as RUN_ID, clear_run, fingerprints, resume_problem
-from .trust import after_training
-from .weights import load_pretrained
+from skain.data.dataset import LesionDataset
+from skain.data.encoder import MetadataDropout, MetadataEncoder
+from skain.data.images import ImageError, ImageLoader, default_cache_dir
+from skain.data.layout import discover, load_table
+from skain.data.schema import CLASSES, DataError
+from skain.data.split import holdout_split, lesion_split, split_table
+from skain.data.transforms import eval_transform, resolve_preprocess, train_transform
+from skain.engine import (
+    EarlyStopping,
+    ModelEma,
+    amp_dtype,
+    predict_logits,
+    resolve_device,
+    train_one_epoch,
+)
+from skain.evaluation.variants import assess, summary_row
+from skain.fileio import atomic_json, atomic_write
+from skain.inference.predictor import Predictor
+from skain.metrics import classification_metrics, history_row
+from skain.model import SkainNet
+from skain.modelfile.bundle import BUNDLE_NAME, atomic_torch_save, make_bundle
+from skain.training.config import Config
+from skain.training.distributed import (
+    DistInfo,
+    EpochSampler,
+    ShardSampler,
+    broadcast,
+    cleanup,
+    device_for,
+    gather_predictions,
+    init_distributed,
+    on_main_rank,
+    reduce_mean,
+    sync_buffers,
+)
+from skain.training.runfolder import KEY as RUN_ID
+from skain.training.runfolder import clear_run, fingerprints, resume_problem
+from skain.training.trust_fit import after_training
+from skain.training.weights import load_pretrained
+from skain.trust.modelcard import write_card
 
 log = logging.getLogger(__name__)
 LAST_NAME = "last.pt"
@@ -70,7 +92,7 @@ def check_output(out: Path, resume: bool, overwrite: bool) -> None:
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as exc:
-        raise DataError(f"output folder {out} is not writable ({exc.strerror or exc}); choose another with --output")
+        raise DataError(f"output folder {out} is not writable ({exc.strerror or exc}); choose another with --output") from exc
     free = shutil.disk_usage(out).free
     if free < MIN_FREE_BYTES:
         raise DataError(f"only {free / 2**20:.0f} MiB free on the disk of {out}; need at least "
@@ -89,7 +111,7 @@ class RunLock:
     def __init__(self, out: Path):
         self.path = out / ".skain-train.lock"
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)  # umask applies: 0644
         except FileExistsError:
@@ -522,7 +544,6 @@ def finish(out: Path, run: Run, prep: Prepared, bundle_extra: dict, trust: dict 
 
 def card_with_metadata(out: Path, table: dict) -> None:
     """Put the with/without-metadata table into the bundle's model card (and model_card.md, if written)."""
-    from .trust.modelcard import write_card
     bundle = torch.load(out / BUNDLE_NAME, map_location="cpu", weights_only=True)
     if not bundle.get("model_card"):
         return
@@ -537,8 +558,6 @@ def score_best(out: Path, prep: Prepared, device: torch.device | None, cache_dir
     --holdout) or else on validation, with metadata present / each field blanked / all blanked; writes the
     per-image predictions beside the bundle. On a test fold, also with `test_views` TTA views (metadata
     present and all blank), and every variant's logits to test_logits.npz (ensembles of runs, paired tests)."""
-    from .assess import assess, summary_row
-    from .predict import Predictor
     held_out = prep.test_idx is not None
     idx = prep.test_idx if held_out else prep.val_idx
     frame = prep.frame.iloc[idx].reset_index(drop=True)

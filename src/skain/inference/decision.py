@@ -14,13 +14,12 @@ cross-validation (chosen on k-1 folds' predictions, scored on the k-th), so the 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from sklearn.metrics import balanced_accuracy_score
 
-from .data.schema import CLASSES
+from skain.data.schema import CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -74,28 +73,6 @@ def fit_tau(probs: np.ndarray, labels: np.ndarray, log_prior: np.ndarray, grid=G
     """The tau of `grid` with the highest balanced accuracy (ties: the smallest adjustment)."""
     scores = [balanced_accuracy_score(labels, adjusted_pred(probs, log_prior, t)) for t in grid]
     return float(grid[int(np.argmax(scores))])
-
-
-def fit_from_oof(oof_csv: str | Path, model: str | Path | None = None) -> dict:
-    """`skain decide`: fit tau on out-of-fold predictions (nested estimate included); with `model`, store the
-    rule in that bundle so `skain predict`, the API and the web app name classes by it."""
-    from .bundle import atomic_torch_save, read_bundle, resolve_path
-    oof = pd.read_csv(oof_csv)
-    missing = [c for c in ("dx", "fold", *(f"p_{c}" for c in CLASSES)) if c not in oof.columns]
-    if missing:
-        raise ValueError(f"{oof_csv}: not out-of-fold predictions of `skain train --all-folds` "
-                         f"(missing {', '.join(missing)})")
-    counts = oof["dx"].value_counts().to_dict()
-    result = nested_estimate(oof, log_prior_from_counts(counts))
-    if model is not None:
-        path = resolve_path(model)
-        bundle = read_bundle(path)
-        bundle["decision"] = {k: result[k] for k in ("rule", "tau", "log_prior", "classes", "fit_on")}
-        bundle["decision"]["nested_balanced_accuracy"] = {"argmax": result["balanced_accuracy_argmax"],
-                                                          "adjusted": result["balanced_accuracy_adjusted"]}
-        atomic_torch_save(bundle, path)
-        log.info("decision rule tau=%.2f stored in %s", result["tau"], path)
-    return result
 
 
 def log_prior_from_counts(counts: dict[str, int], classes=CLASSES) -> np.ndarray:

@@ -14,11 +14,12 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from .data.dataset import LesionDataset, metadata_variants
-from .data.encoder import FIELDS
-from .data.schema import CLASSES
-from .engine import predict_logits
-from .metrics import classification_metrics
+from skain.data.dataset import LesionDataset, metadata_variants
+from skain.data.encoder import FIELDS
+from skain.data.schema import CLASSES
+from skain.data.transforms import tta_views
+from skain.engine import predict_logits
+from skain.metrics import classification_metrics
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,6 @@ def variant_logits(predictor, frame: pd.DataFrame, variants: dict[str, set[str]]
     one backbone pass per view. With `views` > 1, the variants named in `tta` are also averaged over the
     test-time-augmentation views (flips, 90-degree turns) as `skain predict --tta` does, under the key
     `<variant>_tta<views>`; the single-view logits come from the identity view, the first of them."""
-    from .data.transforms import tta_views
     dataset = LesionDataset(frame, predictor.encoder, predictor.loader(cache_dir), predictor.transform)
     loader = DataLoader(dataset, predictor.batch_size(batch_size), shuffle=False, num_workers=num_workers)
     tta = tuple(tta) if views > 1 else ()

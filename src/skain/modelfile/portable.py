@@ -12,23 +12,22 @@ error: max probability difference 0.027 with them in float16, 0.012 with them in
 0.02). The shipped model's OOD matrices in float16 moved its OOD score by at most 9.2e-5 (relative) on 400 of
 its validation images and 24 probes, with every verdict the same (2026-12-05). Loading upcasts to float32.
 
-This module also knows where the model that ships with skAIn lives (`shipped_model`) and which model a
-command without `--model` uses (`choose_model`).
+Which file a command loads, and reading either format, is `skain.modelfile.load`; the parity check that
+guards a reduced-precision export runs the model, so it lives in `skain.evaluation.parity`.
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .bundle import BundleError, atomic_write, check_bundle, read_bundle
+from skain.fileio import atomic_write
+from skain.modelfile.bundle import BundleError, check_bundle
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +36,6 @@ META_KEY = "skain_bundle"
 TENSOR_REF = "__tensor__"
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 REDUCIBLE = ("state_dict", "trust")  # top-level parts whose floating matrices (dim >= 2) take the export dtype
-# the issue's bar for reduced-precision storage, on real images through the normal Predictor path
-MIN_AGREEMENT, MAX_PROB_DIFF, PARITY_IMAGES = 0.995, 0.02, 500
-
-
-class ParityError(ValueError):
-    """The reduced-precision model disagrees with the full one by more than the bar allows."""
 
 
 # ------------------------------------------------------------------------------------------- writing
@@ -161,138 +154,9 @@ def _tensor(ref: dict, tensors: dict[str, torch.Tensor], used: set[str], origin:
     return tensor.numpy() if ref.get("numpy") is True else tensor
 
 
-# ------------------------------------------------------------------------------------------- parity
-@dataclass
-class Parity:
-    """Reduced- vs full-precision predictions on the same images through the normal Predictor path."""
-
-    images: int
-    top1_agreement: float
-    max_prob_diff: float
-    ood_agreement: float | None
-    dtype: str
-
-    @property
-    def passed(self) -> bool:
-        return self.top1_agreement >= MIN_AGREEMENT and self.max_prob_diff <= MAX_PROB_DIFF
-
-    def line(self) -> str:
-        ood = f", OOD verdict agreement {self.ood_agreement:.2%}" if self.ood_agreement is not None else ""
-        return (f"{self.dtype} vs float32 on {self.images} image(s): top-1 agreement {self.top1_agreement:.2%} "
-                f"(bar >= {MIN_AGREEMENT:.1%}), max probability difference {self.max_prob_diff:.4f} "
-                f"(bar <= {MAX_PROB_DIFF}){ood}")
-
-
-def parity_frame(images: str | Path | None, csv: str | Path | None, n: int = PARITY_IMAGES, seed: int = 0):
-    """Up to `n` readable images (a seeded sample) from a folder, with metadata when a CSV is given."""
-    from .data.layout import Source, load_table
-    if images is None and csv is None:
-        raise ValueError("the parity check needs images: pass --check-images DIR (and --check-csv FILE for metadata)")
-    folder = Path(images) if images is not None else Path(csv).resolve().parent
-    frame = load_table(Source(Path(csv) if csv else None, [folder], "explicit"), require=("image_id",),
-                       skip_missing=True)
-    return frame.sample(n, random_state=seed) if len(frame) > n else frame
-
-
-def check_parity(full: dict, reduced: dict, frame, dtype: str, batch_size: int = 32) -> Parity:
-    from .predict import Predictor
-    runs = [Predictor(b, device="cpu").predict_frame(frame, batch_size, progress=False) for b in (full, reduced)]
-    ok = (runs[0]["error"] == "").to_numpy() & (runs[1]["error"] == "").to_numpy()
-    if not ok.any():
-        raise ParityError("the parity check found no readable image")
-    cols = [c for c in runs[0] if c.startswith("p_") and c != "p_malignant"]
-    a, b = (r.loc[ok, cols].to_numpy(dtype=np.float64) for r in runs)
-    ood = None
-    if runs[0]["ood"].notna().all():
-        ood = float((runs[0].loc[ok, "ood"].to_numpy() == runs[1].loc[ok, "ood"].to_numpy()).mean())
-    return Parity(int(ok.sum()), float((a.argmax(1) == b.argmax(1)).mean()), float(np.abs(a - b).max()), ood, dtype)
-
-
-def export_checked(model: str | Path, output: str | Path | None = None, dtype: str = "float16",
-                   images: str | Path | None = None, csv: str | Path | None = None,
-                   n: int = PARITY_IMAGES) -> tuple[Path, Parity | None]:
-    """`skain export --format safetensors`: bundle -> .safetensors; with images, a reduced-precision file is
-    written only when it matches the full-precision model within the bar (else ParityError, nothing written)."""
-    from .bundle import resolve_path
-    source = resolve_path(model)
-    out = Path(output) if output else source.with_suffix(SUFFIX)
-    if out.resolve() == source.resolve():
-        raise ValueError(f"--output {out} is the model being exported; choose another file")
-    full = read_bundle(source)
-    parity = None
-    if images is not None or csv is not None:
-        parity = check_parity(full, reload(full, dtype), parity_frame(images, csv, n), dtype)
-        log.info("parity: %s", parity.line())
-        if not parity.passed:
-            raise ParityError(f"not written: {parity.line()}; export with --dtype float32 instead")
-        if parity.images < PARITY_IMAGES:
-            log.warning("parity checked on %d image(s); the bar asks for at least %d", parity.images, PARITY_IMAGES)
-    extra = {"parity": asdict(parity)} if parity else {}
-    return export_portable(full, out, dtype, extra), parity
-
-
 def reload(bundle: dict, dtype: str) -> dict:
     """The bundle exactly as a user will load it back from a portable file of this dtype."""
     with tempfile.TemporaryDirectory(prefix="skain-portable-") as tmp:
         path = Path(tmp) / f"model{SUFFIX}"
         path.write_bytes(portable_bytes(bundle, dtype))
         return read_portable(path)
-
-
-# ------------------------------------------------------------------------------------------- the shipped model
-SHIPPED_MODEL = Path(__file__).resolve().parent / "models" / "ham10000.safetensors"
-DEFAULT_MODEL_ENV = "SKAIN_DEFAULT_MODEL"  # points the fallback elsewhere (tests, private deployments)
-USER_OUTPUT = "outputs"
-
-
-@dataclass(frozen=True)
-class ModelChoice:
-    """Which model answers, and why: a user's own (given or found at outputs/) or the one shipped with skAIn."""
-
-    path: Path
-    shipped: bool
-
-    @property
-    def kind(self) -> str:
-        return "shipped" if self.shipped else "user"
-
-    def describe(self) -> str:
-        if self.shipped:
-            return (f"{self.path.name}: the HAM10000 model shipped with skAIn (weights derive from HAM10000, "
-                    "CC BY-NC 4.0; research and education only)")
-        return f"{self.path}: your own model"
-
-    def summary(self) -> dict:
-        """For the API and the web page: the file name (never the local path) and where it came from."""
-        return {"file": self.path.name, "kind": self.kind, "shipped": self.shipped,
-                "description": "the HAM10000 model shipped with skAIn" if self.shipped else "your own model"}
-
-
-def shipped_model() -> Path:
-    return Path(os.environ.get(DEFAULT_MODEL_ENV) or SHIPPED_MODEL)
-
-
-def choose_model(model: str | Path | None = None, output: str | Path = USER_OUTPUT) -> ModelChoice:
-    """`--model` if given; else a model trained into `output` (default outputs/); else the shipped model."""
-    from .bundle import resolve_path
-    if model is not None:
-        path = resolve_path(model)
-    else:
-        try:
-            path = resolve_path(output)
-        except BundleError:  # nothing trained there: the shipped model
-            path = shipped_model()
-            if not path.is_file():
-                raise BundleError(f"no trained model at {output}/ and the shipped HAM10000 model is not installed "
-                                  f"({path}): train one with `skain train`, try `skain demo --synthetic`, or "
-                                  "pass --model with an output folder, a .pt bundle or a .safetensors file") from None
-    choice = ModelChoice(path, _same_file(path, shipped_model()))
-    log.info("model: %s", choice.describe())
-    return choice
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return b.is_file() and os.path.samefile(a, b)
-    except OSError:
-        return False

@@ -6,7 +6,6 @@ and the metadata encoder stay in the bundle: the ONNX file replaces only the net
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -16,34 +15,30 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .bundle import atomic_write, load_model, read_bundle, resolve_path
-from .data.encoder import MetadataEncoder
+from skain.data.encoder import MetadataEncoder
+from skain.fileio import atomic_write
+from skain.inference.runners import OrtSession, feed_for
+from skain.modelfile.bundle import load_model
+from skain.modelfile.load import read_bundle, resolve_path
+from skain.modelfile.onnx import (
+    FINGERPRINT_KEY,
+    INPUTS,
+    OPSET,
+    OUTPUTS,
+    bundle_fingerprint,
+    read_fingerprint,
+)
 
 log = logging.getLogger(__name__)
 
-INPUTS = ("image", "age", "sex", "site")
-OUTPUTS = ("logits", "features")
-OPSET = 17
-FINGERPRINT_KEY = "skain_bundle_fingerprint"
-
-
-def bundle_fingerprint(bundle: dict) -> str:
-    """sha256 over the model description and every weight tensor, independent of file layout."""
-    h = hashlib.sha256(json.dumps([bundle["model_args"], bundle["preprocess"], bundle["classes"]],
-                                  sort_keys=True).encode())
-    for name in sorted(bundle["state_dict"]):
-        tensor = bundle["state_dict"][name].detach().cpu().contiguous()
-        h.update(name.encode())
-        h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def example_inputs(bundle: dict, batch: int = 2) -> tuple[torch.Tensor, ...]:
     size = bundle["preprocess"]["input_size"]
     gen = torch.Generator().manual_seed(0)
     n_sex, n_site = len(bundle["encoder"]["sex_vocab"]), len(bundle["encoder"]["site_vocab"])
-    return (torch.randn(batch, 3, size, size, generator=gen), torch.randn(batch, MetadataEncoder.from_state(bundle["encoder"]).age_width,
-                                                                 generator=gen),
+    age_width = MetadataEncoder.from_state(bundle["encoder"]).age_width
+    return (torch.randn(batch, 3, size, size, generator=gen), torch.randn(batch, age_width, generator=gen),
             torch.randint(0, n_sex, (batch,), generator=gen), torch.randint(0, n_site, (batch,), generator=gen))
 
 
@@ -66,7 +61,6 @@ def replace_if_stale(bundle: dict, path: str | Path) -> Path | bytes:
     """`path` if it was exported from `bundle`; else re-export over it (with a warning), or, where the folder
     cannot be written, return the fresh graph's bytes to run from memory. For `--precision fast`, which asks
     for the fastest path, not for a particular file: a leftover export from an earlier run is not an error."""
-    from .onnx_runtime import read_fingerprint
     path = Path(path)
     try:
         if read_fingerprint(path) == bundle_fingerprint(bundle):
@@ -123,7 +117,6 @@ def export_bytes(bundle: dict, opset: int = OPSET) -> bytes:
 
 
 def _check_parity(graph: bytes, bundle: dict, atol: float = 1e-4) -> None:
-    from .onnx_runtime import OrtSession, feed_for
     inputs = example_inputs(bundle, batch=3)
     with torch.no_grad():
         ref = load_model(bundle)(*inputs).softmax(1).numpy()

@@ -12,10 +12,18 @@ import numpy as np
 import pandas as pd
 from scipy.special import softmax
 
-from .data.encoder import FIELDS
-from .data.images import IMAGE_SUFFIXES
-from .data.schema import CLASSES, DataError, clean_metadata, read_csv
-from .metrics import classification_metrics, expected_calibration_error, one_vs_rest_rates
+from skain.data.encoder import FIELDS
+from skain.data.images import IMAGE_SUFFIXES
+from skain.data.schema import CLASSES, DataError, clean_metadata, read_csv
+from skain.evaluation.bootstrap import Sample, bootstrap
+from skain.metrics import (
+    classification_metrics,
+    expected_calibration_error,
+    one_vs_rest_rates,
+)
+from skain.trust.calibration import fit_temperature
+from skain.trust.modelcard import VALIDATION_COLUMN, validation_figures
+from skain.trust.triage import INVESTIGATE, MALIGNANT, triage_rates
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +110,6 @@ def with_intervals(metrics: dict, labels: np.ndarray, probs: np.ndarray, decided
                    lesions: np.ndarray | None, resamples: int = 2000, seed: int = 0) -> dict:
     """`metrics` plus 95% bootstrap intervals of the headline and per-class figures (lesions resampled within
     their class where lesion ids are known, else images), under "intervals"."""
-    from .bootstrap import Sample, bootstrap
     sample = Sample(labels, probs, probs.argmax(1) if decided is None else decided, mel=CLASSES.index("mel"))
     return {**metrics, "intervals": bootstrap(sample, lesions, resamples=resamples, seed=seed)}
 
@@ -127,9 +134,6 @@ def trust_metrics(pred: pd.DataFrame, truth: pd.DataFrame, temperature: float | 
     """On labelled images (all real lesions): balanced accuracy and per-class recall; ECE before/after the
     bundle's temperature (and the temperature these images would have chosen); the OOD check's false-rejection
     rate; triage sensitivity/specificity at the bundle's threshold. Columns a predictions CSV lacks give None."""
-    from .trust.calibration import fit_temperature
-    from .trust.fitting import triage_rates
-    from .trust.triage import INVESTIGATE, MALIGNANT
     labels, probs, info, decided = align(pred, truth, classes)
     merged = truth.merge(pred, on="image_id", how="inner")
     merged = merged[np.isfinite(merged[[f"p_{c}" for c in classes]].to_numpy(dtype=np.float64)).all(1)]
@@ -181,7 +185,6 @@ def external_entry(data: str, runs: dict) -> dict:
 def folder_trust(predictor, frame: pd.DataFrame, data: str, preds: dict[str, pd.DataFrame]) -> dict:
     """Trust figures of `predictor` on a labelled folder (`preds`: its predictions for `trust_variants`),
     beside the model card's own validation figures, and the model card extended by what was measured here."""
-    from .trust.modelcard import VALIDATION_COLUMN, validation_figures
     runs = with_and_without_metadata(frame, preds, predictor.trust.temperature)
     views = ((predictor.bundle.get("trust") or {}).get("views") or {}).get(str(predictor.tta)) \
         if predictor.tta > 1 else None

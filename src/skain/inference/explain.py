@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .predict import Predictor, metadata_frame
+from skain.inference.predictor import Predictor, metadata_frame
 
 log = logging.getLogger(__name__)
 

@@ -21,16 +21,19 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from .bundle import load_model, read_bundle, resolve_path
-from .decision import Decision
-from .data.dataset import LesionDataset, metadata_variants
-from .data.encoder import MetadataEncoder
-from .data.images import ImageLoader
-from .data.layout import Source, discover, load_table
-from .data.schema import clean_metadata
-from .data.transforms import eval_transform, image_to_tensor, tta_views
-from .engine import predict_logits, resolve_device
-from .trust import TrustLayer
+from skain.data.dataset import LesionDataset, metadata_variants
+from skain.data.encoder import MetadataEncoder
+from skain.data.images import ImageLoader
+from skain.data.layout import Source, discover, load_table
+from skain.data.schema import clean_metadata
+from skain.data.transforms import eval_transform, image_to_tensor, tta_views
+from skain.engine import predict_logits, resolve_device
+from skain.inference.decision import Decision
+from skain.inference.export import export_bytes, replace_if_stale
+from skain.inference.runners import OnnxModel
+from skain.modelfile.bundle import load_model
+from skain.modelfile.load import read_bundle, resolve_path
+from skain.trust.runtime import TrustLayer
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +109,7 @@ class Predictor:
             self.model = model.to(memory_format=torch.channels_last) if self.channels_last else model
 
     @classmethod
-    def from_bundle(cls, model: str | Path, **kwargs: Any) -> "Predictor":
+    def from_bundle(cls, model: str | Path, **kwargs: Any) -> Predictor:
         """`model` is an output folder or a bundle file; an ONNX backend finds `<bundle>.onnx` beside it."""
         beside = resolve_path(model).with_suffix(".onnx")
         if kwargs.get("onnx_path") is None and (kwargs.get("backend") in GRAPH_RUNTIMES or
@@ -117,8 +120,6 @@ class Predictor:
     def _onnx_model(self, path: str | Path | None, replace_stale: bool = False) -> torch.nn.Module:
         """The exported graph from `path`, or (no file) exported in memory from the bundle now. With
         `replace_stale` (precision "fast"), a file exported from another bundle is re-exported over, not fatal."""
-        from .export import export_bytes, replace_if_stale
-        from .onnx_runtime import OnnxModel
         runtime = GRAPH_RUNTIMES[self.backend]
         if self.device.type != "cpu":
             log.info("the %s backend runs on the CPU", self.backend)

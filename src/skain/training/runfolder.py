@@ -13,17 +13,18 @@ import json
 import logging
 import os
 import re
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
-from .config import Config
-from .data.schema import META_COLUMNS
+from skain.data.schema import META_COLUMNS
+from skain.training.config import Config
 
 log = logging.getLogger(__name__)
 VERSION = 1

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from .bundle import BundleError
-from .export import FINGERPRINT_KEY, INPUTS, bundle_fingerprint
+from skain.modelfile.bundle import BundleError
+from skain.modelfile.onnx import INPUTS, bundle_fingerprint, read_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -80,13 +80,6 @@ class OpenVinoSession:
 
 
 RUNTIMES = {"onnxruntime": OrtSession, "openvino": OpenVinoSession}
-
-
-def read_fingerprint(source: str | Path | bytes) -> str | None:
-    import onnx
-    proto = (onnx.load_from_string(source) if isinstance(source, bytes)
-             else onnx.load(str(source), load_external_data=False))
-    return next((p.value for p in proto.metadata_props if p.key == FINGERPRINT_KEY), None)
 
 
 class OnnxModel(nn.Module):

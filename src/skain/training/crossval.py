@@ -11,11 +11,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .bundle import atomic_json, atomic_write
-from .config import Config
-from .data.schema import CLASSES
-from .decision import adjusted_pred, log_prior_from_counts, nested_estimate
-from .metrics import classification_metrics
+from skain.data.schema import CLASSES
+from skain.fileio import atomic_json, atomic_write
+from skain.inference.decision import (
+    adjusted_pred,
+    log_prior_from_counts,
+    nested_estimate,
+)
+from skain.metrics import classification_metrics
+from skain.training.config import Config
+from skain.training.train import TEST_LOGITS, fit
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +43,6 @@ def fit_all_folds(cfg: Config) -> dict:
     """Train fold 0..K-1 (each resumable in its own folder), then write the out-of-fold report. With
     `with_image_only`, the image-only model is trained on the same folds into <output>/image_only/ and the
     report gains the paired metadata table (`metadata_vs_image_only`, also metadata_table.md)."""
-    from .train import fit
     out = Path(cfg.train.output)
     if cfg.data.with_image_only and cfg.model.image_only:
         raise ValueError("--with-image-only compares a multimodal run with the image-only one; drop --image-only")
@@ -111,7 +115,6 @@ def write_report(out: Path, folds: int) -> dict:
 # ------------------------------------------------------------------ reports across runs (`skain cv-report`)
 def fold_dirs(run: Path) -> list[tuple[int, Path]]:
     """(fold, folder) of every fold<k>/ under a k-fold output that has test-fold logits."""
-    from .train import TEST_LOGITS
     found = sorted((int(p.name[4:]), p) for p in Path(run).glob("fold*")
                    if p.name[4:].isdigit() and (p / TEST_LOGITS).is_file())
     if not found:
@@ -125,7 +128,6 @@ VARIANT_NAME = re.compile(r"(present|age_blank|sex_blank|site_blank|all_blank)(_
 
 def is_image_only(folder: Path) -> bool:
     """A fold of an image-only run: it scored one metadata variant, `present` (nothing to blank)."""
-    from .train import TEST_LOGITS
     with np.load(folder / TEST_LOGITS) as saved:
         return "all_blank" not in saved.files
 
@@ -135,7 +137,6 @@ def fold_probs(folder: Path, variant: str) -> pd.DataFrame:
     (uncalibrated: the temperature is not applied; arg-max and per-class ranks within a row do not change).
 
     An image-only run has nothing to blank: its `present` logits (same views) stand for every metadata variant."""
-    from .train import TEST_LOGITS
     name = VARIANT_NAME.fullmatch(variant)
     if not name:
         raise ValueError(f"unknown variant {variant!r}: one of present, age_blank, sex_blank, site_blank, "
@@ -265,7 +266,6 @@ def paired_diff(a: dict, b: dict) -> dict:
 
 def _tta_views(run: Path) -> int | None:
     """N when every test fold of the run was also scored with N TTA views (`present_ttaN` logits), else None."""
-    from .train import TEST_LOGITS
     views = set()
     for _, folder in fold_dirs(run):
         with np.load(folder / TEST_LOGITS) as saved:

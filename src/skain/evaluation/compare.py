@@ -1,7 +1,7 @@
 """`skain compare A.csv B.csv --truth CSV`: two models' predictions of the same labelled images, paired.
 
 Each metric's difference (B - A) comes with its paired bootstrap interval (the same lesion resamples for both
-models, `skain.bootstrap.paired`) and a p-value: DeLong's test for the AUCs, the bootstrap's for the rest.
+models, `skain.evaluation.bootstrap.paired`) and a p-value: DeLong's test for the AUCs, the bootstrap's for the rest.
 Where the truth CSV has `lesion_id`, lesions are resampled; otherwise images.
 """
 from __future__ import annotations
@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .bootstrap import Sample, delong, paired
-from .data.schema import CLASSES, DataError
-from .evaluate import read_predictions, read_truth
-from .trust.triage import INVESTIGATE, MALIGNANT
+from skain.data.schema import CLASSES, DataError
+from skain.evaluation.bootstrap import Sample, delong, paired
+from skain.evaluation.evaluate import read_predictions, read_truth
+from skain.trust.triage import INVESTIGATE, MALIGNANT
 
 NAMES = {"balanced_accuracy": "balanced accuracy", "macro_auc": "macro AUC", "melanoma_auc": "melanoma AUC",
          "ece": "ECE", "triage_sensitivity": "triage sensitivity", "triage_specificity": "triage specificity",

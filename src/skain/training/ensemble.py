@@ -35,19 +35,33 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .bundle import (BUNDLE_NAME, BundleError, atomic_json, atomic_torch_save, check_bundle, load_model,
-                     make_bundle, read_bundle, resolve_path)
-from .data.encoder import MetadataEncoder
-from .data.images import ImageLoader
-from .engine import resolve_device
-from .metrics import classification_metrics
-from .model import EnsembleNet
-from .trust.calibration import apply_temperature
-from .trust.fitting import (Outputs, TrustSettings, calibration_part, cross_fit, extract, folder_split,
-                            triage_part, write_reports)
-from .trust.triage import malignant_columns
-from .trust.modelcard import build_card
-from .trust.ood import EnsembleScorer, scorer_from_state
+from skain.data.encoder import MetadataEncoder
+from skain.data.images import ImageLoader
+from skain.engine import resolve_device
+from skain.fileio import atomic_json
+from skain.metrics import classification_metrics
+from skain.model import EnsembleNet
+from skain.modelfile.bundle import (
+    BUNDLE_NAME,
+    BundleError,
+    atomic_torch_save,
+    check_bundle,
+    load_model,
+    make_bundle,
+)
+from skain.modelfile.load import read_bundle, resolve_path
+from skain.training.trust_fit import extract, folder_split, write_reports
+from skain.trust.calibration import apply_temperature
+from skain.trust.crossfit import (
+    Outputs,
+    TrustSettings,
+    calibration_part,
+    cross_fit,
+    triage_part,
+)
+from skain.trust.modelcard import build_card
+from skain.trust.ood import EnsembleScorer, scorer_from_state
+from skain.trust.triage import malignant_columns
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .bundle import atomic_json, atomic_write
-from .evaluate import ISIC2018_COLUMNS
+from skain.evaluation.evaluate import ISIC2018_COLUMNS
+from skain.fileio import atomic_json, atomic_write
+from skain.trust.modelcard import trust_table, write_card
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,6 @@ def write_report(metrics: dict, labels: np.ndarray, probs: np.ndarray, folder: s
     text = report_markdown(metrics, context or {}) + trust_markdown(trust)
     atomic_write(folder / "report.md", lambda fh: fh.write(text.encode("utf-8")))
     if card:
-        from .trust.modelcard import write_card
         write_card(folder, card)
     log.info("wrote the evaluation report to %s", folder)
     return folder
@@ -135,7 +135,7 @@ def report_markdown(metrics: dict, context: dict) -> str:
 
 
 def interval_lines(intervals: dict | None) -> list[str]:
-    """The bootstrap intervals as a table (skain.evaluate.with_intervals)."""
+    """The bootstrap intervals as a table (skain.evaluation.evaluate.with_intervals)."""
     if not intervals:
         return []
     level = int(round(100 * intervals["level"]))
@@ -151,7 +151,6 @@ def trust_markdown(trust: dict) -> str:
     """The trust section: these images with and without metadata, beside the model's own validation figures."""
     if not trust.get("runs"):
         return ""
-    from .trust.modelcard import trust_table
     lines = ["", "## Trust on these images", "",
              f"Measured on the {trust.get('measured_on', 'images above')}. 'without metadata' = age, sex and site "
              "left blank for every image; every image here is a real lesion, so each OOD rejection is a false one. "
