@@ -30,7 +30,7 @@ for k in 0 1 2 3 4; do
     --holdout --fold $k --no-trust --max-minutes "$MIN" --workers 3 --output "$W/cvp/fold$k" >"$W/cvp$k.log" 2>&1 &
 done
 wait
-python3 -c "from pathlib import Path; from skain.crossval import write_report; write_report(Path('$W/cvp'), 5)" 2>&1 | tail -n 3
+python3 -c "from pathlib import Path; from skain.training.crossval import write_report; write_report(Path('$W/cvp'), 5)" 2>&1 | tail -n 3
 for k in 0 1 2 3 4; do grep -v "Warn\|warn" "$W/cvp$k.log" | grep "epoch\|test fold" | tail -n 3; done
 cp "$W"/cvp*.log "$W/cvp/" 2>/dev/null
 (cd "$W" && tar czf "$OUT/cvp.tgz" --exclude='*.pt' cvp)

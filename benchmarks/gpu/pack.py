@@ -4,6 +4,9 @@ metadata CSV and the offline ImageNet backbone weights in timm naming (float16, 
 
     python benchmarks/gpu/pack.py --csv ../shared/ham10000/HAM10000_metadata.csv \
         --images ../shared/ham10000/images ../shared/ham10000/images_part_2 --out .gpu
+
+The .gpu/ folder it writes is what benchmarks/gpu/run.sh, cv_parallel.sh and cv_pair.sh read on the GPU machine;
+it writes no results file.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import torch
 from PIL import Image
 
 from skain.data.images import open_image, resize_shorter
-from skain.weights import load_pretrained
+from skain.training.weights import load_pretrained
 
 
 def shrink(args: tuple[str, int, int]) -> tuple[str, bytes]:
@@ -30,7 +33,7 @@ def shrink(args: tuple[str, int, int]) -> tuple[str, bytes]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--csv", required=True)
     ap.add_argument("--images", nargs="+", required=True)
     ap.add_argument("--out", default=".gpu")

@@ -1,7 +1,7 @@
 """Kernel time of CPU training and `skain predict` with each memory allocator, measured in one run.
 
-    python benchmarks/kernel_time.py [--data-root ../shared/ham10000] [--images 300] [--train-steps 6]
-                                     [--rounds 2] [--variants system,glibc,tcmalloc] [--out benchmarks/out]
+    python -m benchmarks.speed.kernel_time [--data-root ../shared/ham10000] [--images 300] [--train-steps 6]
+                                           [--rounds 2] [--variants system,glibc,tcmalloc] [--out benchmarks/out]
 
 Every measurement is its own process (SKAIN_ALLOCATOR=<variant>, see skain.runtime_env), run in interleaved
 rounds (the order rotates each round) so that a shared machine's load falls on all variants alike:
@@ -16,24 +16,22 @@ rounds (the order rotates each round) so that a shared machine's load falls on a
 `system` is glibc malloc untouched (before this change), `glibc` the in-process mallopt fallback, `tcmalloc`
 the preloaded tcmalloc that `skain` picks by default when it is installed. The bundle is the `cpu` preset's
 network with its ImageNet weights and an untrained head: the speed does not depend on the weights. Prints a
-table with ratios against `system` and the load average, and writes <out>/kernel_time.json.
+table with ratios against `system` and the load average, and writes <out>/kernel_time.json (default
+benchmarks/out/kernel_time.json); none was kept in benchmarks/results/: docs/performance.md, "CPU speed: the memory
+allocator", quotes the printed tables. Every child process runs this checkout's src/.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))  # run from a checkout without installing
-
-from skain.runtime_env import find_tcmalloc, loaded_allocator, prepare_process  # noqa: E402  (stdlib only)
+from benchmarks.common import DATA_ROOT, OUT_DIR, checkout_env, cpu_seconds, run_timed, write_json
+from skain.runtime_env import find_tcmalloc, loaded_allocator, prepare_process  # stdlib only, as benchmarks.common
 
 
 # ----------------------------------------------------------------------------- set-up (parent, once)
@@ -41,10 +39,11 @@ def make_inputs(root: Path, n_images: int, work: Path) -> tuple[Path, Path]:
     """The first n images of the sample (CSV) and a `cpu`-preset bundle; the training cache is filled once."""
     import pandas as pd
 
-    from skain.bundle import atomic_torch_save, make_bundle
     from skain.data.encoder import MetadataEncoder
     from skain.data.schema import CLASSES
-    from skain.train import build_network, make_loader_fn, prepare_data, warm_images
+    from skain.modelfile.bundle import atomic_torch_save, make_bundle
+    from skain.training.loaders import make_loader_fn, prepare_data, warm_images
+    from skain.training.train import build_network
     work.mkdir(parents=True, exist_ok=True)
     csv, bundle = work / "subset.csv", work / "bundle.pt"
     pd.read_csv(root / "metadata.csv").head(n_images).to_csv(csv, index=False)
@@ -57,7 +56,7 @@ def make_inputs(root: Path, n_images: int, work: Path) -> tuple[Path, Path]:
 
 
 def train_config(csv: Path, root: Path, work: Path):
-    from skain.config import build_config
+    from skain.training.config import build_config
     return build_config("cpu", flags={"data": {"csv": str(csv), "images": [str(root / "images")],
                                                "cache_dir": str(work / "cache")},
                                       "train": {"progress": False, "output": str(work / "train")}})
@@ -69,7 +68,9 @@ def child_train(csv: Path, root: Path, work: Path, steps: int) -> dict:
     from torch import nn
 
     from skain.engine import amp_dtype, resolve_device, train_one_epoch
-    from skain.train import build_loaders, build_network, make_loader_fn, prepare_data, seed_everything
+    from skain.training.loaders import build_loaders, make_loader_fn, prepare_data
+    from skain.training.loop import seed_everything
+    from skain.training.train import build_network
     cfg = train_config(csv, root, work)
     seed_everything(0)
     device = resolve_device("cpu")
@@ -94,37 +95,21 @@ def child_train(csv: Path, root: Path, work: Path, steps: int) -> dict:
     run = lambda n: train_one_epoch(model, batches(n), opt, crit, device, dtype, channels_last=True,  # noqa: E731
                                     progress=False)
     run(2)
-    before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    before, start = cpu_seconds(), time.perf_counter()
     stats = run(steps)
-    wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
-    user, sys_ = after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
+    wall, after = time.perf_counter() - start, cpu_seconds()
+    user, sys_, faults = (a - b for a, b in zip(after, before))
     return {"images_per_s": stats["images"] / wall, "images": stats["images"], "wall_s": wall, "user_s": user,
             "sys_s": sys_, "kernel_share": sys_ / max(user + sys_, 1e-9),
-            "minor_faults": after.ru_minflt - before.ru_minflt, "amp": str(dtype), "threads": torch.get_num_threads(),
+            "minor_faults": faults, "amp": str(dtype), "threads": torch.get_num_threads(),
             "workers": train_dl.num_workers}
 
 
 # ----------------------------------------------------------------------------- parent: interleaved runs
-def timed(cmd: list[str], env: dict, log_path: Path) -> tuple[dict, str]:
-    """Run cmd; wall/user/sys/max RSS of the process and its children, and its stdout."""
-    load = os.getloadavg()[0]
-    start = time.perf_counter()
-    with open(log_path, "w") as err:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT)
-        out = proc.stdout.read()
-        _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) not in (0, 3):
-        raise RuntimeError(f"{' '.join(cmd)} failed (exit {os.waitstatus_to_exitcode(status)}); see {log_path}")
-    return {"wall_s": wall, "user_s": usage.ru_utime, "sys_s": usage.ru_stime,
-            "kernel_share": usage.ru_stime / max(usage.ru_utime + usage.ru_stime, 1e-9),
-            "max_rss_mib": usage.ru_maxrss / 1024, "minor_faults": usage.ru_minflt, "load_avg_1min": load}, out
-
-
 def run_train(variant: str, args, csv: Path, bundle: Path, work: Path) -> dict:
-    cmd = [sys.executable, __file__, "--child", "train", "--csv", str(csv), "--data-root", args.data_root,
-           "--work", str(work), "--train-steps", str(args.train_steps)]
-    proc, out = timed(cmd, env_for(variant), work / f"train-{variant}.log")
+    cmd = [sys.executable, "-m", "benchmarks.speed.kernel_time", "--child", "train", "--csv", str(csv),
+           "--data-root", args.data_root, "--work", str(work), "--train-steps", str(args.train_steps)]
+    proc, out = run_timed(cmd, env_for(variant), work / f"train-{variant}.log")
     child = json.loads(out.strip().splitlines()[-1])
     return {**child, "process": proc}
 
@@ -133,16 +118,16 @@ def run_predict(variant: str, args, csv: Path, bundle: Path, work: Path) -> dict
     cmd = [sys.executable, "-m", "skain", "predict", "--csv", str(csv), "--images",
            str(Path(args.data_root) / "images"), "--model", str(bundle), "--cache-dir", "off",
            "--output", str(work / f"pred-{variant}.csv"), "--no-progress"]
-    proc, _ = timed(cmd, env_for(variant), work / f"predict-{variant}.log")
+    proc, _ = run_timed(cmd, env_for(variant), work / f"predict-{variant}.log")
     return {**proc, "images_per_s": args.images / proc["wall_s"]}
 
 
 def env_for(variant: str) -> dict:
+    """This checkout's skAIn with the allocator `variant` and no allocator settings inherited from this process."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "_SKAIN"))}
     env["LD_PRELOAD"] = " ".join(p for p in env.get("LD_PRELOAD", "").split() if "malloc" not in p)
     env["SKAIN_ALLOCATOR"] = variant
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    return env
+    return checkout_env(base=env)
 
 
 def summarise(results: dict, variants: list[str]) -> dict:
@@ -181,13 +166,13 @@ def print_table(table: dict, loads: list[float]) -> None:
 
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data-root", default=str(ROOT / ".." / "shared" / "ham10000"))
+    ap.add_argument("--data-root", default=str(DATA_ROOT))
     ap.add_argument("--images", type=int, default=300, help="images for `skain predict` and the training set")
     ap.add_argument("--train-steps", type=int, default=6, help="timed training steps (batch 32) per run")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--variants", default="system,glibc,tcmalloc")
     ap.add_argument("--tasks", default="train,predict")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
+    ap.add_argument("--out", default=str(OUT_DIR))
     ap.add_argument("--child", choices=["train"], help=argparse.SUPPRESS)
     ap.add_argument("--csv", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
@@ -204,7 +189,7 @@ def main() -> None:
     variants = [v for v in args.variants.split(",") if v != "tcmalloc" or find_tcmalloc()]
     if "tcmalloc" in args.variants and "tcmalloc" not in variants:
         print("tcmalloc is not installed (apt-get install libtcmalloc-minimal4): measuring without it")
-    out = Path(args.out)
+    args.data_root, out = str(Path(args.data_root).resolve()), Path(args.out).resolve()  # children run in REPO_ROOT
     work = out / "kernel_time"
     csv, bundle = make_inputs(Path(args.data_root), args.images, work)
     runners = {"train": run_train, "predict": run_predict}
@@ -225,8 +210,7 @@ def main() -> None:
     report = {"when": time.strftime("%Y-%m-%d %H:%M"), "cores": os.cpu_count(), "images": args.images,
               "train_steps": args.train_steps, "rounds": args.rounds, "load_avg_1min": loads,
               "summary": table, "runs": results}
-    (out / "kernel_time.json").write_text(json.dumps(report, indent=2))
-    print(f"wrote {out / 'kernel_time.json'}")
+    write_json(out / "kernel_time.json", report)
 
 
 if __name__ == "__main__":

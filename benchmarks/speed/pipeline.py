@@ -1,6 +1,7 @@
 """Input pipeline and training throughput, measured as ratios within one run.
 
-    python benchmarks/pipeline.py [--data-root ../shared/ham10000] [--images 400] [--presets cpu gpu]
+    python -m benchmarks.speed.pipeline [--data-root ../shared/ham10000] [--images 400] [--presets cpu gpu]
+                                        [--out benchmarks/out/pipeline.json]
 
 1. Input pipeline images/s on real HAM10000 JPEGs, one process: naive (decode the 600x450 JPEG and run the
    augmentation as a notebook writes it, a torchvision Compose on PIL images, every epoch) vs skAIn's
@@ -10,11 +11,14 @@
    in memory (the model's own limit). Target: the pipeline reaches >= 90% of the model's limit.
 3. The cost of the re-save augmentation (`--photo-augment`, data/degrade.py: downscale, JPEG/WebP, blur, border)
    at the configured share: input pipeline images/s and training images/s with it against without it.
+
+Writes --out (default benchmarks/out/pipeline.json). benchmarks/results/photo_augment_cost.json is that file from
+`--presets cpu` (400 images, 2026-12-05; docs/robustness.md, "Cost of the augmentation"); the input-pipeline
+table in docs/performance.md ("Input pipeline") comes from `--steps 10` runs whose files were not kept.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -24,15 +28,15 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from skain.config import TrainConfig, build_config
+from benchmarks.common import DATA_ROOT, best_of, ham10000, write_json
 from skain.data.dataset import LesionDataset
 from skain.data.encoder import MetadataEncoder
 from skain.data.images import ImageLoader, open_image
-from skain.data.layout import discover, load_table
 from skain.data.transforms import resolve_preprocess, train_transform
 from skain.engine import amp_dtype, resolve_device, train_one_epoch
 from skain.model import SkainNet
-from skain.train import workers
+from skain.training.config import TrainConfig, build_config
+from skain.training.loaders import workers
 
 
 def notebook_transform(pre: dict, size: int | None = None):
@@ -49,13 +53,10 @@ def notebook_transform(pre: dict, size: int | None = None):
 
 def time_pipeline(paths: list[str], fn, repeat: int = 2) -> float:
     """Best of `repeat` passes, images/s."""
-    best = 0.0
-    for _ in range(repeat):
-        start = time.perf_counter()
+    def one_pass() -> None:
         for p in paths:
             fn(p)
-        best = max(best, len(paths) / (time.perf_counter() - start))
-    return best
+    return len(paths) / best_of(one_pass, repeat)
 
 
 def pipeline_ratio(paths: list[str], pre: dict, cache_dir: Path) -> dict:
@@ -136,7 +137,7 @@ def train_speed(preset: str, frame: pd.DataFrame, steps: int, cache_dir: Path, c
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data-root", default=str(Path(__file__).resolve().parents[1] / ".." / "shared" / "ham10000"))
+    ap.add_argument("--data-root", default=str(DATA_ROOT))
     ap.add_argument("--images", type=int, default=400)
     ap.add_argument("--steps", type=int, default=6, help="training steps per measurement")
     ap.add_argument("--presets", nargs="+", default=["cpu", "gpu"])
@@ -146,8 +147,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/out/pipeline.json")
     args = ap.parse_args()
     result: dict = {"images": args.images, "load_before": os.getloadavg(), "input_pipeline": {}, "training": {}}
-    root = Path(args.data_root)
-    frame = load_table(discover(csv=root / "metadata.csv", images=[root / "images"]))
+    frame = ham10000(args.data_root)
     frame = frame.sample(frac=1.0, random_state=0).reset_index(drop=True)
     paths = frame["path"].tolist()[: args.images]
     with tempfile.TemporaryDirectory() as tmp:
@@ -170,9 +170,8 @@ def main() -> None:
                 print(f"  torch.compile: {s['compile_seconds']:.0f} s to compile, then {s['synthetic_compiled']:.1f} img/s "
                       f"on synthetic tensors = {s['compile_speedup']:.2f}x eager")
     result["load_after"] = os.getloadavg()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"load average before {result['load_before'][0]:.2f}, after {result['load_after'][0]:.2f}; wrote {args.out}")
+    print(f"load average before {result['load_before'][0]:.2f}, after {result['load_after'][0]:.2f}")
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

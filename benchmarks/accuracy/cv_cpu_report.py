@@ -1,19 +1,31 @@
 """Issue 12's cross-validated benchmark measured on 2 CPU cores: one `skain train --all-folds` run of the `cpu`
 preset on all of HAM10000, its accuracy on test folds that chose nothing, and the wall and CPU minutes it took.
 
-    /usr/bin/time -v skain train --preset cpu --data ../shared/ham10000 --all-folds --max-minutes 12 \
+    /usr/bin/time -v skain train --preset cpu --data ../shared/ham10000 --all-folds --max-minutes 12 \\
         --output /tmp/cpucv/run 2> /tmp/cpucv/time.txt
-    python benchmarks/cv_cpu_report.py --run /tmp/cpucv/run --time-log /tmp/cpucv/time.txt \
+    python -m benchmarks.accuracy.cv_cpu_report --run /tmp/cpucv/run --time-log /tmp/cpucv/time.txt \\
         [--ensemble-with /tmp/gpu/mm ...] [--against OTHER_RUN] --out benchmarks/results/cpu_cv.json
 
-Rows are `skain cv-report` figures (skain.crossval.variant_row: mean +- std over the test folds, by arg-max and by
+Rows are `skain cv-report` figures (skain.training.crossval.variant_row: mean +- std over the test folds, by arg-max and by
 the nested prior-adjusted decision rule) for metadata present / all blank, single view and 8 TTA views.
 `--ensemble-with` adds the same variants for the average of this run and other k-fold runs on the same split
 (e.g. the GPU runs of benchmarks/gpu/cv_pair.sh), each ensemble paired per test fold against each of its members;
 give it more than once for several ensembles. `--against` adds
 this run minus another k-fold run on the same split (or the result JSON written for it), per test fold
-(skain.crossval.paired_diff, as `skain cv-report --image-only` pairs its rows). Several --time-log files (an
+(skain.training.crossval.paired_diff, as `skain cv-report --image-only` pairs its rows). Several --time-log files (an
 interrupted run resumed) are summed.
+
+Its --out files in benchmarks/results/ (docs/training.md, "Honest numbers"; README, "Results"); fields this script
+does not write were added to them afterwards, by hand:
+  cpu_cv.json             the cpu preset's 5 folds on 2 CPU cores, --ensemble-with the GPU multimodal run
+  cpu_cv_lite2.json       Lite2 @ 260 on 2 CPU cores, --against cpu_cv.json
+  cpu_cv_lite0_lite2.json the 224 px rerun, --ensemble-with the Lite2 run, --against cpu_cv.json; plus `note`,
+                          `ensemble_paired`, and `ensemble_bundle_per_fold` and `resize_floor_fold0_lite0_member`
+                          (measured with benchmarks.accuracy.ensemble_sizes)
+  cpu_cv_three.json       Lite0 @ 288 with two ensembles, --against the 224 px rerun; plus `note` and
+                          `three_minus_lite0_lite2_per_fold`
+  gpu_cv_lite2_288.json   the two GPU runs of benchmarks/gpu/cv_pair.sh (--run a --ensemble-with b --against
+                          benchmarks/results/cpu_cv_lite2.json); plus `command`, `training_b` and `note`
 """
 from __future__ import annotations
 
@@ -22,9 +34,8 @@ import json
 import re
 from pathlib import Path
 
-from cv_pair_report import training  # benchmarks/ is the script's folder
-
-from skain.crossval import paired_diff, variant_row
+from benchmarks.common import fold_differences, kfold_training, what, write_json
+from skain.training.crossval import variant_row
 
 VARIANTS = ("present", "all_blank", "present_tta8", "all_blank_tta8")
 TIME_FIELDS = {"user_s": r"User time \(seconds\): ([\d.]+)", "sys_s": r"System time \(seconds\): ([\d.]+)",
@@ -51,9 +62,7 @@ def rows(runs: list[Path]) -> dict:
 def minus(a: dict, b: dict) -> dict:
     """Rows a - b per test fold (same split): balanced accuracy and melanoma recall by arg-max and by the rule,
     with the folds not worse, and macro AUC."""
-    return {v: {**paired_diff(a[v], b[v]),
-                "macro_auc": [round(x - y, 4) for x, y in zip(a[v]["macro_auc"]["folds"], b[v]["macro_auc"]["folds"])]}
-            for v in VARIANTS}
+    return fold_differences(a, b, VARIANTS)
 
 
 def main() -> None:
@@ -66,7 +75,7 @@ def main() -> None:
                     "script wrote for it): per-fold differences")
     ap.add_argument("--out", required=True, type=Path)
     a = ap.parse_args()
-    result: dict = {"what": __doc__.split("\n\n")[0], "run": str(a.run), "training": training(a.run),
+    result: dict = {"what": what(__doc__), "run": str(a.run), "training": kfold_training(a.run),
                     "rows": rows([a.run])}
     if a.time_log:
         times = [gnu_time(p) for p in a.time_log]
@@ -88,7 +97,7 @@ def main() -> None:
         other = json.loads(a.against.read_text())["rows"] if a.against.is_file() else rows([a.against])
         result["against"] = {"run": str(a.against), "rows": other,
                              "this_minus_other_per_fold": minus(result["rows"], other)}
-    a.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(a.out, result)
     tables = [("this run", result["rows"])] + [(" + ".join(e["runs"]), e["rows"]) for e in result["ensembles"]]
     if a.against:
         tables.append((f"against {a.against}", result["against"]["rows"]))

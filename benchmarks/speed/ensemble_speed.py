@@ -1,11 +1,12 @@
 """Inference cost of an ensemble bundle against one of its members, measured in one run on the same real images.
 
-    python benchmarks/ensemble_speed.py [--data-root ../shared/ham10000] [--members 5] [--images 64] [--batch 16]
+    python -m benchmarks.speed.ensemble_speed [--data-root ../shared/ham10000] [--members 5] [--images 64] [--batch 16]
 
 Members are `cpu`-preset networks (tf_efficientnet_lite0 @224, random init: speed does not depend on the
-weights), combined with `skain.ensemble.build_ensemble` exactly as `skain ensemble` does. Throughput feeds
+weights), combined with `skain.training.ensemble.build_ensemble` exactly as `skain ensemble` does. Throughput feeds
 pre-decoded tensors through `Predictor.probabilities` (PyTorch fp32 and, when installed, the exported graph in
-OpenVINO); latency is `Predictor.predict_one` on JPEG bytes. Best of --rounds.
+OpenVINO); latency is `Predictor.predict_one` on JPEG bytes. Best of --rounds. Prints a table; writes no results
+file (docs/ensembles.md, "Cost", quotes the printed figures).
 """
 from __future__ import annotations
 
@@ -13,55 +14,40 @@ import argparse
 import importlib.util
 import logging
 import tempfile
-import time
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from skain.bundle import atomic_torch_save, make_bundle, read_bundle
-from skain.data.encoder import MetadataEncoder
-from skain.data.schema import CLASSES
-from skain.data.transforms import resolve_preprocess
-from skain.ensemble import build_ensemble
-from skain.export import export_onnx
-from skain.model import SkainNet
-from skain.predict import Predictor
+from benchmarks.common import DATA_ROOT, best_of, random_bundle
+from skain.inference.export import export_onnx
+from skain.inference.predictor import Predictor
+from skain.modelfile.bundle import atomic_torch_save
+from skain.modelfile.load import read_bundle
+from skain.training.ensemble import build_ensemble
 
 log = logging.getLogger("ensemble_speed")
 
 
-def member_bundle(seed: int, backbone: str = "tf_efficientnet_lite0", size: int = 224) -> dict:
-    enc = MetadataEncoder(sex_vocab=["unknown", "female", "male"], site_vocab=["unknown", "back", "face"])
-    args = {"backbone": backbone, "n_sex": 3, "n_site": 3, "num_classes": len(CLASSES)}
-    torch.manual_seed(seed)
-    model = SkainNet(**args).eval()
-    return make_bundle(model, args, resolve_preprocess(model.backbone.pretrained_cfg, size), enc, list(CLASSES))
-
-
 def throughput(p: Predictor, images: torch.Tensor, frame: pd.DataFrame, batch: int, rounds: int) -> float:
-    best = 0.0
-    for _ in range(rounds):
-        start = time.perf_counter()
+    """Images/s of Predictor.probabilities on pre-decoded tensors, best of `rounds`."""
+    def one_pass() -> None:
         for i in range(0, len(images), batch):
             p.probabilities(images[i:i + batch], frame.iloc[i:i + batch])
-        best = max(best, len(images) / (time.perf_counter() - start))
-    return best
+    return len(images) / best_of(one_pass, rounds)
 
 
 def latency_ms(p: Predictor, jpegs: list[bytes], rounds: int) -> float:
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.perf_counter()
+    """Mean ms per image of Predictor.predict_one on JPEG bytes, best of `rounds`."""
+    def one_pass() -> None:
         for b in jpegs:
             p.predict_one(b, 50, "male", "back")
-        best = min(best, (time.perf_counter() - start) / len(jpegs) * 1000)
-    return best
+    return best_of(one_pass, rounds) / len(jpegs) * 1000
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data-root", default=str(Path(__file__).resolve().parents[1] / ".." / "shared" / "ham10000"))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-root", default=str(DATA_ROOT))
     ap.add_argument("--members", type=int, default=5)
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--batch", type=int, default=16)
@@ -77,7 +63,7 @@ def main() -> None:
         work = Path(tmp)
         runs = []
         for k in range(ns.members):
-            atomic_torch_save(member_bundle(k), work / f"fold{k}" / "best_model.pt")
+            atomic_torch_save(random_bundle(size=224, seed=k), work / f"fold{k}" / "best_model.pt")
             runs.append(work / f"fold{k}")
         build_ensemble(runs, work / "ensemble")
         rows = []

@@ -1,7 +1,8 @@
 """Inference speed and correctness of each precision/backend, measured in ONE run on the same real images.
 
-    python benchmarks/infer_speed.py [--data-root ../shared/ham10000] [--bundle /tmp/bench/out/multimodal]
-                                     [--images 512] [--batch 16] [--rounds 2] [--v2s-images 32]
+    python -m benchmarks.speed.infer_speed [--data-root ../shared/ham10000] [--bundle /tmp/bench/out/multimodal]
+                                           [--images 512] [--batch 16] [--rounds 2] [--v2s-images 32]
+                                           [--out benchmarks/out/infer_speed.json]
 
 Baseline: a plain eager fp32 loop (Predictor precision="fp32", what the seed does). Compared: channels_last,
 bf16 autocast, both, and the exported graph in ONNX Runtime and in OpenVINO (both fp32), for
@@ -11,14 +12,14 @@ Model throughput feeds pre-decoded tensors through `Predictor.probabilities`; en
 `Predictor.predict_frame` (JPEG decode, resize, metadata, model, no image cache); single-image latency runs
 `Predictor.predict_one` on JPEG bytes. Correctness of each variant against fp32 on all --images real images:
 top-1 agreement and max probability difference. Everything goes through skAIn's own inference path.
+Writes --out (default benchmarks/out/infer_speed.json); no results file was kept in benchmarks/results/: the
+tables in docs/performance.md, "Inference speed", are its printed output.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -27,25 +28,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from skain.bundle import atomic_torch_save, make_bundle, read_bundle
-from skain.data.encoder import MetadataEncoder
-from skain.data.schema import CLASSES
-from skain.data.transforms import resolve_preprocess
-from skain.export import export_onnx
-from skain.model import SkainNet
-from skain.predict import GRAPH_RUNTIMES, Predictor, fast_choice, prediction_table
+from benchmarks.common import DATA_ROOT, ham10000, percentiles_ms, random_bundle, split_rows, write_json
+from skain.inference.export import export_onnx
+from skain.inference.predictor import GRAPH_RUNTIMES, Predictor, fast_choice
+from skain.modelfile.bundle import atomic_torch_save
+from skain.modelfile.load import read_bundle
 
 VARIANTS = ("fp32", "channels_last", "bf16", "bf16_channels_last", *GRAPH_RUNTIMES)
 log = logging.getLogger("infer_speed")
-
-
-def random_bundle(backbone: str, size: int) -> dict:
-    enc = MetadataEncoder(sex_vocab=["unknown", "female", "male"], site_vocab=["unknown", "back", "face"])
-    args = {"backbone": backbone, "n_sex": 3, "n_site": 3, "num_classes": len(CLASSES)}
-    torch.manual_seed(0)
-    model = SkainNet(**args).eval()
-    pre = resolve_preprocess(model.backbone.pretrained_cfg, size)
-    return make_bundle(model, args, pre, enc, list(CLASSES))
 
 
 def predictors(bundle: dict, work: Path, name: str) -> dict[str, Predictor]:
@@ -107,12 +97,12 @@ def latency(preds: dict[str, Predictor], paths: list[str], variants) -> dict:
     out = {}
     for v in variants:
         preds[v].predict_one(blobs[0], 50, "male", "back")
-        ms = []
+        seconds = []
         for b in blobs:
             start = time.perf_counter()
             preds[v].predict_one(b, 50, "male", "back")
-            ms.append((time.perf_counter() - start) * 1000)
-        out[v] = {"p50_ms": statistics.median(ms), "p90_ms": float(np.percentile(ms, 90))}
+            seconds.append(time.perf_counter() - start)
+        out[v] = percentiles_ms(seconds, (50, 90))
     return out
 
 
@@ -124,11 +114,9 @@ def gate(res: dict, agreement: float = 0.995, max_diff: float = 0.02) -> str:
 
 def real_images(root: Path, bundle_dir: Path | None, n: int) -> pd.DataFrame:
     """Held-out (validation) rows of the trained bundle's split when there is one, else the first n rows."""
-    frame, _ = prediction_table(csv=root / "metadata.csv", images=[root / "images"])
-    split = bundle_dir / "split.csv" if bundle_dir else None
-    if split and split.is_file():
-        val = pd.read_csv(split).query("split == 'val'")["image_id"]
-        frame = frame[frame["image_id"].isin(val)].reset_index(drop=True)
+    frame = ham10000(root)
+    if bundle_dir and (bundle_dir / "split.csv").is_file():
+        frame = split_rows(frame, bundle_dir, "val")
     return frame.head(n).reset_index(drop=True)
 
 
@@ -140,7 +128,7 @@ def show(title: str, res: dict, keys: tuple[str, ...]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data-root", default=str(Path(__file__).resolve().parents[1] / ".." / "shared" / "ham10000"))
+    ap.add_argument("--data-root", default=str(DATA_ROOT))
     ap.add_argument("--bundle", default="/tmp/bench/out/multimodal", help="trained cpu-preset output folder/bundle")
     ap.add_argument("--images", type=int, default=512)
     ap.add_argument("--batch", type=int, default=16)
@@ -168,7 +156,7 @@ def main() -> None:
             preds = predictors(bundle, Path(tmp), "lite0")
             images = torch.stack([preds["fp32"].image_tensor(p) for p in frame["path"]])
             result["lite0_model"] = throughput(preds, images, frame, args.batch, args.rounds)
-            show("cpu preset (Lite0 @224) model throughput, batch %d" % args.batch, result["lite0_model"],
+            show(f"cpu preset (Lite0 @224) model throughput, batch {args.batch}", result["lite0_model"],
                  ("images_per_s", "speedup", "top1_agreement", "max_prob_diff"))
             result["gate"] = gate(result["lite0_model"])
             print(f"fastest variant passing the correctness gate: {result['gate']}; "
@@ -191,9 +179,7 @@ def main() -> None:
                  ("images_per_s", "speedup", "top1_agreement", "max_prob_diff"))
     result["load_after"] = os.getloadavg()
     print(f"\nload average before {result['load_before'][0]:.2f}, after {result['load_after'][0]:.2f}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,21 @@
 """Train the `cpu` preset on the shared HAM10000 sample (lesion-grouped 80/20) and its image-only ablation.
 
-    python benchmarks/train_cpu.py [--data-root ../shared/ham10000] [--minutes 30] [--out benchmarks/out]
+    python -m benchmarks.accuracy.train_cpu [--data-root ../shared/ham10000] [--minutes 30] [--out benchmarks/out]
 
 Prints validation balanced accuracy / macro AUC / per-class recall for both runs, the time each took and
-the difference metadata makes. Writes each run's output folder under --out.
+the difference metadata makes. Writes each run's output folder and <out>/train_cpu.json under --out; none was kept
+in benchmarks/results/ (docs/training.md, "Earlier measurement", quotes the printed table).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
 
-from skain.config import build_config
-from skain.train import fit
+from benchmarks.common import DATA_ROOT, write_json
+from skain.training.config import build_config
+from skain.training.train import fit
 
 
 def run(name: str, root: Path, out: Path, minutes: float, epochs: int | None, image_only: bool, cache: str) -> dict:
@@ -32,7 +33,7 @@ def run(name: str, root: Path, out: Path, minutes: float, epochs: int | None, im
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data-root", default=str(Path(__file__).resolve().parents[1] / ".." / "shared" / "ham10000"))
+    ap.add_argument("--data-root", default=str(DATA_ROOT))
     ap.add_argument("--minutes", type=float, default=30.0)
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--out", default="benchmarks/out")
@@ -55,8 +56,7 @@ def main() -> None:
     if len(results) == 2:
         d = results["multimodal"]["validation"]["balanced_accuracy"] - results["image_only"]["validation"]["balanced_accuracy"]
         print(f"metadata adds {d:+.3f} balanced accuracy")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_cpu.json").write_text(json.dumps(results, indent=2))
+    write_json(out / "train_cpu.json", results)
 
 
 if __name__ == "__main__":

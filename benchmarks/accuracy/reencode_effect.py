@@ -1,8 +1,8 @@
 """How much a model's answers move when the same images are saved again in another encoding.
 
-    python benchmarks/reencode_effect.py [--model src/skain/models/ham10000.safetensors]
+    python -m benchmarks.accuracy.reencode_effect [--model src/skain/models/ham10000.safetensors]
         [--data-root ../shared/ham10000] [--folds 10 --fold 0] [--out benchmarks/results/reencode_effect.json]
-    python benchmarks/reencode_effect.py --run outputs/RUN [--tta 8] --encodings phone webp screenshot
+    python -m benchmarks.accuracy.reencode_effect --run outputs/RUN [--tta 8] --encodings phone webp screenshot
 
 Takes the validation images of a lesion-grouped split (by default the shipped model's: 10 folds, fold 0, split
 seed 42, 1,002 images it never trained on), or with `--run` the held-out TEST fold of a `skain train --holdout`
@@ -17,6 +17,14 @@ Encodings: `png` (lossless), `jpeg:Q`, `webp:Q` (Pillow, default chroma subsampl
 for the image resized to a shorter side of N px first (skAIn's resize_shorter), as `benchmarks/gpu/pack.py` does
 to fit HAM10000 into one GPU call; or one of the maintainers' copies of `skain.data.degrade.COPIES` (`phone`: half
 size, JPEG q70; `webp`: WebP q60; `screenshot`: PNG at 75% with a 20 px grey border), kept in their own format.
+
+Writes --out (default benchmarks/out/reencode_effect.json). In benchmarks/results/:
+  reencode_effect.json   the first command: the shipped model on its 1,002 validation images, every encoding
+                         (2026-11-27; docs/robustness.md, "Re-encoding"; src/skain/models/README.md)
+  reencode_heldout.json  the second command for two `--holdout --fold 0` runs (`plain` = --photo-augment 0,
+                         `photo` = --photo-augment 0.5), one view, the two outputs combined by hand, with
+                         benchmarks.accuracy.ood_resaved's printout as `ood_fit_ablation_plain_run`
+                         (docs/robustness.md, "Held-out test fold, with and without the re-save augmentation")
 """
 from __future__ import annotations
 
@@ -32,11 +40,12 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from benchmarks.common import DATA_ROOT, SHIPPED_MODEL, ham10000, non_dermoscopic_probes, split_rows, what, write_json
 from skain.data.degrade import COPIES, saved_copy
 from skain.data.images import open_image, resize_shorter
 from skain.data.split import lesion_split
-from skain.evaluate import align, evaluate
-from skain.predict import Predictor, prediction_table
+from skain.evaluation.evaluate import align, evaluate
+from skain.inference.predictor import Predictor
 
 ENCODINGS = ["png", "jpeg:90", "jpeg:75", "webp:80", "png@256", "jpeg:90@256", "jpeg:75@256", "webp:80@256",
              "webp:55@329"]
@@ -79,41 +88,26 @@ def scores(pred: pd.DataFrame, frame: pd.DataFrame) -> dict:
 SUFFIX = {"phone": ".jpg", "webp": ".webp", "screenshot": ".png"}
 
 
-def probe_images(seed: int = 5) -> dict[str, list[bytes]]:
-    """Non-dermoscopic images every model must turn away: skAIn's probes and scikit-image's sample photos."""
-    import skimage.data as sk
-    from skain.trust.probes import probe_set, to_png
-    photos = []
-    for name in ("chelsea", "coffee", "rocket", "astronaut", "horse", "page", "text", "logo", "camera", "clock"):
-        arr = getattr(sk, name)()
-        arr = (arr.astype(np.uint8) * (255 if arr.dtype == bool else 1))
-        photos.append(to_png(arr[..., :3] if arr.ndim == 3 else arr))
-    return {**probe_set(seed), "photos": photos}
-
-
 def held_out_images(ns, data: Path) -> tuple[pd.DataFrame, dict]:
     """The images to copy: a run folder's test fold, or the validation part of a fresh lesion-grouped split."""
-    frame, _ = prediction_table(csv=data / "HAM10000_metadata.csv", images=[data / "images", data / "images_part_2"])
+    frame = ham10000(data, full=True)
     if ns.run:
-        split = pd.read_csv(Path(ns.run) / "split.csv")
-        wanted = set(split.loc[split["split"] == "test", "image_id"])
-        if not wanted:
+        test = split_rows(frame, ns.run, "test")
+        if test.empty:
             raise SystemExit(f"{ns.run}: no test fold in split.csv (train it with --holdout)")
-        where = {"run": str(ns.run), "part": "test fold (chose nothing)"}
-    else:
-        meta = pd.read_csv(data / "HAM10000_metadata.csv")
-        _, val = lesion_split(meta, folds=ns.folds, fold=ns.fold, seed=ns.split_seed)
-        wanted = set(meta.iloc[val]["image_id"])
-        where = {"folds": ns.folds, "fold": ns.fold, "split_seed": ns.split_seed, "part": "validation"}
+        return test, {"run": str(ns.run), "part": "test fold (chose nothing)"}
+    meta = pd.read_csv(data / "HAM10000_metadata.csv")
+    _, val = lesion_split(meta, folds=ns.folds, fold=ns.fold, seed=ns.split_seed)
+    wanted = set(meta.iloc[val]["image_id"])
+    where = {"folds": ns.folds, "fold": ns.fold, "split_seed": ns.split_seed, "part": "validation"}
     return frame[frame["image_id"].isin(wanted)].reset_index(drop=True), where
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    root = Path(__file__).resolve().parents[1]
     ap.add_argument("--model", help="model to score (default: the --run's, else the shipped file)")
     ap.add_argument("--run", help="a `skain train --holdout` run folder: its model on its held-out test fold")
-    ap.add_argument("--data-root", default=str(root / ".." / "shared" / "ham10000"))
+    ap.add_argument("--data-root", default=str(DATA_ROOT))
     ap.add_argument("--folds", type=int, default=10)
     ap.add_argument("--fold", type=int, default=0)
     ap.add_argument("--split-seed", type=int, default=42)
@@ -130,8 +124,7 @@ def main() -> None:
     if ns.limit and ns.limit < len(frame):
         frame = frame.sample(n=ns.limit, random_state=0).reset_index(drop=True)
         where = {**where, "sample": f"{ns.limit} images, random_state 0"}
-    model = ns.model or str(Path(ns.run) / "best_model.pt" if ns.run else root / "src" / "skain" / "models" /
-                            "ham10000.safetensors")
+    model = ns.model or str(Path(ns.run) / "best_model.pt" if ns.run else SHIPPED_MODEL)
     predictor = Predictor.from_bundle(model, tta=ns.tta)
     rows, started = {}, time.perf_counter()
     original = predictor.predict_frame(frame, progress=False)
@@ -149,13 +142,12 @@ def main() -> None:
                           "mean_abs_change_p_mel": float((both["p_mel"] - both["p_mel_new"]).abs().mean())}
         print(encoding, json.dumps({k: round(v, 4) for k, v in rows[encoding].items() if v is not None}), flush=True)
     probes = {kind: float(np.mean([not predictor.predict_one(b).in_distribution for b in images]))
-              for kind, images in probe_images().items()}
+              for kind, images in non_dermoscopic_probes().items()}
     print("probes turned away:", json.dumps(probes), flush=True)
-    result = {"what": __doc__.split("\n\n")[0].strip(), "model": model, "images": len(frame), "tta": ns.tta,
+    result = {"what": what(__doc__), "model": model, "images": len(frame), "tta": ns.tta,
               "split": where, "seconds": round(time.perf_counter() - started, 1), "rows": rows,
               "probes_turned_away": probes}
-    Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(ns.out).write_text(json.dumps(result, indent=1) + "\n")
+    write_json(ns.out, result, indent=1)
 
 
 if __name__ == "__main__":

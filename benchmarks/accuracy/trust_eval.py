@@ -1,20 +1,22 @@
 """Fit and measure the trust layer (temperature, malignancy triage, OOD rejection) on a finished run.
 
-    python benchmarks/trust_eval.py --model /tmp/bench/out/multimodal [--cache-dir /tmp/skcache] [--out benchmarks/out/trust]
+    python -m benchmarks.accuracy.trust_eval --model /tmp/bench/out/multimodal [--cache-dir /tmp/skcache] \\
+        [--out benchmarks/out/trust] [--detect-only]
 
 Uses the run's own split.csv: the OOD Gaussians are fit on its training rows, everything else on its
 validation rows; "held-out" figures are cross-fitted over two lesion-grouped halves of validation.
 Non-dermoscopic images: real photos shipped with scikit-image (pip install scikit-image), split into a
-TUNING set (chooses the OOD scorer: normalised + raw features, or one of them) and a disjoint REPORT set (the reported detection rate),
-plus blank frames, noise and text screenshots generated with different seeds for each set. The report set
-goes through the real Predictor (decode -> resize -> crop -> model -> trust layer), as uploads would.
+TUNING set (chooses the OOD scorer: normalised + raw features, or one of them) and a disjoint REPORT set (the
+reported detection rate), plus blank frames, noise and text screenshots generated with different seeds for each
+set. The report set goes through the real Predictor (decode -> resize -> crop -> model -> trust layer), as uploads
+would.
 The run folder is not modified: the bundle copy with the trust block, reliability.png, model_card.md and
-trust_eval.json go to --out.
+trust_eval.json go to --out. No trust_eval.json was kept in benchmarks/results/: docs/trust.md, "Measured", quotes
+the printed summaries.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from dataclasses import replace
@@ -22,12 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
-from skain.bundle import BUNDLE_NAME, atomic_torch_save, load_model, read_bundle
+from benchmarks.common import write_json
 from skain.data.images import ImageLoader
 from skain.engine import resolve_device
-from skain.predict import Predictor
-from skain.trust.fitting import (Outputs, TrustSettings, assemble, extract, folder_split, halves, image_features,
-                                 ood_scorer, write_reports)
+from skain.inference.predictor import Predictor
+from skain.modelfile.bundle import BUNDLE_NAME, atomic_torch_save, load_model
+from skain.modelfile.load import read_bundle
+from skain.training.trust_fit import extract, folder_split, image_features, write_reports
+from skain.trust.crossfit import Outputs, TrustSettings, assemble, halves, ood_scorer
 from skain.trust.ood import threshold_for_false_rejection
 from skain.trust.probes import probe_set, to_png
 
@@ -141,7 +145,7 @@ def main() -> None:
     result = {"model": str(run), "figures": figures, "tuning": {"chosen": chosen, "rows": tuning_rows,
               "photos": list(TUNING_PHOTOS)}, "report_detection": detection, "report_detection_rate": totals,
               "report_photos": list(REPORT_PHOTOS), "seconds": time.perf_counter() - started}
-    (out / "trust_eval.json").write_text(json.dumps(result, indent=2))
+    write_json(out / "trust_eval.json", result)
     print_summary(result)
 
 
@@ -164,7 +168,7 @@ def detect_only(run: Path, out: Path, device: str) -> None:
               "rows": rows, "photos": list(TUNING_PHOTOS)}, "report_detection": detection,
               "report_detection_rate": totals, "report_photos": list(REPORT_PHOTOS),
               "seconds": time.perf_counter() - started}
-    (out / "trust_eval.json").write_text(json.dumps(result, indent=2, default=float))
+    write_json(out / "trust_eval.json", result, default=float)
     print_summary(result)
 
 
@@ -180,14 +184,16 @@ def print_summary(r: dict) -> None:
     if t.get("threshold") is not None:
         mel = t["melanoma_sensitivity_at_specificity"]
         print(f"triage       threshold {t['threshold']:.4f}: sens {t['sensitivity']:.3f} spec {t['specificity']:.3f} "
-              f"(validation); held-out sens {ht.get('sensitivity', float('nan')):.3f} spec {ht.get('specificity', float('nan')):.3f}")
+              f"(validation); held-out sens {ht.get('sensitivity', float('nan')):.3f} "
+              f"spec {ht.get('specificity', float('nan')):.3f}")
         print(f"             melanoma sens at 80%/90% spec: {mel['0.80']:.3f} / {mel['0.90']:.3f}; at triage "
               f"threshold {t['melanoma_sensitivity_at_threshold']:.3f}")
     print(f"OOD          target false rejection {o['target_false_rejection']:.3f}: validation {o['val_false_rejection']:.3f}, "
           f"held-out {o.get('held_out_false_rejection', float('nan')):.3f}  (scorer: {r['tuning']['chosen']})")
     print("             tuning detection: " + "; ".join(f"{k}: " + ", ".join(f"{g} {v:.2f}" for g, v in row.items())
                                                          for k, row in r["tuning"]["rows"].items()))
-    print("             REPORT detection: " + ", ".join(f"{k} {d['rejected']}/{d['n']}" for k, d in r["report_detection"].items()))
+    print("             REPORT detection: "
+          + ", ".join(f"{k} {d['rejected']}/{d['n']}" for k, d in r["report_detection"].items()))
     print(f"             REPORT detection rate: photos {r['report_detection_rate']['photos']:.3f}, "
           f"all non-dermoscopic {r['report_detection_rate']['all']:.3f}   ({r['seconds']:.0f} s)")
 

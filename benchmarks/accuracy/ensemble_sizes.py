@@ -8,12 +8,15 @@ scores). The bundle's probabilities are calibrated, with a temperature fit on ou
 k's test images, so its AUC is not independent of them; arg-max decisions (balanced accuracy) are untouched by
 the temperature.
 
-    python benchmarks/ensemble_sizes.py --runs LITE0_RUN LITE2_RUN --data ../shared/ham10000 \\
-        --work /tmp/ens_sizes [--folds 0 1 2 3 4] [--floor]
+    python -m benchmarks.accuracy.ensemble_sizes --runs LITE0_RUN LITE2_RUN --data ../shared/ham10000 \\
+        --work /tmp/ens_sizes [--folds 0 1 2 3 4] [--floor] [--out benchmarks/out/ensemble_sizes.json]
 
 `--floor` also scores the first run's fold-0 member alone three ways on its test images: its own preprocessing,
 the second run's input resized inside (what the ensemble feeds it), and its own path with a 1-pixel larger resize
 (the model's sensitivity to any resampling change).
+
+Writes --out when given. Its figures are in benchmarks/results/cpu_cv_lite0_lite2.json, copied in by hand:
+`ensemble_bundle_per_fold` and `resize_floor_fold0_lite0_member` (docs/ensembles.md, "What is combined, and how").
 """
 from __future__ import annotations
 
@@ -27,10 +30,11 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from skain.bundle import read_bundle
-from skain.ensemble import build_ensemble
+from benchmarks.common import write_json
+from skain.inference.predictor import Predictor, prediction_table
 from skain.metrics import classification_metrics
-from skain.predict import Predictor, prediction_table
+from skain.modelfile.load import read_bundle
+from skain.training.ensemble import build_ensemble
 
 
 def test_frame(data: str, runs: list[Path], k: int) -> tuple[pd.DataFrame, list[np.lib.npyio.NpzFile]]:
@@ -115,7 +119,7 @@ def main() -> None:
         result["floor"] = floor(a.data, a.runs)
         print(json.dumps(result["floor"], indent=1))
     if a.out:
-        a.out.write_text(json.dumps(result, indent=1))
+        write_json(a.out, result, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
 """Peak server memory under worst-case uploads: 8 concurrent POST /api/predict of the largest images allowed.
 
-    python benchmarks/web_memory.py [--megapixels 40 12] [--concurrency 8] [--rounds 2] [--heatmap]
+    python -m benchmarks.speed.web_memory [--megapixels 40 12] [--concurrency 8] [--rounds 2] [--heatmap]
 
 Starts `skain serve` (waitress, 4 threads) on an UNTRAINED cpu-preset bundle (memory does not depend on the
 weights' values), then for each size and format (PNG, JPEG) sends `--rounds` waves of `--concurrency`
 simultaneous uploads of one image just under SIZE megapixels and under the 10 MB upload limit, and reports the
 server's peak resident memory (VmHWM, reset between scenarios through /proc/PID/clear_refs) and the statuses.
-Run it with PYTHONPATH pointing at two checkouts to compare code versions on the same machine.
+Writes no results file (docs/robustness.md, "Bad input, interruption, safe loading", quotes the printed figures).
+The server runs the installed skAIn; to compare two code versions on one machine, run it once per version, e.g.
+`PYTHONPATH=/tmp/before/src python -m benchmarks.speed.web_memory` for a `git worktree` of the older commit.
 """
 from __future__ import annotations
 
@@ -20,8 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from web_load import free_port, multipart, request, start_server, untrained_cpu_bundle  # noqa: E402
+from benchmarks.common import free_port, http_request, multipart, proc_memory_mb, start_server, untrained_cpu_bundle
 
 UPLOAD_LIMIT = 10 * 2**20
 
@@ -43,11 +44,8 @@ def worst_image(megapixels: float, fmt: str) -> bytes:
 
 
 def peak_mb(pid: int) -> tuple[float, float]:
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        fields[key] = value
-    return int(fields["VmHWM"].split()[0]) / 1024, int(fields["VmRSS"].split()[0]) / 1024
+    """(peak, current) resident memory of the process in MB."""
+    return proc_memory_mb(pid, "VmHWM"), proc_memory_mb(pid, "VmRSS")
 
 
 def reset_peak(pid: int) -> None:
@@ -56,7 +54,7 @@ def reset_peak(pid: int) -> None:
 
 def wave(port: int, body: bytes, ctype: str, n: int) -> list[int]:
     with ThreadPoolExecutor(n) as pool:
-        return list(pool.map(lambda _: request("POST", port, "/api/predict", body, ctype)[0], range(n)))
+        return list(pool.map(lambda _: http_request("POST", port, "/api/predict", body, ctype)[0], range(n)))
 
 
 def main() -> int:

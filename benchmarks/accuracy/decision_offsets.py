@@ -1,24 +1,25 @@
 """One tau (prior adjustment, `skain decide`) against seven per-class logit offsets, both chosen on four folds'
 out-of-fold predictions and scored on the fifth (nested), on `skain cv-report` outputs.
 
-    python benchmarks/decision_offsets.py report/oof_present.csv report/oof_present_tta8.csv \
+    python -m benchmarks.accuracy.decision_offsets report/oof_present.csv report/oof_present_tta8.csv \\
         --out benchmarks/results/decision_offsets.json
 
 Offsets start at the tau rule's -tau * log prior and move one class at a time over a grid (3 passes), keeping a
-move only when balanced accuracy on the fitting folds rises.
+move only when balanced accuracy on the fitting folds rises. The oof_<variant>.csv files are written by
+`skain cv-report RUN --output report`. benchmarks/results/decision_offsets.json is its output (docs/training.md,
+"Against the target").
 """
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from sklearn.metrics import balanced_accuracy_score
 
+from benchmarks.common import what, write_json
 from skain.data.schema import CLASSES
-from skain.decision import adjusted_pred, fit_tau, log_prior_from_counts
+from skain.inference.decision import adjusted_pred, fit_tau, log_prior_from_counts
 
 
 def fit_offsets(logp: np.ndarray, y: np.ndarray, start: np.ndarray) -> np.ndarray:
@@ -53,12 +54,12 @@ def nested(oof: pd.DataFrame) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("oof", nargs="+", help="oof_<variant>.csv files written by skain cv-report")
     ap.add_argument("--out", required=True)
     ns = ap.parse_args()
     result = {str(f): nested(pd.read_csv(f)) for f in ns.oof}
-    Path(ns.out).write_text(json.dumps({"what": __doc__.split("\n\n")[0], "results": result}, indent=2) + "\n")
+    write_json(ns.out, {"what": what(__doc__), "results": result})
     for name, r in result.items():
         print(f"{name}: argmax {r['argmax']['mean']:.4f}, one tau {r['tau']['mean']:.4f}, "
               f"per-class offsets {r['offsets']['mean']:.4f} (nested, mean of folds)")

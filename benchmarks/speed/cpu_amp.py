@@ -1,23 +1,27 @@
 """bf16 autocast against fp32 on this CPU: the `cpu` preset's training step and batch inference, one process.
 
-    python benchmarks/cpu_amp.py [--backbones tf_efficientnet_lite0:224] [--rounds 2] [--steps 4]
-                                 [--out benchmarks/out/cpu_amp.json]
+    python -m benchmarks.speed.cpu_amp [--backbones tf_efficientnet_lite0:224] [--rounds 2] [--steps 4]
+                                       [--out benchmarks/out/cpu_amp.json]
 
 The training step is the preset's (95% of the backbone trainable, AdamW, batch 32, channels-last, metadata
 branch) on tensors in memory, so the data pipeline does not blur the comparison; inference is the eval-mode
 forward pass on 32 images. fp32 and bf16 alternate within each round, so a shared machine's load falls on both.
 Prints the CPU features that decide `--amp auto` (skain.engine.cpu_bf16_pays) beside the measured ratio.
+
+benchmarks/results/cpu_amp.json is this script's --out with `--backbones tf_efficientnet_lite0:224
+tf_efficientnet_lite2:260` (2026-11-27); its `end_to_end` block (`skain train --amp auto` against `--amp bf16`,
+and /usr/bin/time -v of a training run) was measured with skain commands and added by hand.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from benchmarks.common import what, write_json
 from skain.engine import autocast, cpu_bf16_pays, cpu_features, cpu_supports_bf16
 from skain.model import SkainNet
 
@@ -76,7 +80,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/out/cpu_amp.json")
     ns = ap.parse_args()
     features = {k: v for k, v in cpu_features().items() if k in ("avx512_bf16", "amx_bf16", "amx_tile", "avx512_f")}
-    result = {"what": __doc__.split("\n\n")[0].strip(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    result = {"what": what(__doc__), "threads": torch.get_num_threads(), "torch": torch.__version__,
               "cpu_features": features, "mkldnn_bf16_supported": cpu_supports_bf16(),
               "auto_picks_bf16": cpu_bf16_pays(), "rows": {}}
     print(json.dumps({k: result[k] for k in ("threads", "cpu_features", "auto_picks_bf16")}), flush=True)
@@ -90,8 +94,7 @@ def main() -> None:
         ratio = {kind: round(sum(rows[f"{kind} bf16"]) / sum(rows[f"{kind} fp32"]), 2) for kind in ("train", "infer")}
         result["rows"][spec] = {"images_per_s": rows, "bf16_over_fp32": ratio}
         print(spec, json.dumps(result["rows"][spec]), flush=True)
-    Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(ns.out).write_text(json.dumps(result, indent=1) + "\n")
+    write_json(ns.out, result, indent=1)
 
 
 if __name__ == "__main__":

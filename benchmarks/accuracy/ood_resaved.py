@@ -1,12 +1,15 @@
 """Does fitting the OOD check on re-saved copies keep them in distribution, and what does it let through?
 
-    PYTHONPATH=benchmarks python benchmarks/ood_resaved.py RUN [--train 1000 --val 700]
+    python -m benchmarks.accuracy.ood_resaved RUN [--train 1000 --val 700]
 
 For a `skain train` run folder: backbone features of a sample of its training images and validation lesions,
 and of one seeded re-saved copy of each (`skain.data.degrade.ResavedLoader`: downscale, JPEG/WebP, blur,
-border), plus the non-dermoscopic probes of benchmarks/reencode_effect.py (blank frames, noise, text, scikit-image
-photos). Prints the share turned away at the 2% false-rejection threshold for three fits: originals only,
-originals + copies (TrustSettings(ood_resaved=True)), and copies as classes of their own.
+border), plus the non-dermoscopic probes that benchmarks.accuracy.reencode_effect scores too
+(benchmarks.common.non_dermoscopic_probes: blank frames, noise, text, scikit-image photos). Prints, as JSON, the
+share turned away at the 2% false-rejection threshold for three fits: originals only, originals + copies
+(TrustSettings(ood_resaved=True)), and copies as classes of their own. That printed JSON for the plain run is
+`ood_fit_ablation_plain_run` in benchmarks/results/reencode_heldout.json, copied in by hand (docs/robustness.md,
+"Held-out test fold, with and without the re-save augmentation").
 """
 from __future__ import annotations
 
@@ -17,11 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reencode_effect import probe_images
-from skain.bundle import load_model, read_bundle
+from benchmarks.common import non_dermoscopic_probes
 from skain.data.degrade import ResavedLoader
 from skain.data.images import ImageLoader, default_cache_dir
-from skain.trust.fitting import Outputs, TrustSettings, extract, folder_split, image_features, ood_scorer
+from skain.modelfile.bundle import load_model
+from skain.modelfile.load import read_bundle
+from skain.training.trust_fit import extract, folder_split, image_features
+from skain.trust.crossfit import Outputs, TrustSettings, ood_scorer
 from skain.trust.ood import threshold_for_false_rejection
 
 
@@ -50,7 +55,7 @@ def main() -> None:
     tr, va = (extract(model, bundle, frame.iloc[i], loader, device) for i in (tr_idx, va_idx))
     tr_copies, va_copies = (extract(model, bundle, frame.iloc[i], ResavedLoader(loader, 0), device).features
                             for i in (tr_idx, va_idx))
-    probes = {k: image_features(model, bundle, v, device) for k, v in probe_images().items()}
+    probes = {k: image_features(model, bundle, v, device) for k, v in non_dermoscopic_probes().items()}
     s = TrustSettings()
     own = Outputs(tr.logits, np.r_[tr.labels, tr.labels + 7], np.r_[tr.features, tr_copies])
     result = {"fit on originals": shares(tr, va, va_copies, probes, s),

@@ -2,14 +2,16 @@
 measured in one run.
 
     git worktree add /tmp/before <commit>
-    python benchmarks/predict_labelled.py --baseline-src /tmp/before/src [--data-root ../shared/ham10000]
-                                          [--images 300] [--rounds 2] [--tta 1] [--out benchmarks/out]
+    python -m benchmarks.accuracy.predict_labelled --baseline-src /tmp/before/src [--data-root ../shared/ham10000]
+                                                   [--images 300] [--rounds 2] [--tta 1] [--out benchmarks/out]
 
 On labelled images `skain predict` also reports the trust figures with every metadata field blank. Each
 measurement is its own process (`python -m skain predict`, the shipped model unless --model, image cache off,
 fp32), run in interleaved rounds (the order alternates) so that a shared machine's load falls on both alike;
 wall, user and system time from os.wait4. The two checkouts' prediction CSVs and reported metrics must agree
-(checked), so only the speed differs. Writes <out>/predict_labelled.json.
+(checked), so only the speed differs. Writes <out>/predict_labelled.json; benchmarks/results/predict_labelled.json
+is that file for 300 images, 1 view, the shipped model, `--rounds 3` (2026-11-26; docs/predict.md, "One inference
+path, evaluation").
 """
 from __future__ import annotations
 
@@ -21,10 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from kernel_time import timed  # benchmarks/ is the script's folder: the same wall/user/sys measurement
-
-ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = ROOT / "src" / "skain" / "models" / "ham10000.safetensors"
+from benchmarks.common import DATA_ROOT, OUT_DIR, REPO_ROOT, SHIPPED_MODEL, checkout_env, run_timed, write_json
 
 
 def subset(root: Path, n: int, work: Path) -> Path:
@@ -41,7 +40,7 @@ def run_once(src: Path, csv: Path, images: list[Path], model: Path, out: Path, t
            "--model", str(model), "--cache-dir", "off", "--tta", str(tta), "--no-progress",
            "--output", str(out / "pred.csv"), "--report", str(out / "report")]
     out.mkdir(parents=True, exist_ok=True)
-    res, _ = timed(cmd, {**os.environ, "PYTHONPATH": str(src)}, out / "stderr.log")
+    res, _ = run_timed(cmd, checkout_env(src), out / "stderr.log")
     return {k: round(res[k], 2) for k in ("wall_s", "user_s", "sys_s")}
 
 
@@ -68,21 +67,21 @@ def same_results(a: Path, b: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--baseline-src", required=True, type=Path, help="the other checkout's src/ folder")
-    ap.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "ham10000")
-    ap.add_argument("--model", type=Path, default=SHIPPED)
+    ap.add_argument("--data-root", type=Path, default=DATA_ROOT)
+    ap.add_argument("--model", type=Path, default=SHIPPED_MODEL)
     ap.add_argument("--images", type=int, default=300)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--tta", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out")
+    ap.add_argument("--out", type=Path, default=OUT_DIR)
     a = ap.parse_args()
-    a.out, a.data_root, a.model = (x.resolve() for x in (a.out, a.data_root, a.model))  # children run in ROOT
+    a.out, a.data_root, a.model = (x.resolve() for x in (a.out, a.data_root, a.model))  # children run in REPO_ROOT
     if not (a.data_root / "HAM10000_metadata.csv").is_file():
         raise SystemExit(f"no HAM10000 at {a.data_root} (HAM10000_metadata.csv + images/, images_part_2/)")
     work = a.out / "predict_labelled"
     csv = subset(a.data_root, a.images, work)
     folders = [a.data_root / d for d in ("images", "images_part_2", "HAM10000_images_part_1",
                                          "HAM10000_images_part_2") if (a.data_root / d).is_dir()]
-    variants = {"before": a.baseline_src.resolve(), "after": ROOT / "src"}
+    variants = {"before": a.baseline_src.resolve(), "after": REPO_ROOT / "src"}
     results: dict[str, list] = {name: [] for name in variants}
     for r in range(a.rounds):
         order = list(variants) if r % 2 == 0 else list(variants)[::-1]
@@ -101,7 +100,7 @@ def main() -> None:
               "load_average": os.getloadavg(), "median": summary, "wall_speedup": round(speedup, 2),
               "agreement": agree, "runs": results,
               "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count()}
-    (a.out / "predict_labelled.json").write_text(json.dumps(report, indent=2))
+    write_json(a.out / "predict_labelled.json", report)
     print(f"median wall: before {summary['before']['wall_s']:.1f} s, after {summary['after']['wall_s']:.1f} s "
           f"({speedup:.2f}x); predictions and metrics agree (max |dp| {agree['max_probability_difference']:.1e})")
 

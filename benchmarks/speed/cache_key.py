@@ -1,11 +1,12 @@
 """What content-based cache keys cost per image, next to the old path/mtime key and to what a key saves.
 
-    python benchmarks/cache_key.py [--images 500] [--data ../shared/ham10000/images]
+    python -m benchmarks.speed.cache_key [--images 500] [--data ../shared/ham10000/images]
 
 Times, per image, on files already in the page cache (what every epoch after the first sees): the old key (stat +
 hash of path, size, mtime), the content key with a cold per-process memo (read + sha256 of the file), the same
 with a warm memo (stat + dict lookup: later epochs in one process), a cache hit (np.load of the entry) and a
-miss (JPEG decode + resize). Prints microseconds per image and the content key's share of a cache hit.
+miss (JPEG decode + resize). Prints microseconds per image and the content key's share of a cache hit; writes no
+results file (docs/performance.md, "Input pipeline", quotes the printed figures).
 """
 from __future__ import annotations
 
@@ -14,14 +15,11 @@ import hashlib
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-from skain.data.cache import ImageCache  # noqa: E402
-from skain.data.images import ImageLoader, load_resized  # noqa: E402
+from benchmarks.common import DATA_ROOT, best_of
+from skain.data.cache import ImageCache
+from skain.data.images import ImageLoader, load_resized
 
 
 def old_key(path: Path, short_side: int) -> str:
@@ -32,18 +30,16 @@ def old_key(path: Path, short_side: int) -> str:
 
 
 def per_image_us(fn, paths: list[Path], repeats: int = 3) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
+    """Microseconds per image of fn over all paths, best of `repeats` passes."""
+    def one_pass() -> None:
         for p in paths:
             fn(p)
-        best = min(best, time.perf_counter() - start)
-    return best / len(paths) * 1e6
+    return best_of(one_pass, repeats) / len(paths) * 1e6
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=str(ROOT / ".." / "shared" / "ham10000" / "images"))
+    ap.add_argument("--data", default=str(DATA_ROOT / "images"))
     ap.add_argument("--images", type=int, default=500)
     ap.add_argument("--size", type=int, default=256, help="resize target (cpu preset: 256)")
     args = ap.parse_args()
