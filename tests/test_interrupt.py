@@ -27,7 +27,8 @@ from conftest import tiny_config
 from skain.cli import main
 from skain.data.schema import DataError
 from skain.data.synthetic import make_synthetic
-from skain.training.train import LAST_NAME, RunLock, check_output, fit
+from skain.training.runfolder import LAST_NAME, RunLock, check_output
+from skain.training.train import fit
 
 TIMING = ("elapsed_s", "train_images_per_s")  # wall-clock columns; everything else must match exactly
 Run = namedtuple("Run", "out history metrics")

@@ -5,7 +5,8 @@ import torch
 from skain import engine
 from skain.engine import EarlyStopping, ModelEma, amp_dtype, unwrap
 from skain.model import SkainNet
-from skain.training.train import class_weights, lr_schedule
+from skain.training.loaders import class_weights
+from skain.training.loop import lr_schedule
 from skain.training.weights import WeightsError, load_pretrained
 
 

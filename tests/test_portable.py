@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from skain.evaluation import parity as parity_check
 from skain.data.layout import Source, load_table
+from skain.evaluation import parity as parity_check
 from skain.evaluation.parity import ParityError, check_parity
 from skain.inference.predictor import Predictor
 from skain.modelfile.bundle import BundleError

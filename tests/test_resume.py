@@ -16,11 +16,13 @@ import torch
 from PIL import Image
 
 from conftest import tiny_config
-from skain.training import runfolder as runid
 from skain.cli import build_parser, config_from_args
 from skain.data.schema import DataError
 from skain.data.synthetic import make_synthetic
-from skain.training.train import LAST_NAME, check_output, fit, prepare_data
+from skain.training import runfolder as runid
+from skain.training.loaders import prepare_data
+from skain.training.runfolder import LAST_NAME, check_output
+from skain.training.train import fit
 
 RUN_FILES = ("last.pt", "best_model.pt", "config.json", "split.csv", "train_history.csv", "metrics.json")
 

@@ -105,7 +105,7 @@ def test_png_reports_are_written_atomically(tmp_path, monkeypatch, umask):
 
 
 def test_the_training_lock_is_created_0644(tmp_path, umask):
-    from skain.training.train import RunLock
+    from skain.training.runfolder import RunLock
     with RunLock(tmp_path) as lock:
         assert mode(lock.path) == 0o644 and lock.path.read_text() == str(os.getpid())
     assert not lock.path.exists()

@@ -18,7 +18,7 @@ import skain
 from conftest import tiny_config
 from skain.data.images import ImageLoader
 from skain.training.distributed import DistInfo, on_main_rank
-from skain.training.train import balanced_sample_weights, build_loaders, prepare_data
+from skain.training.loaders import balanced_sample_weights, build_loaders, prepare_data
 from test_distributed import train_args
 
 

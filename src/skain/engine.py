@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable
 
@@ -227,3 +228,9 @@ class ModelEma:
     def load_state_dict(self, state: dict) -> None:
         self.updates = int(state["updates"])
         self.module.load_state_dict(state["weights"])
+
+
+def default_workers(device: torch.device) -> int:
+    """Measured on 2 cores: decoding in the main process beats a worker competing with the model for a core."""
+    cores = os.cpu_count() or 1
+    return min(8, cores) if device.type == "cuda" else (0 if cores <= 2 else min(4, cores // 2))

@@ -4,13 +4,13 @@ Why: glibc's malloc serves every block above its mmap threshold (128 KiB, raised
 with a fresh mmap and gives it back with munmap on free. A CPU training step at batch 32 and 224 px allocates
 activations and gradients of 25-100 MiB each, so every step maps them, page-faults them in page by page and
 unmaps them again: on 2 cores 20-38% of the CPU time went to the kernel (munmap, page faults). Measured in
-benchmarks/kernel_time.py.
+benchmarks/speed/kernel_time.py.
 
 What `prepare_process()` does, once, first thing in `skain` (console script, `python -m skain`, root scripts):
 
 - ``SKAIN_ALLOCATOR=auto`` (default) = ``glibc``: no re-exec; ``mallopt`` raises the mmap threshold and the
   trim threshold so freed activations stay in the heap and are reused by the next step (within 2-3% of tcmalloc
-  in benchmarks/kernel_time.py).
+  in benchmarks/speed/kernel_time.py).
 - ``tcmalloc``: opt-in; re-executes the process once with tcmalloc preloaded when the system has it
   (Debian/Ubuntu: ``apt-get install libtcmalloc-minimal4``), else tuned glibc with a warning. Not the default:
   OpenVINO (``--precision fast``, ``--backend openvino``) aborts in ``compile_model`` under a preloaded tcmalloc

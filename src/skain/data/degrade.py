@@ -66,7 +66,7 @@ class PhotoDegrade:
     """A random re-save of a uint8 HxWx3 array; returns an array of the same shape.
 
     With probability `p` the image is degraded at all; each step then has its own chance. Defaults keep the
-    cost small (benchmarks/pipeline.py measures it): WebP, the slowest encoder, is a quarter of the re-encodes.
+    cost small (benchmarks/speed/pipeline.py measures it): WebP, the slowest encoder, is a quarter of the re-encodes.
     """
 
     p: float = 0.5

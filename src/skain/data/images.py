@@ -135,6 +135,16 @@ def default_cache_dir() -> Path:
     return Path(base) / "images"
 
 
+def cache_dir_from_flag(flag: str | Path | None, unset: Path | None) -> Path | None:
+    """`--cache-dir` (or a config's cache_dir) -> the folder to cache in, or None for no cache.
+
+    Everywhere in the library `cache_dir=None` means no cache; only what an unset flag means differs by command
+    (`unset`): training caches in `default_cache_dir()` by default, prediction does not cache unless asked."""
+    if flag is None or str(flag) == "":
+        return unset
+    return None if str(flag) == "off" else Path(flag)
+
+
 class ImageLoader:
     """path -> resized uint8 array, optionally through the on-disk cache of pre-resized images (`cache.py`).
 
@@ -144,9 +154,10 @@ class ImageLoader:
     """
 
     def __init__(self, short_side: int, cache_dir: str | Path | None = None, max_bytes: int | None = None):
+        """cache_dir: a folder, or None for no cache (a flag's "off" goes through cache_dir_from_flag first)."""
         self.short_side = short_side
-        off = cache_dir is None or str(cache_dir) in ("", "off")  # "off" as on the command line, never a folder
-        self.cache = None if off else ImageCache(cache_dir, max_bytes)
+        folder = cache_dir_from_flag(cache_dir, None)  # "off" from a caller that skipped the flag step: still off
+        self.cache = None if folder is None else ImageCache(folder, max_bytes)
         self.hits = 0
         self.misses = 0
 

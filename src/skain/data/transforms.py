@@ -123,7 +123,7 @@ class DermoscopyAugment:
     differences, then normalisation. The four colour-jitter ops, the scaling to [0, 1] and the normalisation are
     fused into one 3x3 matrix product plus a clamp (see `colour_affine`, `apply_colour`); on the pre-resized cache
     this is several times faster per image than the same augmentation as a torchvision Compose
-    (benchmarks/pipeline.py). Randomness comes from torch's generator, which DataLoader seeds per worker.
+    (benchmarks/speed/pipeline.py). Randomness comes from torch's generator, which DataLoader seeds per worker.
     """
 
     def __init__(self, pre: dict[str, Any], strength: float = 1.0,

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from skain.data.schema import CLASSES, DataError
+from skain.data.schema import CLASSES, MALIGNANT, DataError
 from skain.evaluation.bootstrap import Sample, delong, paired
 from skain.evaluation.evaluate import read_predictions, read_truth
-from skain.trust.triage import INVESTIGATE, MALIGNANT
+from skain.trust.triage import INVESTIGATE
 
 NAMES = {"balanced_accuracy": "balanced accuracy", "macro_auc": "macro AUC", "melanoma_auc": "melanoma AUC",
          "ece": "ECE", "triage_sensitivity": "triage sensitivity", "triage_specificity": "triage specificity",

@@ -14,7 +14,7 @@ from scipy.special import softmax
 
 from skain.data.encoder import FIELDS
 from skain.data.images import IMAGE_SUFFIXES
-from skain.data.schema import CLASSES, DataError, clean_metadata, read_csv
+from skain.data.schema import CLASSES, MALIGNANT, DataError, clean_metadata, read_csv
 from skain.evaluation.bootstrap import Sample, bootstrap
 from skain.metrics import (
     classification_metrics,
@@ -23,7 +23,7 @@ from skain.metrics import (
 )
 from skain.trust.calibration import fit_temperature
 from skain.trust.modelcard import VALIDATION_COLUMN, validation_figures
-from skain.trust.triage import INVESTIGATE, MALIGNANT, triage_rates
+from skain.trust.triage import INVESTIGATE, triage_rates
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from skain.inference.decision import Decision
 from skain.inference.export import export_bytes, replace_if_stale
 from skain.inference.runners import OnnxModel
 from skain.modelfile.bundle import load_model
-from skain.modelfile.load import read_bundle, resolve_path
+from skain.modelfile.load import ModelChoice, read_file, resolve_path
 from skain.trust.runtime import TrustLayer
 
 log = logging.getLogger(__name__)
@@ -50,7 +49,7 @@ BACKENDS = ("torch", *GRAPH_RUNTIMES)
 
 def fast_choice(device: torch.device) -> tuple[str, str]:
     """(backend, precision) that `precision="fast"` means: the fastest variant that still agrees with fp32
-    (benchmarks/infer_speed.py, 512 real held-out images: top-1 agreement >= 99.5%, max probability difference
+    (benchmarks/speed/infer_speed.py, 512 real held-out images: top-1 agreement >= 99.5%, max probability difference
     <= 0.02). On CPU that is the exported graph in OpenVINO (fp32), else in ONNX Runtime; bf16 autocast was
     faster than fp32 eager but moved probabilities by up to 0.18, so it is only used when asked for by name."""
     if device.type == "cpu":
@@ -74,7 +73,7 @@ class Prediction:
 # On CPU, at most this many input pixels a batch (64 images at 224 px). 64 images at 288 px made buffers above
 # glibc's 1 GiB mmap threshold (skain.runtime_env), mapped and unmapped on every call: the test-fold scoring of
 # a 288 px `skain train` took 426 s instead of 202 s, and 192 images scored with 1.5-8.2 M minor page faults
-# instead of 0.6 M (benchmarks/scoring_batch.py). Results do not depend on the batch size.
+# instead of 0.6 M (benchmarks/speed/scoring_batch.py). Results do not depend on the batch size.
 CPU_PIXELS_PER_BATCH = 64 * 224 * 224
 
 
@@ -109,13 +108,15 @@ class Predictor:
             self.model = model.to(memory_format=torch.channels_last) if self.channels_last else model
 
     @classmethod
-    def from_bundle(cls, model: str | Path, **kwargs: Any) -> Predictor:
-        """`model` is an output folder or a bundle file; an ONNX backend finds `<bundle>.onnx` beside it."""
-        beside = resolve_path(model).with_suffix(".onnx")
+    def from_bundle(cls, model: str | Path | ModelChoice, **kwargs: Any) -> Predictor:
+        """`model` is an output folder or a bundle file (resolved here), or the file `choose_model` already
+        resolved; an ONNX backend finds `<bundle>.onnx` beside it."""
+        path = model.path if isinstance(model, ModelChoice) else resolve_path(model)
+        beside = path.with_suffix(".onnx")
         if kwargs.get("onnx_path") is None and (kwargs.get("backend") in GRAPH_RUNTIMES or
                                                  (kwargs.get("precision") == "fast" and beside.is_file())):
             kwargs["onnx_path"] = beside
-        return cls(read_bundle(model), **kwargs)
+        return cls(read_file(path), **kwargs)
 
     def _onnx_model(self, path: str | Path | None, replace_stale: bool = False) -> torch.nn.Module:
         """The exported graph from `path`, or (no file) exported in memory from the bundle now. With
@@ -274,12 +275,6 @@ def prediction_table(data: str | Path | None = None, csv: str | Path | None = No
 def _seed_without_csv(root: Path) -> bool:
     text = root / "text"
     return (root / "image").is_dir() and not (text.is_dir() and any(text.glob("*.csv")))
-
-
-def default_workers(device: torch.device) -> int:
-    """Measured on 2 cores: decoding in the main process beats a worker competing with the model for a core."""
-    cores = os.cpu_count() or 1
-    return min(8, cores) if device.type == "cuda" else (0 if cores <= 2 else min(4, cores // 2))
 
 
 def _check_choice(name: str, value: str, allowed) -> str:

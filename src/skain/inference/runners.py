@@ -27,7 +27,7 @@ def make_session(model: str | Path | bytes, threads: int | None = None):
     opts.intra_op_num_threads = threads or torch.get_num_threads()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # Idle ORT threads would otherwise spin after each run and starve the PyTorch pre/post-processing that
-    # shares these cores (single-image latency 60 -> see benchmarks/infer_speed.py).
+    # shares these cores (single-image latency 60 -> see benchmarks/speed/infer_speed.py).
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     source = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
@@ -51,7 +51,7 @@ class OrtSession:
 
 class OpenVinoSession:
     """The ONNX graph compiled by OpenVINO for the CPU in fp32 (OpenVINO would otherwise pick bf16 on CPUs that
-    have it, which moves probabilities; see benchmarks/infer_speed.py). One infer request per thread, because
+    have it, which moves probabilities; see benchmarks/speed/infer_speed.py). One infer request per thread, because
     the web server calls from several."""
 
     def __init__(self, source: str | Path | bytes, threads: int | None = None):
@@ -66,7 +66,7 @@ class OpenVinoSession:
             "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
             "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads()),
             # Pinned OpenVINO threads fight PyTorch's for the same cores: single-image latency 52 -> 25 ms
-            # without pinning on 2 cores (benchmarks/infer_speed.py).
+            # without pinning on 2 cores (benchmarks/speed/infer_speed.py).
             "ENABLE_CPU_PINNING": False})
         self.inputs = [i.get_any_name() for i in self.compiled.inputs]
         self._local = threading.local()

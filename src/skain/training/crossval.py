@@ -20,13 +20,13 @@ from skain.inference.decision import (
 )
 from skain.metrics import classification_metrics
 from skain.training.config import Config
-from skain.training.train import TEST_LOGITS, fit
+from skain.training.runfolder import CV_REPORT_NAME, METRICS_NAME, OOF_NAME, TEST_LOGITS, TEST_PREDICTIONS
+from skain.training.train import fit
 
 log = logging.getLogger(__name__)
 
 HEADLINE = ("balanced_accuracy", "macro_auc", "accuracy", "macro_f1", "melanoma_recall")
-OOF_NAME = "oof_predictions.csv"
-REPORT_NAME = "cv_report.json"
+REPORT_NAME = CV_REPORT_NAME
 
 
 def fold_config(cfg: Config, fold: int) -> Config:
@@ -71,9 +71,9 @@ def collect(out: Path, folds: int) -> tuple[pd.DataFrame, list[dict]]:
     frames, metrics = [], []
     for fold in range(folds):
         folder = out / f"fold{fold}"
-        table = pd.read_csv(folder / "test_predictions.csv")
+        table = pd.read_csv(folder / TEST_PREDICTIONS)
         frames.append(table.assign(fold=fold))
-        metrics.append(json.loads((folder / "metrics.json").read_text(encoding="utf-8")))
+        metrics.append(json.loads((folder / METRICS_NAME).read_text(encoding="utf-8")))
     return pd.concat(frames, ignore_index=True), metrics
 
 

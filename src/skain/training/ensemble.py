@@ -50,6 +50,7 @@ from skain.modelfile.bundle import (
     make_bundle,
 )
 from skain.modelfile.load import read_bundle, resolve_path
+from skain.training.runfolder import METRICS_NAME, OOF_NAME
 from skain.training.trust_fit import extract, folder_split, write_reports
 from skain.trust.calibration import apply_temperature
 from skain.trust.crossfit import (
@@ -65,7 +66,6 @@ from skain.trust.triage import malignant_columns
 
 log = logging.getLogger(__name__)
 
-OOF_NAME = "oof_predictions.csv"
 PREPROCESS_WHAT = "preprocessing (input size, resize, mean, std)"
 
 
@@ -393,7 +393,7 @@ def build_ensemble(runs: list[str | Path], output: str | Path, oof: str | Path |
     check_bundle(bundle, str(out / BUNDLE_NAME))  # what is written passes the checks a reader applies
     atomic_torch_save(bundle, out / BUNDLE_NAME)
     atomic_json({"validation": metrics, "trust": figures, "members": [str(m.path) for m in members]},
-                out / "metrics.json")
+                out / METRICS_NAME)
     if va is not None:
         write_reports(out, va, bundle["trust"]["temperature"], bundle["model_card"], s.ece_bins)
     log.info("wrote an ensemble of %d to %s (out-of-fold logits: %s)", len(members), out / BUNDLE_NAME, source)

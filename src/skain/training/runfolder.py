@@ -1,4 +1,6 @@
-"""Run fingerprints, so `--resume` continues only the same run, and `--overwrite` clearing an old run's files.
+"""The run folder: the names of the files a run writes (spelled here only), the lock against two runs in one
+folder, writing the run's tables, run fingerprints so `--resume` continues only the same run, and `--overwrite`
+clearing an old run's files.
 
 last.pt carries three fingerprints: the resolved configuration (only the settings that change what is
 trained), the validated data table (image ids, labels, lesion ids, metadata and every image file's content)
@@ -13,6 +15,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -23,8 +26,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from skain.data.schema import META_COLUMNS
+from skain.data.schema import CLASSES, META_COLUMNS, DataError
+from skain.data.split import split_table
+from skain.fileio import atomic_json, atomic_write
+from skain.modelfile.bundle import BUNDLE_NAME
 from skain.training.config import Config
+from skain.training.loaders import Prepared
 
 log = logging.getLogger(__name__)
 VERSION = 1
@@ -43,10 +50,15 @@ SHOW = 3  # example ids named in a message
 
 # --overwrite removes exactly these names (files a training, `skain calibrate` or `skain export` writes into
 # the output folder), their leftover atomic-write temporaries, the report folder's files and fold subfolders.
-RUN_FILES = ("last.pt", "best_model.pt", "best_model.onnx", "metrics.json", "train_history.csv", "split.csv",
-             "config.json", "label_map.json", "vocabularies.json", "age_stats.json", "model_card.md",
-             "reliability.png", "test_predictions.csv", "val_predictions.csv", "oof_predictions.csv",
-             "cv_report.json", "test_logits.npz")
+# the files a run folder holds, named here only
+LAST_NAME, METRICS_NAME, HISTORY_NAME, SPLIT_NAME = "last.pt", "metrics.json", "train_history.csv", "split.csv"
+CONFIG_NAME, LABEL_MAP_NAME, VOCABULARIES_NAME, AGE_STATS_NAME = ("config.json", "label_map.json", "vocabularies.json",
+                                                                  "age_stats.json")
+TEST_PREDICTIONS, VAL_PREDICTIONS, OOF_NAME = "test_predictions.csv", "val_predictions.csv", "oof_predictions.csv"
+CV_REPORT_NAME, TEST_LOGITS, LOCK_NAME = "cv_report.json", "test_logits.npz", ".skain-train.lock"
+RUN_FILES = (LAST_NAME, BUNDLE_NAME, "best_model.onnx", METRICS_NAME, HISTORY_NAME, SPLIT_NAME, CONFIG_NAME,
+             LABEL_MAP_NAME, VOCABULARIES_NAME, AGE_STATS_NAME, "model_card.md", "reliability.png", TEST_PREDICTIONS,
+             VAL_PREDICTIONS, OOF_NAME, CV_REPORT_NAME, TEST_LOGITS)
 REPORT_DIR, REPORT_FILES = "report", ("report.md", "metrics.json", "confusion_matrix.png", "roc_curves.png")
 FOLD_DIR = re.compile(r"fold[-_]?\d+")
 
@@ -233,3 +245,98 @@ def _rmdir_if_empty(folder: Path) -> None:
         folder.rmdir()
     except OSError:  # not empty: it holds the user's own files
         pass
+
+
+
+
+MIN_FREE_BYTES = 300 * 2**20
+
+
+def check_output(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse before any work: unwritable folder, full disk, or someone else's run in the folder."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise DataError(f"output folder {out} is not writable ({exc.strerror or exc}); choose another with --output") from exc
+    free = shutil.disk_usage(out).free
+    if free < MIN_FREE_BYTES:
+        raise DataError(f"only {free / 2**20:.0f} MiB free on the disk of {out}; need at least "
+                        f"{MIN_FREE_BYTES / 2**20:.0f} MiB for checkpoints")
+    if resume and overwrite:
+        raise DataError("--resume continues the run in the output folder and --overwrite replaces it; pass one")
+    existing = [n for n in (BUNDLE_NAME, LAST_NAME) if (out / n).exists()]
+    if existing and not (resume or overwrite):
+        raise DataError(f"{out} already holds a training run ({', '.join(existing)}); pass --resume to continue "
+                        "it, --overwrite to replace it, or choose another --output")
+
+
+class RunLock:
+    """A pid file that stops two trainings writing into one folder at the same time."""
+
+    def __init__(self, out: Path):
+        self.path = out / LOCK_NAME
+
+    def __enter__(self) -> RunLock:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)  # umask applies: 0644
+        except FileExistsError:
+            pid = self._pid()
+            if pid and _alive(pid):
+                raise DataError(f"another training (pid {pid}) is writing into {self.path.parent}; "
+                                "wait for it or choose another --output") from None
+            self.path.unlink(missing_ok=True)
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(str(os.getpid()))
+        return self
+
+    def _pid(self) -> int | None:
+        try:
+            return int(self.path.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def __exit__(self, *exc) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return pid != os.getpid()
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def write_history(out: Path, history: list) -> None:
+    atomic_write(out / HISTORY_NAME, lambda fh: fh.write(pd.DataFrame(history).to_csv(index=False).encode()))
+
+
+def write_run_files(out: Path, cfg: Config, prep: Prepared, pre: dict) -> None:
+    """The seed's side files plus the resolved config and the split, before training starts."""
+    atomic_json({c: i for i, c in enumerate(CLASSES)}, out / LABEL_MAP_NAME)
+    atomic_json(prep.encoder.vocabularies(), out / VOCABULARIES_NAME)
+    atomic_json(prep.encoder.age_stats(), out / AGE_STATS_NAME)
+    atomic_json({**cfg.to_dict(), "preprocess": pre}, out / CONFIG_NAME)
+    table = split_table(prep.frame, prep.train_idx, prep.val_idx, prep.test_idx)
+    atomic_write(out / SPLIT_NAME, lambda fh: fh.write(table.to_csv(index=False).encode()))
+
+
+
+
+def save_logits(path: Path, frame: pd.DataFrame, logits: dict[str, np.ndarray]) -> None:
+    """image_id, dx and one (n, classes) float32 array per scored variant."""
+    import io
+
+    def write(fh) -> None:
+        buf = io.BytesIO()
+        np.savez_compressed(buf, image_id=np.asarray(frame["image_id"], dtype=str),
+                            dx=np.asarray(frame["dx"], dtype=str),
+                            **{k: np.asarray(v, dtype=np.float32) for k, v in logits.items()})
+        fh.write(buf.getvalue())
+    atomic_write(path, write)

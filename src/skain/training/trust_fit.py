@@ -25,6 +25,7 @@ from skain.evaluation.variants import variant_logits
 from skain.inference.predictor import Predictor
 from skain.modelfile.bundle import BUNDLE_NAME, atomic_torch_save, load_model
 from skain.modelfile.load import read_bundle
+from skain.training.runfolder import CONFIG_NAME, SPLIT_NAME
 from skain.trust.calibration import plot_reliability
 from skain.trust.crossfit import (
     HELD_OUT_METHOD,
@@ -237,10 +238,10 @@ def folder_split(out: str | Path) -> tuple[pd.DataFrame, np.ndarray, np.ndarray,
     import json
 
     out = Path(out)
-    cfg = json.loads((out / "config.json").read_text())
+    cfg = json.loads((out / CONFIG_NAME).read_text())
     d = cfg["data"]
     frame = load_table(discover(d.get("data"), d.get("csv"), d.get("images") or []), skip_missing=d.get("skip_missing", False))
-    split = pd.read_csv(out / "split.csv", dtype=str).set_index("image_id")["split"]
+    split = pd.read_csv(out / SPLIT_NAME, dtype=str).set_index("image_id")["split"]
     where = frame["image_id"].map(split)
     if where.isna().any():
         raise ValueError(f"{int(where.isna().sum())} images of the data are not in {out / 'split.csv'}: "

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 
+from skain.data.schema import MALIGNANT
 from skain.metrics import expected_calibration_error
 from skain.trust.calibration import (
     apply_temperature,
@@ -31,7 +32,6 @@ from skain.trust.ood import (
     threshold_for_false_rejection,
 )
 from skain.trust.triage import (
-    MALIGNANT,
     malignant_columns,
     operating_point,
     sensitivity_at_specificity,
@@ -51,7 +51,7 @@ class TrustSettings:
     target_sensitivity: float = 0.95   # malignant sensitivity the triage threshold must reach on validation
     false_rejection: float = 0.02      # stated share of validation lesions the OOD threshold may reject
     # OOD scorer: "max" = MaxScorer (L2-normalised + raw features); "single" = one scorer with `ood_normalize`.
-    # On the real HAM10000 run's TUNING photos (benchmarks/trust_eval.py) normalised features alone missed 6/8
+    # On the real HAM10000 run's TUNING photos (benchmarks/accuracy/trust_eval.py) normalised features alone missed 6/8
     # noise images and raw features alone did best; on a briefly trained small model raw features alone let
     # every blank frame through (tests/test_trust.py). The max of both caught noise and blank frames on both.
     ood_method: str = "max"
@@ -60,7 +60,7 @@ class TrustSettings:
     # JPEG/WebP, blur, border), so a lesion photo a phone has saved again stays in distribution. Off by default:
     # on a cpu-preset run's validation lesions (fold 0, 2026-12-05) it cut the rejection of re-saved copies from
     # 43% to 1%, but let all 8 blank frames through (scores 0.55-0.98 of the threshold, 1.45-2.1 without copies);
-    # see README "Re-encoding". A check that keeps blank frames out must come with it before it is the default.
+    # see docs/robustness.md. A check that keeps blank frames out must come with it before it is the default.
     ood_resaved: bool = False
     ece_bins: int = 15
     seed: int = 0

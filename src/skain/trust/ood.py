@@ -9,7 +9,7 @@ quantile of validation scores, so the false-rejection rate on new lesions is a s
 Raw features (the default, `normalize=False`) keep the size of the activations, which is what gives noise away:
 its feature vectors point roughly where lesions' do but are far larger or smaller. `MaxScorer` runs a
 normalised and a raw scorer, each in units of its own validation quantile, and takes the larger; on the real
-HAM10000 tuning photos it did no better than raw features alone (benchmarks/trust_eval.py).
+HAM10000 tuning photos it did no better than raw features alone (benchmarks/accuracy/trust_eval.py).
 """
 from __future__ import annotations
 

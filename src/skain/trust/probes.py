@@ -1,7 +1,7 @@
 """Non-dermoscopic probe images that need no download: blank frames, noise and screenshots of text.
 
 They check the OOD rejection at training time and in tests. Real photos (scikit-image's samples) are
-used only by benchmarks/trust_eval.py, since scikit-image is a development dependency.
+used only by benchmarks/accuracy/trust_eval.py, since scikit-image is a development dependency.
 """
 from __future__ import annotations
 

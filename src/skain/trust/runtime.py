@@ -21,7 +21,9 @@ from skain.trust.ood import (
 )
 from skain.trust.triage import malignant_columns, triage_labels
 
-NOT_DERMOSCOPIC = "this does not look like a dermoscopic image"
+# the one text for an image the OOD check turns away (CLI summaries, the API and the web page show this)
+NOT_DERMOSCOPIC = ("This does not look like a dermoscopic image of a skin lesion, so the model gives no diagnosis. "
+                   "It was trained on dermoscopy only.")
 
 
 @dataclass

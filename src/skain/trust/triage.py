@@ -11,7 +11,8 @@ from collections.abc import Sequence
 import numpy as np
 from sklearn.metrics import roc_curve
 
-MALIGNANT = ("mel", "bcc", "akiec")
+from skain.data.schema import MALIGNANT
+
 INVESTIGATE, ROUTINE = "investigate further", "routine"
 
 

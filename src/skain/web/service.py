@@ -19,6 +19,7 @@ from skain.data.schema import MAX_AGE, UNKNOWN
 from skain.inference.explain import ExplainError, GradCam
 from skain.inference.predictor import Prediction, Predictor
 from skain.modelfile.load import ModelChoice, choose_model
+from skain.trust.runtime import NOT_DERMOSCOPIC
 from skain.web.content import describe
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class Service:
         then come from a PyTorch fp32 copy of the same network."""
         source = choose_model(model)
         path = source.path
-        predictor = Predictor.from_bundle(path, device=device, precision=precision,
+        predictor = Predictor.from_bundle(source, device=device, precision=precision,
                                           tta=None if tta in (None, "") else int(tta))
         try:
             torch_side = predictor if predictor.backend == "torch" else Predictor(predictor.bundle, device=device)
@@ -132,10 +133,6 @@ def flag(raw: str | None) -> bool:
 
 
 # ------------------------------------------------------------------------------------------- outputs
-NOT_DERMOSCOPIC = ("This does not look like a dermoscopic image of a skin lesion, so the model gives no diagnosis. "
-                   "It was trained on dermoscopy only.")
-
-
 def rejected_payload(pred: Any, model_id: str, inputs: Inputs) -> dict:
     """The answer for an out-of-distribution image: no diagnosis (probabilities only when asked for)."""
     return jsonable({"rejected": True, "in_distribution": False, "message": NOT_DERMOSCOPIC,
