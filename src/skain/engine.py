@@ -7,6 +7,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable
+from typing import Protocol, cast
 
 import numpy as np
 import torch
@@ -108,6 +109,16 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
             "images_per_s": count / max(seconds, 1e-9)}
 
 
+class SplitNet(Protocol):
+    """A network that splits into `backbone` (images -> pooled features) and `classify` (pooled features and the
+    metadata inputs -> logits): SkainNet and EnsembleNet."""
+
+    backbone: nn.Module
+
+    def classify(self, pooled: torch.Tensor, age: torch.Tensor, sex: torch.Tensor, site: torch.Tensor) -> torch.Tensor:
+        ...
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, loader: Iterable, device: torch.device, dtype: torch.dtype | None,
                    channels_last: bool = False, desc: str = "eval", progress: bool = True,
@@ -128,6 +139,7 @@ def predict_logits(model: nn.Module, loader: Iterable, device: torch.device, dty
     split = len(names) > 1
     if split and not callable(getattr(model, "classify", None)):
         raise TypeError(f"{type(model).__name__} has no backbone/classify split; score one variant per pass")
+    net = cast(SplitNet, model)  # used only when split, which the check above guarantees
     kinds = ("logits", "first") if views is not None else ("logits",)
     out: dict[str, list] = {f"{kind}/{n}" if n else kind: [] for n in names for kind in kinds}
     out.update({k: [] for k in ("label", "index", "ok")})
@@ -139,9 +151,13 @@ def predict_logits(model: nn.Module, loader: Iterable, device: torch.device, dty
         per: dict[str, list[torch.Tensor]] = {n: [] for n in names}
         with autocast(device, dtype):
             for image in (views(batch["image"]) if views is not None else [batch["image"]]):
-                feats = model.backbone(image) if split else None
-                for n in names:
-                    per[n].append((model.classify(feats, *metas[n]) if split else model(image, *metas[n])).float())
+                if split:
+                    feats = net.backbone(image)
+                    for n in names:
+                        per[n].append(net.classify(feats, *metas[n]).float())
+                else:
+                    for n in names:
+                        per[n].append(model(image, *metas[n]).float())
         for n, zs in per.items():
             key = f"/{n}" if n else ""
             out["logits" + key].append((zs[0] if views is None else average_views([z.softmax(1) for z in zs])).cpu())
@@ -217,7 +233,8 @@ class ModelEma:
         trainable = tuple(p.requires_grad for p in model.parameters())
         if getattr(self, "_key", None) != (id(model), trainable):
             ema_p, ema_b = dict(self.module.named_parameters()), dict(self.module.named_buffers())
-            self._cache = [(ema_p[n], p.detach()) for n, p in model.named_parameters() if p.requires_grad]
+            self._cache: list[tuple[torch.Tensor, torch.Tensor]] = [
+                (ema_p[n], p.detach()) for n, p in model.named_parameters() if p.requires_grad]
             self._cache += [(ema_b[n], b) for n, b in model.named_buffers()]
             self._key = (id(model), trainable)
         return self._cache

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import timm
 import torch
@@ -36,7 +36,8 @@ class SkainNet(nn.Module):
         self.backbone = timm.create_model(backbone, pretrained=False, num_classes=0)
         self.image_only = image_only
         self.meta = None if image_only else MetadataBranch(n_sex, n_site, age_inputs=age_inputs)
-        width = self.backbone.num_features + (0 if image_only else MetadataBranch.out_features)
+        # timm models carry their pooled width as `num_features`, an attribute nn.Module's typing does not know
+        width = cast(int, self.backbone.num_features) + (0 if image_only else MetadataBranch.out_features)
         self.head = nn.Sequential(
             nn.Linear(width, 512), nn.ReLU(inplace=True), nn.Dropout(drop_rate),
             nn.Linear(512, 128), nn.ReLU(inplace=True), nn.Dropout(drop_rate / 2),
@@ -103,7 +104,7 @@ class EnsembleBackbone(nn.Module):
     def __init__(self, parts: list[nn.Module], sizes: list[int | None] | None = None):
         super().__init__()
         self.parts = nn.ModuleList(parts)
-        self.widths = [int(p.num_features) for p in parts]
+        self.widths = [int(cast(int, p.num_features)) for p in parts]  # timm's pooled width, see SkainNet
         self.num_features = sum(self.widths)
         sizes = list(sizes) if sizes else [None] * len(parts)
         largest = max((int(s) for s in sizes if s is not None), default=None)
@@ -134,6 +135,10 @@ class EnsembleNet(nn.Module):
     (union) vocabulary into member i's index (0, `unknown`, for a value it never saw, as its own encoder does).
     All are identities when the members agree. `input_sizes[i]`: member i's own input size where the members'
     differ (see EnsembleBackbone)."""
+
+    age_affine: torch.Tensor  # buffers, registered in __init__
+    sex_map: torch.Tensor
+    site_map: torch.Tensor
 
     def __init__(self, members: list[SkainNet], age_affine: list[tuple[float, float]] | None = None,
                  sex_map: list[list[int]] | None = None, site_map: list[list[int]] | None = None,

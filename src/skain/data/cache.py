@@ -163,6 +163,7 @@ class ImageCache:
             self._stop_writing(f"cannot write to the image cache {self.folder} ({exc}); decoding images each time")
             return
         self._writes += 1
+        assert self._total is not None  # counted by _open above whenever it was None
         self._total += size
         if self._total > self.max_bytes:
             self.evict()

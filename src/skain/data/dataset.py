@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import pandas as pd
@@ -12,6 +13,9 @@ from skain.data.encoder import MetadataEncoder
 from skain.data.images import ImageError, ImageLoader
 from skain.data.schema import CLASSES
 
+if TYPE_CHECKING:
+    from skain.data.degrade import ResavedLoader
+
 
 class LesionDataset(Dataset):
     """Items are dicts: image, age, sex, site, label (-1 when unknown), index.
@@ -20,7 +24,7 @@ class LesionDataset(Dataset):
     report it by name and go on; training uses "raise".
     """
 
-    def __init__(self, frame: pd.DataFrame, encoder: MetadataEncoder, loader: ImageLoader,
+    def __init__(self, frame: pd.DataFrame, encoder: MetadataEncoder, loader: ImageLoader | ResavedLoader,
                  transform: Callable[[np.ndarray], torch.Tensor], on_error: str = "raise",
                  meta_dropout: Callable | None = None):
         self.paths = frame["path"].tolist()
@@ -52,7 +56,9 @@ class LesionDataset(Dataset):
 
     def _blank_like(self) -> torch.Tensor:
         if self._blank is None:
-            size = self.loader.short_side
+            # on_error="skip" datasets read through an ImageLoader (Predictor.loader); a ResavedLoader has no
+            # short_side and is only used with on_error="raise", where no blank image is needed
+            size = cast(ImageLoader, self.loader).short_side
             self._blank = self.transform(np.zeros((size, size, 3), dtype=np.uint8))
         return self._blank
 

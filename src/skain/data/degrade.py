@@ -45,7 +45,7 @@ def saved_copy(img: Image.Image, copy: str) -> bytes:
         raise ValueError(f"unknown copy {copy!r}; choose one of {', '.join(COPIES)}")
     scale, fmt, quality, border = COPIES[copy]
     if scale != 1.0:
-        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BICUBIC)
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.BICUBIC)
     if border:
         framed = Image.new("RGB", (img.width + 2 * border, img.height + 2 * border), BORDER_GREY)
         framed.paste(img, (border, border))
@@ -88,7 +88,7 @@ class PhotoDegrade:
         if _chance(self.p_scale):
             scale = _u(self.min_scale, 1.0)
             img = img.resize((max(8, round(img.width * scale)), max(8, round(img.height * scale))),
-                             Image.BILINEAR if _chance(0.5) else Image.BICUBIC)
+                             Image.Resampling.BILINEAR if _chance(0.5) else Image.Resampling.BICUBIC)
         if _chance(self.p_filter):
             img = img.filter(ImageFilter.GaussianBlur(_u(0.3, 1.0)) if _chance(0.5)
                              else ImageFilter.UnsharpMask(radius=_u(0.5, 1.5), percent=int(_u(30, 120)), threshold=2))
@@ -98,7 +98,7 @@ class PhotoDegrade:
             with Image.open(io.BytesIO(encode(img, fmt, quality))) as decoded:
                 img = decoded.convert("RGB")
         if img.size != (width, height):
-            img = img.resize((width, height), Image.BICUBIC)
+            img = img.resize((width, height), Image.Resampling.BICUBIC)
         return np.array(img, dtype=np.uint8)  # a writable copy, as torch.from_numpy wants
 
     @staticmethod

@@ -125,7 +125,7 @@ def resize_shorter(img: Image.Image, size: int) -> np.ndarray:
     if min(w, h) != size:
         scale = size / min(w, h)
         new = (max(size, round(w * scale)), max(size, round(h * scale)))
-        img = img.resize(new, Image.BICUBIC)
+        img = img.resize(new, Image.Resampling.BICUBIC)
     return np.asarray(img, dtype=np.uint8).copy()
 
 
@@ -166,14 +166,15 @@ class ImageLoader:
         return self.cache.folder if self.cache is not None else None
 
     def __call__(self, path: str | Path) -> np.ndarray:
-        key = self.cache.key(path, self.short_side) if self.cache is not None else None
-        if key is not None:
-            arr = self.cache.get(key)
+        cache = self.cache
+        key = cache.key(path, self.short_side) if cache is not None else None
+        if cache is not None and key is not None:
+            arr = cache.get(key)
             if arr is not None:
                 self.hits += 1
                 return arr
         arr = load_resized(path, self.short_side)
-        if key is not None:
+        if cache is not None and key is not None:
             self.misses += 1
-            self.cache.put(key, arr)
+            cache.put(key, arr)
         return arr

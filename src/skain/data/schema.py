@@ -74,7 +74,7 @@ def _decode(raw: bytes, path: Path) -> str:
 def _separator(text: str) -> str:
     header = text.lstrip().splitlines()[0]
     counts = {sep: header.count(sep) for sep in (",", ";", "\t")}
-    best = max(counts, key=counts.get)
+    best = max(counts, key=counts.__getitem__)
     return best if counts[best] else ","
 
 

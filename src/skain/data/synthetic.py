@@ -95,7 +95,8 @@ def make_synthetic(root: str | Path, n_images: int = 600, seed: int = 0,
     rng = np.random.default_rng(seed)
     classes = list(CLASSES)
     prior = np.array([_PRIOR[c] for c in classes])
-    rows, lesion = [], 0
+    rows: list[dict[str, object]] = []
+    lesion = 0
     while len(rows) < n_images:
         dx = classes[rng.choice(len(classes), p=prior / prior.sum())]
         lesion += 1

@@ -164,7 +164,7 @@ def _fetch_all(http: Http, todo: list[ArchiveImage], image_dir: Path, req: Downl
 
 
 def _run_pool(http: Http, todo: list[ArchiveImage], image_dir: Path, workers: int, done: dict[str, str],
-              on_bytes: Callable[[int], object]) -> dict[str, str]:
+              on_bytes: Callable[[int], None]) -> dict[str, str]:
     pool = ThreadPoolExecutor(max_workers=max(1, workers))
     failed: dict[str, str] = {}
     try:

@@ -48,9 +48,12 @@ class Parity:
 
 def parity_frame(images: str | Path | None, csv: str | Path | None, n: int = PARITY_IMAGES, seed: int = 0):
     """Up to `n` readable images (a seeded sample) from a folder, with metadata when a CSV is given."""
-    if images is None and csv is None:
+    if images is not None:
+        folder = Path(images)
+    elif csv is not None:
+        folder = Path(csv).resolve().parent
+    else:
         raise ValueError("the parity check needs images: pass --check-images DIR (and --check-csv FILE for metadata)")
-    folder = Path(images) if images is not None else Path(csv).resolve().parent
     frame = load_table(Source(Path(csv) if csv else None, [folder], "explicit"), require=("image_id",),
                        skip_missing=True)
     return frame.sample(n, random_state=seed) if len(frame) > n else frame

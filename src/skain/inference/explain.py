@@ -12,6 +12,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -71,21 +72,23 @@ def _global_pools(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The backbone's global pool; for an ensemble (EnsembleBackbone), every member backbone's."""
     backbone = getattr(model, "backbone", None)
     pools = [getattr(b, "global_pool", None) for b in getattr(backbone, "parts", [backbone])]
-    if not all(isinstance(pool, torch.nn.Module) for pool in pools):
+    modules = [pool for pool in pools if isinstance(pool, torch.nn.Module)]
+    if len(modules) != len(pools):
         raise ExplainError(f"{type(backbone or model).__name__} has no global pool to take "
                            "Grad-CAM features from; heatmaps need a CNN backbone")
-    return pools
+    return modules
 
 
-def _cam(features: list[torch.Tensor], grads: tuple[torch.Tensor, ...], size: tuple[int, int]) -> np.ndarray:
+def _cam(features: list[torch.Tensor], grads: tuple[torch.Tensor, ...], size: tuple[int, ...]) -> np.ndarray:
     """One map per feature map (one per ensemble member), upsampled and summed: an ensemble member's map counts
     as much as its gradient says it does towards the averaged probability."""
-    cam = sum(_member_cam(f, g, size) for f, g in zip(features, grads))
+    # a tensor, not sum()'s start value 0: GradCam.__call__ raises before this when there are no feature maps
+    cam = cast(torch.Tensor, sum(_member_cam(f, g, size) for f, g in zip(features, grads)))
     top = float(cam.max())
     return (cam / top if top > 0 else torch.zeros_like(cam)).cpu().numpy().astype(np.float32)
 
 
-def _member_cam(features: torch.Tensor, grad: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def _member_cam(features: torch.Tensor, grad: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     weights = grad.mean(dim=(2, 3), keepdim=True)
     cam = F.relu((weights * features).sum(1, keepdim=True)).float()
     return F.interpolate(cam, size=tuple(size), mode="bilinear", align_corners=False)[0, 0]

@@ -11,6 +11,7 @@ import json
 import logging
 import warnings
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -86,9 +87,11 @@ class _WithFeatures(torch.nn.Module):
         super().__init__()
         self.net = net
 
-    def forward(self, image, age, sex, site):
+    def forward(self, image: torch.Tensor, age: torch.Tensor, sex: torch.Tensor,
+                site: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         seen: list[torch.Tensor] = []
-        handle = self.net.backbone.register_forward_hook(lambda _m, _i, out: seen.append(out))
+        backbone = cast(torch.nn.Module, self.net.backbone)  # SkainNet / EnsembleNet: an nn.Module
+        handle = backbone.register_forward_hook(lambda _m, _i, out: seen.append(out))
         try:
             logits = self.net(image, age, sex, site)
         finally:
@@ -104,7 +107,8 @@ def export_bytes(bundle: dict, opset: int = OPSET) -> bytes:
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(net, example_inputs(bundle), buf, input_names=list(INPUTS),
+        # the ignore: torch annotates f as a path, but the TorchScript exporter (dynamo=False) writes to a BytesIO too
+        torch.onnx.export(net, example_inputs(bundle), buf, input_names=list(INPUTS),  # type: ignore[arg-type]
                           output_names=list(OUTPUTS), opset_version=opset, dynamo=False,
                           dynamic_axes={k: {0: "batch"} for k in (*INPUTS, *OUTPUTS)})
     proto = onnx.load_from_string(buf.getvalue())

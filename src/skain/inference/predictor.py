@@ -127,9 +127,8 @@ class Predictor:
         if path is None:
             log.info("exporting the network to ONNX in memory (`skain export` saves it beside the bundle)")
             return OnnxModel(export_bytes(self.bundle), self.bundle, runtime)
-        if replace_stale:
-            path = replace_if_stale(self.bundle, path)
-        return OnnxModel(path, self.bundle, runtime)
+        source = replace_if_stale(self.bundle, path) if replace_stale else path  # stale: re-exported, or bytes
+        return OnnxModel(source, self.bundle, runtime)
 
     @property
     def info(self) -> dict:
@@ -198,7 +197,7 @@ class Predictor:
         for group in groups:
             with self.trust.tap(self.model, self.tta) as tap:  # backbone features for the OOD score, same pass
                 part = predict_logits(self.model, batches, self.device, self.dtype, self.channels_last, "predict",
-                                      progress, self._views(), group and metadata_variants(self.encoder, group))
+                                      progress, self._views(), metadata_variants(self.encoder, group) if group else None)
             part["features"] = tap.features()
             res = {**part, **res}  # index, ok and features from the first pass
         for key in [k for k in res if k.startswith("logits")]:  # temperature scaling (T = 1 for older bundles)
@@ -225,13 +224,14 @@ class Predictor:
         {"present": set(), "all_blank": {"age", "sex", "site"}}). The images are decoded and the backbone runs
         once for all of them; the exported graph (ONNX backends) takes one pass per variant."""
         frame = _with_meta_columns(frame)
-        dataset = LesionDataset(frame, self.encoder, self.loader(cache_dir), self.transform, on_error="skip")
+        image_loader = self.loader(cache_dir)
+        dataset = LesionDataset(frame, self.encoder, image_loader, self.transform, on_error="skip")
         loader = DataLoader(dataset, self.batch_size(batch_size), shuffle=False, num_workers=num_workers)
         res = self._run(loader, progress, variants)
         order = np.argsort(res["index"])
         ok = res["ok"][order].astype(bool)
         features = res["features"][order] if res["features"] is not None else None
-        errors = [_error_for(p, dataset.loader) if not k else "" for p, k in zip(frame["path"], ok)]
+        errors = [_error_for(p, image_loader) if not k else "" for p, k in zip(frame["path"], ok)]
         return {name: self._table(frame, res[f"probs/{name}"][order], ok, features, errors) for name in variants}
 
     def _table(self, frame: pd.DataFrame, probs: np.ndarray, ok: np.ndarray, features: np.ndarray | None,

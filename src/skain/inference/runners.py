@@ -79,7 +79,7 @@ class OpenVinoSession:
         return [np.array(result[out]) for out in self.compiled.outputs]  # copies: the request reuses its buffers
 
 
-RUNTIMES = {"onnxruntime": OrtSession, "openvino": OpenVinoSession}
+RUNTIMES: dict[str, type[OrtSession] | type[OpenVinoSession]] = {"onnxruntime": OrtSession, "openvino": OpenVinoSession}
 
 
 class OnnxModel(nn.Module):

@@ -163,7 +163,8 @@ def ensemble_oof(runs: list[Path], variant: str = "present") -> pd.DataFrame:
             missing = sorted(set(folds) ^ set(dirs))
             raise ValueError(f"{run}: folds {sorted(dirs)} but {runs[0]} has {folds} (fold{missing[0]} is missing "
                              "in one); every run must have the same folds")
-    frames, seen = [], {}
+    frames: list[pd.DataFrame] = []
+    seen: dict[str, int] = {}  # image_id -> the fold it is a test image of
     for k in folds:
         tables = [fold_probs(dirs[k], variant) for dirs in per_run]
         again = [i for i in tables[0]["image_id"] if i in seen]
@@ -222,12 +223,12 @@ def cross_run_report(runs: list[str | Path], output: str | Path, variant: str = 
     """`skain cv-report`: the cross-validated report of one k-fold run or of the ensemble of several (their
     probabilities averaged per test image), for one scored variant (present, all_blank, age_blank, ...; a
     `_tta8` suffix for the 8-view scores). Writes <output>/oof_<variant>.csv and cv_<variant>.json."""
-    runs = [Path(r) for r in runs]
-    oof = ensemble_oof(runs, variant)
+    paths = [Path(r) for r in runs]
+    oof = ensemble_oof(paths, variant)
     report = {"what": f"k-fold cross-validation, lesion-grouped, test folds that chose nothing; variant {variant}; "
-                      + ("one run" if len(runs) == 1 else f"ensemble of {len(runs)} runs (probabilities averaged)")
+                      + ("one run" if len(paths) == 1 else f"ensemble of {len(paths)} runs (probabilities averaged)")
                       + "; probabilities are the softmax of the stored logits (no temperature)",
-              "runs": [str(r) for r in runs], "variant": variant, **summarize_oof(oof)}
+              "runs": [str(r) for r in paths], "variant": variant, **summarize_oof(oof)}
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / f"oof_{variant}.csv", lambda fh: fh.write(oof.to_csv(index=False).encode()))

@@ -129,7 +129,7 @@ def reduce_mean(info: DistInfo, total: float, count: int) -> float:
         return total / max(count, 1)
     t = torch.tensor([total, float(count)], dtype=torch.float64)
     dist.all_reduce(t)
-    return float(t[0] / max(t[1], 1))
+    return float(t[0]) / max(float(t[1]), 1.0)
 
 
 def cleanup(info: DistInfo) -> None:

@@ -30,6 +30,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -40,7 +41,7 @@ from skain.data.images import ImageLoader
 from skain.engine import resolve_device
 from skain.fileio import atomic_json
 from skain.metrics import classification_metrics
-from skain.model import EnsembleNet
+from skain.model import EnsembleNet, SkainNet
 from skain.modelfile.bundle import (
     BUNDLE_NAME,
     BundleError,
@@ -172,7 +173,7 @@ def combine(members: list[Member]) -> tuple[EnsembleNet, dict, dict]:
     """-> (EnsembleNet with the members' weights, its model_args, its encoder state)."""
     check_compatible(members)
     encoder, maps = shared_encoder(members)
-    nets = [load_model(m.bundle) for m in members]
+    nets = [cast(SkainNet, load_model(m.bundle)) for m in members]  # read_members refuses nested ensembles
     args = [dict(m.bundle["model_args"]) for m in members]
     sizes = [int(m.bundle["preprocess"]["input_size"]) for m in members]
     if len(set(sizes)) > 1:  # each member is fed its own input size (EnsembleBackbone)
@@ -212,7 +213,8 @@ def predict_own_validation(members: list[Member], cache_dir: str | Path | None, 
     """Each member's logits on its own run's validation split (from config.json and split.csv). An image in
     several members' validation splits (e.g. two runs on one fold) gets the mean of their probabilities, as the
     ensemble of the members that did not train on it predicts it."""
-    classes, parts = list(members[0].bundle["classes"]), []
+    classes = list(members[0].bundle["classes"])
+    parts: list[pd.DataFrame] = []
     for m in members:
         frame, _, val_idx, cfg = folder_split(m.path.parent)
         val = frame.iloc[val_idx]
@@ -251,7 +253,8 @@ def oof_logits(members: list[Member], oof: str | Path | None, cache_dir: str | P
     per_run = sorted((r / OOF_NAME for r in runs), key=str)
     if len(per_run) > 1 and all(f.is_file() for f in per_run):
         folds = [member_folds(group) for group in runs.values()]
-        shared = None if None in folds else set.intersection(*folds)  # folds every run has a member of
+        known = [f for f in folds if f is not None]
+        shared = None if len(known) < len(folds) else set.intersection(*known)  # folds every run has a member of
         return (only_folds(averaged_oof(per_run, classes), shared, per_run[0]),
                 f"the average of {', '.join(map(str, per_run))}")
     try:

@@ -106,14 +106,16 @@ def build_loaders(cfg: Config, prep: Prepared, pre: dict, loader_fn: ImageLoader
     # no persistent_workers: a DataLoader seeds its workers from the main process's RNG each time an epoch's
     # iterator starts, which run_epoch seeds from (seed, epoch, rank); persistent workers keep one seed for the
     # whole run, so augmentation would depend on the epochs before it and --resume could not replay an epoch
-    common = {"num_workers": workers(cfg, device), "pin_memory": device.type == "cuda"}
+    num_workers, pin_memory = workers(cfg, device), device.type == "cuda"  # the same for both loaders
     weights = None
     if cfg.train.balance == "sampler":
         weights = balanced_sample_weights(train_ds.labels)
     sampler = EpochSampler(len(train_ds), info, cfg.train.seed, weights)
     bs = cfg.train.batch_size
-    train_dl = DataLoader(train_ds, bs, sampler=sampler, drop_last=len(sampler) > bs, **common)
-    val_dl = DataLoader(val_ds, bs * 2, sampler=ShardSampler(len(val_ds), info), **common)
+    train_dl = DataLoader(train_ds, bs, sampler=sampler, drop_last=len(sampler) > bs, num_workers=num_workers,
+                          pin_memory=pin_memory)
+    val_dl = DataLoader(val_ds, bs * 2, sampler=ShardSampler(len(val_ds), info), num_workers=num_workers,
+                        pin_memory=pin_memory)
     return train_dl, val_dl
 
 

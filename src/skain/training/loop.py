@@ -7,6 +7,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import torch
@@ -98,7 +99,8 @@ class Run:
     run_id: dict = field(default_factory=dict)  # config/data/split fingerprints: --resume checks them
 
     def scored(self) -> SkainNet:
-        return self.ema.module if self.ema is not None else self.model
+        # the EMA's module is a deep copy of self.model, so a SkainNet too
+        return cast(SkainNet, self.ema.module) if self.ema is not None else self.model
 
     def checkpoint(self, optimizer, phase: str) -> dict:
         return {"model": self.model.state_dict(), "ema": self.ema.state_dict() if self.ema else None,

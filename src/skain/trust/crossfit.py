@@ -73,15 +73,21 @@ class Outputs:
 
     logits: np.ndarray
     labels: np.ndarray
-    features: np.ndarray
+    features: np.ndarray | None  # None: not collected (TTA predictions, which never reach the OOD check)
     blank_logits: np.ndarray | None = None  # the same images with age, sex and site all left empty
     resaved: np.ndarray | None = None       # backbone features of a re-saved copy of each image (same rows)
+
+    def require_features(self) -> np.ndarray:
+        """The backbone features; outputs without them (TTA predictions) fail as indexing None would."""
+        if self.features is None:
+            raise TypeError("these outputs carry no backbone features (TTA predictions)")
+        return self.features
 
     def ood_features(self, rows: np.ndarray | slice = slice(None)) -> np.ndarray:
         """The rows' features for the OOD check: each image, and its re-saved copy when there is one."""
         if self.resaved is None:
-            return self.features[rows]
-        return np.concatenate([self.features[rows], self.resaved[rows]])
+            return self.require_features()[rows]
+        return np.concatenate([self.require_features()[rows], self.resaved[rows]])
 
     def ood_labels(self) -> np.ndarray:
         return self.labels if self.resaved is None else np.concatenate([self.labels, self.labels])
@@ -124,10 +130,11 @@ def choose(logits: np.ndarray, labels: np.ndarray, features: np.ndarray | None, 
     the other."""
     t = fit_temperature(logits, labels)
     thr = None
-    positive = np.isin(labels, cols) if cols is not None else None
-    if positive is not None and positive.any():
-        sets = [apply_temperature(z, t) for z in (logits, blank_logits) if z is not None]
-        thr = triage_threshold(sets, positive, cols, s.target_sensitivity)
+    if cols is not None:
+        positive = np.isin(labels, cols)
+        if positive.any():
+            sets = [apply_temperature(z, t) for z in (logits, blank_logits) if z is not None]
+            thr = triage_threshold(sets, positive, cols, s.target_sensitivity)
     if base_ood is None or features is None:
         return Chosen(t, thr)
     scorer = base_ood.rescaled(features, s.false_rejection)
@@ -165,11 +172,16 @@ def cross_fit(va: Outputs, parts: list[np.ndarray], cols: list[int] | None,
         if flagged is not None:
             flagged[part] = probs[part][:, cols].sum(1) >= other.triage_threshold
         if flagged_blank is not None:
+            assert blank is not None  # flagged_blank is only made when there are blank logits
             p_blank = apply_temperature(blank[part], other.temperature)[:, cols].sum(1)
             flagged_blank[part] = p_blank >= other.triage_threshold
         if ood_ratio is not None:
-            ood_ratio[part] = other.ood.score(va.features[part]) / max(other.ood_threshold, 1e-12)
+            # made only with base_ood, and then choose() fits a scorer and a threshold on every half
+            assert other.ood is not None and other.ood_threshold is not None
+            ood_ratio[part] = other.ood.score(va.require_features()[part]) / max(other.ood_threshold, 1e-12)
         if ood_ratio_resaved is not None:
+            # made only with base_ood (so a scorer and threshold, as above) and re-saved copies
+            assert other.ood is not None and other.ood_threshold is not None and va.resaved is not None
             ood_ratio_resaved[part] = other.ood.score(va.resaved[part]) / max(other.ood_threshold, 1e-12)
     return HeldOut(probs, flagged, flagged_blank=flagged_blank, ood_ratio=ood_ratio,
                    ood_ratio_resaved=ood_ratio_resaved)
@@ -237,7 +249,7 @@ def ood_scorer(tr: Outputs, va: Outputs, s: TrustSettings) -> MahalanobisScorer 
 def ood_part(scorer: MahalanobisScorer | MaxScorer, va: Outputs, probes: dict[str, np.ndarray],
              held: HeldOut | None, s: TrustSettings) -> dict:
     """Gaussians on training features; threshold = validation quantile for the stated false-rejection rate."""
-    val_scores = scorer.score(va.features)
+    val_scores = scorer.score(va.require_features())
     thr = threshold_for_false_rejection(scorer.score(va.ood_features()), s.false_rejection)
     out = {**scorer.state_dict(), "threshold": thr, "target_false_rejection": s.false_rejection,
            "val_false_rejection": float((val_scores > thr).mean()),

@@ -7,6 +7,7 @@ Markdown in the output folder.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from datetime import datetime, timezone
 
 from skain.fileio import atomic_write
@@ -205,14 +206,18 @@ def validation_figures(card: dict, views: dict | None = None) -> dict:
 def trust_table(runs: dict[str, dict]) -> list[str]:
     """One Markdown table, a column per run: the figures `skain evaluate` measures."""
     names = list(runs)
-    rows = [("images", lambda r: _n(r.get("n"))),
-            ("balanced accuracy", lambda r: _n(r.get("balanced_accuracy"))),
-            ("ECE before -> after temperature", lambda r: f"{_n(r.get('ece_before'))} -> {_n(r.get('ece_after'))}"),
-            ("OOD false rejection (real lesions)", lambda r: _pct(r.get("ood_false_rejection"))),
-            ("triage sensitivity / specificity",
-             lambda r: f"{_pct(r.get('triage_sensitivity'))} / {_pct(r.get('triage_specificity'))}")]
+    rows: list[tuple[str, Callable[[dict], str]]] = [
+        ("images", lambda r: _n(r.get("n"))),
+        ("balanced accuracy", lambda r: _n(r.get("balanced_accuracy"))),
+        ("ECE before -> after temperature", lambda r: f"{_n(r.get('ece_before'))} -> {_n(r.get('ece_after'))}"),
+        ("OOD false rejection (real lesions)", lambda r: _pct(r.get("ood_false_rejection"))),
+        ("triage sensitivity / specificity",
+         lambda r: f"{_pct(r.get('triage_sensitivity'))} / {_pct(r.get('triage_specificity'))}")]
     classes = list(dict.fromkeys(c for r in runs.values() for c in r.get("recall", {})))
-    rows += [(f"recall {c}", lambda r, c=c: _n(r.get("recall", {}).get(c))) for c in classes]
+
+    def recall(c: str) -> Callable[[dict], str]:
+        return lambda r: _n(r.get("recall", {}).get(c))
+    rows += [(f"recall {c}", recall(c)) for c in classes]
     return (["| figure | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
             + [f"| {label} | " + " | ".join(f(runs[n]) for n in names) + " |" for label, f in rows])
 

@@ -16,10 +16,12 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
 from sklearn.covariance import LedoitWolf
+from torch.utils.hooks import RemovableHandle
 
 log = logging.getLogger(__name__)
 
@@ -164,9 +166,9 @@ class BackboneTap:
     """
 
     def __init__(self, model: torch.nn.Module, views: int = 1):
-        self.backbone, self.views = model.backbone, max(1, int(views))
+        self.backbone, self.views = cast(torch.nn.Module, model.backbone), max(1, int(views))
         self.outputs: list[torch.Tensor] = []
-        self._handle = None
+        self._handle: RemovableHandle | None = None
 
     def __enter__(self) -> BackboneTap:
         self.outputs.clear()

@@ -37,7 +37,7 @@ def noise_images(rng: np.random.Generator, n: int, size: int = 320) -> list[np.n
             arr = np.repeat(np.clip(rng.normal(128, 50, (size, size, 1)), 0, 255), 3, axis=2)
         else:            # blocky (low-resolution) colour noise
             small = rng.integers(0, 256, (size // 16, size // 16, 3)).astype(np.uint8)
-            arr = np.asarray(Image.fromarray(small).resize((size, size), Image.NEAREST))
+            arr = np.asarray(Image.fromarray(small).resize((size, size), Image.Resampling.NEAREST))
         out.append(np.asarray(arr, dtype=np.uint8))
     return out
 

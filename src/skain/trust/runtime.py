@@ -15,6 +15,7 @@ import torch
 from skain.trust.ood import (
     STATE_ARRAYS,
     BackboneTap,
+    EnsembleScorer,
     MahalanobisScorer,
     MaxScorer,
     scorer_from_state,
@@ -30,7 +31,7 @@ NOT_DERMOSCOPIC = ("This does not look like a dermoscopic image of a skin lesion
 class TrustLayer:
     classes: list[str]
     temperature: float = 1.0
-    ood: MahalanobisScorer | MaxScorer | None = None
+    ood: MahalanobisScorer | MaxScorer | EnsembleScorer | None = None
     ood_threshold: float | None = None
     triage_threshold: float | None = None
     figures: dict = field(default_factory=dict)
@@ -79,8 +80,8 @@ class TrustLayer:
 
     def calibrate(self, logits: np.ndarray) -> np.ndarray:
         """Logits (or TTA log-probabilities) -> calibrated probabilities softmax(logits / T)."""
-        logits = torch.from_numpy(np.asarray(logits))
-        return (logits / self.temperature if self.temperature != 1.0 else logits).softmax(1).numpy()
+        z = torch.from_numpy(np.asarray(logits))
+        return (z / self.temperature if self.temperature != 1.0 else z).softmax(1).numpy()
 
     def tap(self, model: torch.nn.Module, views: int = 1) -> BackboneTap | NoTap:
         """Feature capture for the OOD score around one inference loop; a no-op when the bundle has no OOD
@@ -89,9 +90,9 @@ class TrustLayer:
             return BackboneTap(model, views)
         return NoTap()
 
-    def ood_scores(self, features: np.ndarray) -> np.ndarray | None:
+    def ood_scores(self, features: np.ndarray | None) -> np.ndarray | None:
         """Distance relative to the rejection threshold: above 1.0 means 'not a dermoscopic image'."""
-        if not self.has_ood or features is None or len(features) == 0:
+        if self.ood is None or self.ood_threshold is None or features is None or len(features) == 0:  # = not has_ood
             return None
         return self.ood.score(features) / max(self.ood_threshold, 1e-12)
 

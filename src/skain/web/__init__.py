@@ -41,7 +41,7 @@ def create_app(config: Mapping[str, Any] | None = None, service: Service | None 
     app.config.from_prefixed_env("SKAIN")
     if config:
         app.config.update(config)
-    app.json.sort_keys = False
+    app.json.sort_keys = False  # type: ignore[attr-defined]  # flask's JSONProvider type lacks sort_keys (the default has it)
     app.extensions[EXTENSION] = service or Service.load(app.config["MODEL"], app.config["DEVICE"],
                                                         app.config["PRECISION"], app.config["TTA"])
     app.register_blueprint(pages.bp)

@@ -120,7 +120,7 @@ def parse_age(raw: str | None) -> float | None:
 def parse_choice(field: str, raw: str | None, vocabulary: list[str]) -> str:
     """Empty -> 'unknown'; otherwise one of the bundle's vocabulary (case-insensitive), else 400."""
     value = (raw or "").strip().lower()
-    if value in EMPTY:
+    if raw is None or value in EMPTY:  # None gives "", which is in EMPTY
         return UNKNOWN
     if value not in vocabulary:
         raise InputError(f"unknown {field} {raw[:40]!r}; this model knows: {', '.join(vocabulary)} "
@@ -155,7 +155,7 @@ def triage_figures(trust: dict | None) -> dict | None:
 
 def prediction_payload(pred: Any, model_id: str, inputs: Inputs, trust: dict | None = None) -> dict:
     """The Prediction's own fields (all of them, so fields added later pass through) plus names for people."""
-    fields = asdict(pred) if is_dataclass(pred) else dict(vars(pred))
+    fields = asdict(pred) if is_dataclass(pred) and not isinstance(pred, type) else dict(vars(pred))
     ranked = sorted(fields["probabilities"].items(), key=lambda kv: -kv[1])
     return jsonable({
         **fields,
