@@ -214,6 +214,10 @@ def add_predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=["skain", "isic2018"], default="skain",
                    help="skain: image_id,pred,prob,p_<class>,error; isic2018: image,MEL,NV,BCC,AKIEC,BKL,DF,VASC")
     p.add_argument("--report", help="evaluation report folder when the CSV has dx (default: <output dir>/report)")
+    p.add_argument("--per-lesion", action="store_true",
+                   help="the CSV has lesion_id: write one row per lesion to --output (the mean of its images' "
+                        "log-probabilities, through the same decision rule and trust layer; a lesion is turned away "
+                        "only if all its images are), and the per-image rows to <output>_images.csv")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--tta", type=int, help=TTA_HELP)
     p.add_argument("--precision", choices=["fp32", "fast", "channels_last", "bf16", "bf16_channels_last"],
@@ -225,11 +229,16 @@ def add_predict_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_predict(ns: argparse.Namespace) -> int:
-    from skain.evaluation.folders import predict_folder, report_model, workers
+    from skain.evaluation.folders import per_lesion, predict_folder, report_model, workers
     from skain.evaluation.report import write_predictions
+    from skain.inference.lesion import has_lesions
     from skain.inference.predictor import Predictor, prediction_table
     from skain.modelfile.load import choose_model
     frame, src = prediction_table(ns.data, ns.csv, ns.images, bool(ns.skip_missing))
+    if ns.per_lesion and not has_lesions(frame):
+        raise ValueError("--per-lesion needs a CSV with a lesion_id column (which images show the same lesion)")
+    if ns.per_lesion and ns.format != "skain":
+        raise ValueError("--per-lesion writes skAIn's format (the ISIC 2018 format has one row per image)")
     choice = choose_model(ns.model)
     model = choice.path
     predictor = Predictor.from_bundle(choice, device=ns.device, precision=ns.precision, tta=ns.tta,
@@ -237,7 +246,12 @@ def run_predict(ns: argparse.Namespace) -> int:
     preds = predict_folder(predictor, frame, ns.batch_size, workers(ns.num_workers, predictor.device),
                            cache_dir_from_flag(ns.cache_dir, None), ns.progress)
     pred = preds["present"]
-    out = write_predictions(pred, ns.output, ns.format)
+    out = Path(ns.output)
+    if ns.per_lesion:  # one row per lesion in --output, the images' rows beside it
+        lesions = write_predictions(per_lesion(predictor, pred, frame), out)
+        out = out.with_name(f"{out.stem}_images{out.suffix or '.csv'}")
+        print(f"wrote one row for each of {frame['lesion_id'].nunique()} lesion(s) to {lesions}")
+    out = write_predictions(pred, out, ns.format)
     failed = pred[pred["error"] != ""]
     print(f"wrote {len(pred) - len(failed)} prediction(s) for {len(pred)} image(s) ({src.layout} layout) to {out}")
     for image_id, error in zip(failed["image_id"], failed["error"]):

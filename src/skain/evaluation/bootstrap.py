@@ -158,6 +158,37 @@ def paired(a: Sample, b: Sample, groups: np.ndarray | None = None, resamples: in
     counts, lesion_of = lesion_counts(a.labels, groups, resamples, seed)
     da = _in_chunks(counts, lesion_of, chunk, lambda w: metric_values(w, a))
     db = _in_chunks(counts, lesion_of, chunk, lambda w: metric_values(w, b))
+    return {"resamples": int(resamples), "seed": int(seed), "level": level,
+            "unit": "lesion" if groups is not None else "image", "metrics": _differences(pa, pb, da, db, level)}
+
+
+def paired_levels(images: Sample, groups: np.ndarray, lesions: Sample, lesion_ids: np.ndarray,
+                  resamples: int = 2000, seed: int = 0, level: float = 0.95, chunk: int = 250) -> dict:
+    """Image-level scores (A: one row per image, `groups` its lesion) against lesion-level scores (B: one row per
+    lesion, `lesion_ids`) of the same lesions, paired: each resample draws lesions within their class once; an
+    image counts as often as its lesion was drawn, a lesion row that many times. -> `paired`'s result."""
+    ids = np.asarray(lesion_ids).astype(str)
+    names, first = np.unique(np.asarray(groups).astype(str), return_index=True)
+    if len(ids) != len(names) or set(ids) != set(names):
+        raise ValueError("the lesion-level rows must be the lesions of the image-level rows, each once")
+    row = {lesion: i for i, lesion in enumerate(ids)}
+    order = np.array([row[n] for n in names])  # lesion rows in lesion_counts' (sorted) order
+    pick = lambda v: None if v is None else np.asarray(v)[order]  # noqa: E731
+    b = Sample(np.asarray(lesions.labels)[order], np.asarray(lesions.probs)[order], np.asarray(lesions.pred)[order],
+               pick(lesions.flagged), pick(lesions.positive), pick(lesions.rejected), lesions.mel)
+    if not np.array_equal(b.labels, np.asarray(images.labels)[first]):
+        raise ValueError("a lesion's label differs from its images' labels")
+    pa = metric_values(np.ones((1, len(images.labels))), images)
+    pb = metric_values(np.ones((1, len(names))), b)
+    counts, lesion_of = lesion_counts(images.labels, groups, resamples, seed)
+    da = _in_chunks(counts, lesion_of, chunk, lambda w: metric_values(w, images))
+    db = _in_chunks(counts, np.arange(len(names)), chunk, lambda w: metric_values(w, b))
+    return {"resamples": int(resamples), "seed": int(seed), "level": level, "unit": "lesion",
+            "a": "image level", "b": "lesion level", "images": int(len(images.labels)), "lesions": int(len(names)),
+            "metrics": _differences(pa, pb, da, db, level)}
+
+
+def _differences(pa: dict, pb: dict, da: dict, db: dict, level: float) -> dict:
     out = {}
     for key in pa.keys() & pb.keys():
         diff = db[key] - da[key]
@@ -166,8 +197,7 @@ def paired(a: Sample, b: Sample, groups: np.ndarray | None = None, resamples: in
         out[key] = {"a": float(pa[key][0]), "b": float(pb[key][0]), "difference": float(pb[key][0] - pa[key][0]),
                     "ci": interval(diff, level), "p_bootstrap": float(p),
                     "ci_a": interval(da[key], level), "ci_b": interval(db[key], level)}
-    return {"resamples": int(resamples), "seed": int(seed), "level": level,
-            "unit": "lesion" if groups is not None else "image", "metrics": out}
+    return out
 
 
 def _in_chunks(counts: np.ndarray, lesion_of: np.ndarray, chunk: int, fn) -> dict[str, np.ndarray]:

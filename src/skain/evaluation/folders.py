@@ -1,6 +1,7 @@
 """The steps `skain predict` and `skain evaluate --model` share on a folder of images: predict every image
 (with metadata as given and, for labelled images, with every field blank for the trust figures, from one
 backbone pass), then score the labelled ones and write the report. The commands only parse flags and print.
+Where the CSV has `lesion_id`, the lesions are scored too (one answer per lesion, `per_lesion`).
 """
 from __future__ import annotations
 
@@ -10,10 +11,15 @@ import pandas as pd
 import torch
 
 from skain.data.layout import Source
+from skain.data.schema import DataError
 from skain.engine import default_workers
 from skain.evaluation.evaluate import align, evaluate, folder_trust, headline, trust_variants, truth_columns, with_intervals
+from skain.evaluation.lesions import lesion_headline, lesion_level
 from skain.evaluation.report import write_report
+from skain.inference.decision import Decision
+from skain.inference.lesion import has_lesions, lesion_table
 from skain.inference.predictor import Predictor
+from skain.trust.runtime import TrustLayer
 
 
 def workers(requested: int | None, device: torch.device) -> int:
@@ -28,19 +34,33 @@ def predict_folder(predictor: Predictor, frame: pd.DataFrame, batch_size: int, n
     return predictor.predict_variants(frame, variants, batch_size, num_workers, cache_dir, progress)
 
 
+def per_lesion(predictor: Predictor, pred: pd.DataFrame, frame: pd.DataFrame) -> pd.DataFrame:
+    """`skain predict --per-lesion`: one row per lesion of `frame` (which must have lesion_id), its images'
+    predictions `pred` (predict_folder's table, same rows) averaged through the model's decision rule and trust
+    layer (skain.inference.lesion)."""
+    if not has_lesions(frame):
+        raise DataError("--per-lesion needs a lesion_id column in the CSV (which images show the same lesion)")
+    return lesion_table(pred, frame["lesion_id"].astype(str).to_numpy(), predictor.classes, predictor.decide,
+                        predictor.trust)
+
+
 def inference_context(predictor: Predictor) -> dict:
     info = predictor.info
     return {"backbone": info["backbone"], **info["inference"]}
 
 
 def report(pred: pd.DataFrame, truth: pd.DataFrame, folder: Path, context: dict,
-           trust: dict | None = None) -> list[str]:
-    """Score predictions against the truth (with lesion-resampled intervals), write the report folder and
-    return the lines a command prints."""
+           trust: dict | None = None, decide: Decision | None = None, layer: TrustLayer | None = None) -> list[str]:
+    """Score predictions against the truth (with lesion-resampled intervals) and, where the truth has lesion_id,
+    each lesion's one answer (`decide` / `layer`: the model's decision rule and trust layer, when a model made
+    the predictions); write the report folder and return the lines a command prints."""
     labels, probs, info, decided, lesions = align(pred, truth, groups=True)
     metrics = with_intervals(evaluate(labels, probs, decided=decided), labels, probs, decided, lesions)
+    level = lesion_level(pred, truth, decide=decide, trust=layer)
+    if level:
+        metrics["lesion_level"] = level
     write_report(metrics, labels, probs, folder, {**context, **info}, trust)
-    lines = [headline(metrics)]
+    lines = [headline(metrics)] + ([lesion_headline(level)] if level else [])
     lines += [f"{name}: " + trust_line(run) for name, run in (trust or {}).get("runs", {}).items()]
     return lines + [f"report: {folder}/report.md"]
 
@@ -50,7 +70,8 @@ def report_model(predictor: Predictor, model: str | Path, frame: pd.DataFrame, s
     """The report of a model's predictions on labelled images, with its trust figures on them."""
     data = str(source.csv or source.image_dirs[0])
     context = {"model": str(model), "data": data, **inference_context(predictor)}
-    return report(preds["present"], truth_columns(frame), folder, context, folder_trust(predictor, frame, data, preds))
+    return report(preds["present"], truth_columns(frame), folder, context, folder_trust(predictor, frame, data, preds),
+                  predictor.decide, predictor.trust)
 
 
 def trust_line(r: dict) -> str:

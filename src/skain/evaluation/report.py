@@ -128,6 +128,7 @@ def report_markdown(metrics: dict, context: dict) -> str:
         lines.append(f"| {c} | {_f(m['precision'])} | {_f(m['recall'])} | {_f(m['f1'])} | {_f(m['auc'])} | "
                      f"{m['support']} |")
     lines += interval_lines(metrics.get("intervals"))
+    lines += lesion_lines(metrics.get("lesion_level"))
     lines += ["", "Balanced accuracy is the mean per-class recall (HAM10000 is ~67% nevi, so plain accuracy "
               "flatters a model that favours nevi). Melanoma sensitivity/specificity use the argmax decision.",
               "", "![confusion matrix](confusion_matrix.png)", "", "![ROC curves](roc_curves.png)", ""]
@@ -144,6 +145,35 @@ def interval_lines(intervals: dict | None) -> list[str]:
     for key, m in intervals["metrics"].items():
         lo, hi = m["ci"]
         lines.append(f"| {key.replace('_', ' ')} | {_f(m['value'])} | {_f(lo)} - {_f(hi)} |")
+    return lines
+
+
+def lesion_lines(level: dict | None) -> list[str]:
+    """The lesion-level section (skain.evaluation.lesions.lesion_level): one answer per lesion."""
+    if not level:
+        return []
+    mel = level.get("melanoma", {})
+    lines = ["", "## Per lesion", "",
+             f"{level['lesions']} lesions ({level['images']} images; {level['multi_image_lesions']} lesions with "
+             f"several images). A lesion's answer: {level['rule']}; the same decision rule as an image's.", "",
+             "| metric | value |", "|---|---|",
+             f"| **balanced accuracy** | **{_f(level['balanced_accuracy'])}** |",
+             f"| macro AUC (one vs rest) | {_f(level['macro_auc'])} |",
+             f"| melanoma sensitivity | {_f(mel.get('sensitivity'))} |",
+             f"| melanoma specificity | {_f(mel.get('specificity'))} |"]
+    lines += interval_lines(level.get("intervals"))
+    vs = level.get("vs_image_level")
+    if vs:
+        level_pct = int(round(100 * vs["level"]))
+        lines += ["", f"Image level (A) against lesion level (B) on the {vs['lesions']} lesions with several images "
+                  f"({vs['images']} images), paired over the same {vs['resamples']} lesion resamples:", "",
+                  f"| metric | image level | lesion level | B - A | {level_pct}% interval (paired) |", "|---|---|---|---|---|"]
+        for key in ("balanced_accuracy", "macro_auc", "melanoma_auc"):
+            m = vs["metrics"].get(key)
+            if m:
+                lo, hi = m["ci"]
+                lines.append(f"| {key.replace('_', ' ')} | {_f(m['a'])} | {_f(m['b'])} | {m['difference']:+.4f} | "
+                             f"{lo:+.4f} - {hi:+.4f} |")
     return lines
 
 
