@@ -78,7 +78,8 @@ def image_vs_lesion(pred: pd.DataFrame, truth: pd.DataFrame, lesions: pd.DataFra
                     classes: tuple[str, ...] = CLASSES, resamples: int = 2000, seed: int = 0) -> dict:
     """Image-level (A) against lesion-level (B) figures on the lesions of `truth` (with lesion_id), paired over
     the same lesion resamples (`bootstrap.paired_levels`). `lesions`: lesion_predictions' rows of those lesions."""
-    labels, probs, _, decided, groups = align(pred.drop(columns=["dx"], errors="ignore"), truth, classes, groups=True)
+    pred = pred[pred["image_id"].isin(set(truth["image_id"]))].drop(columns=["dx"], errors="ignore")
+    labels, probs, _, decided, groups = align(pred, truth, classes, groups=True)
     keep = set(groups)
     rows = lesions[lesions["lesion_id"].isin(keep)]
     index = {c: i for i, c in enumerate(classes)}
