@@ -20,6 +20,7 @@ import pandas as pd
 from sklearn.metrics import balanced_accuracy_score
 
 from skain.data.schema import CLASSES
+from skain.metrics import classification_metrics
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,21 @@ class Decision:
 
     def summary(self) -> dict:
         return {"rule": "argmax log p - tau * log prior" if self.adjusted else "argmax", "tau": self.tau}
+
+
+def figures(probs: np.ndarray, labels: np.ndarray, decision: Decision, classes=CLASSES) -> dict:
+    """Balanced accuracy, accuracy, macro F1 and per-class recall of the decision `decision` makes on calibrated
+    probabilities `probs` (what the Predictor names), with the arg-max figures of the same rows beside them.
+    Recall of a class absent from `labels` is None."""
+    labels = np.asarray(labels, dtype=int)
+
+    def scores(pred: np.ndarray) -> dict:
+        m = classification_metrics(labels, probs, classes, pred)
+        return {"balanced_accuracy": m["balanced_accuracy"], "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
+                "recall": {c: (r["recall"] if r["support"] else None) for c, r in m["per_class"].items()}}
+    probs = np.asarray(probs, dtype=np.float64)
+    return {**decision.summary(), "n": int(len(labels)), **scores(decision(probs)),
+            "argmax": scores(probs.argmax(1))}
 
 
 def fit_tau(probs: np.ndarray, labels: np.ndarray, log_prior: np.ndarray, grid=GRID) -> float:

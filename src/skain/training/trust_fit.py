@@ -26,6 +26,7 @@ from skain.evaluation.variants import variant_logits
 from skain.inference.predictor import Predictor
 from skain.modelfile.bundle import BUNDLE_NAME, atomic_torch_save, load_model
 from skain.modelfile.load import read_bundle
+from skain.training.decide import store_rule_figures
 from skain.training.runfolder import CONFIG_NAME, SPLIT_NAME
 from skain.trust.calibration import plot_reliability
 from skain.trust.crossfit import (
@@ -119,6 +120,7 @@ def fit_trust(bundle_path: str | Path, frame: pd.DataFrame, train_idx: np.ndarra
     probes = {k: image_features(model, bundle, v, device) for k, v in probe_set(s.seed).items()}
     figures = assemble(bundle, tr, va, halves(frame.iloc[val_idx], s.seed), probes, s)
     figures["fit_seconds"] = round(time.perf_counter() - started, 1)
+    store_rule_figures(bundle, va.logits, va.labels, "validation")  # a decision rule's figures under the new T
     atomic_torch_save(bundle, save_to or bundle_path)
     write_reports(Path(out_dir) if out_dir else bundle_path.parent, va, bundle["trust"]["temperature"],
                   bundle["model_card"], s.ece_bins)

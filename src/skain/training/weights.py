@@ -142,4 +142,4 @@ def _from_file(backbone: nn.Module, path: Path) -> str:
         raise WeightsError(f"--pretrained-file {path}: its tensor names do not match {type(backbone).__name__}'s "
                            f"({len(missing)} missing, first {missing[0]!r}); save the backbone's own "
                            "state_dict() (timm names)")
-    return f"file {path}"
+    return f"file {path.name}"  # the name only: bundles travel, and the path is of no use (or concern) elsewhere

