@@ -143,7 +143,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         try:
             import yaml
         except ImportError as exc:  # pragma: no cover - depends on the environment
-            raise ValueError(f"{path}: reading YAML needs PyYAML (pip install pyyaml), or use JSON") from exc
+            raise ValueError(f"{path}: reading YAML needs PyYAML (pip install 'skain[yaml]'), or use JSON") from exc
         data = yaml.safe_load(text) or {}
     else:
         data = json.loads(text)
