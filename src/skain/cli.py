@@ -199,8 +199,9 @@ COMMANDS.update({
 PARTIAL_FAILURE = 3  # exit code: predictions written, but some images could not be read
 
 
-MODEL_HELP = ("output folder, .pt bundle or .safetensors file (default: outputs/ if a model was trained there, "
-              "else the HAM10000 model shipped with skAIn)")
+MODEL_HELP = ("output folder, .pt bundle, .safetensors file, Hugging Face-style folder (skain export --format hf) or "
+              "hf://ORG/NAME[@REVISION] (default: outputs/ if a model was trained there, else the HAM10000 model "
+              "shipped with skAIn)")
 TTA_HELP = ("test-time augmentation views, 1-8 (flips, 90-degree turns); default: the model's own (skain calibrate "
             "--tta N --default), else 1; 1 is the fast setting")
 PRECISION_HELP = ("fp32 (reference); fast: the fastest variant measured to agree with fp32 (OpenVINO, else ONNX "
@@ -312,12 +313,15 @@ def _evaluate_model(ns: argparse.Namespace) -> int:
 
 
 def add_export_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="outputs",
-                   help="trained output folder, .pt bundle or .safetensors file (default outputs)")
-    p.add_argument("--format", choices=["onnx", "safetensors"], default="onnx",
+    p.add_argument("--model", help="trained output folder, .pt bundle, .safetensors file, Hugging Face-style folder "
+                                   "or hf://ORG/NAME (default outputs; --format hf: as --model everywhere, so the "
+                                   "shipped model when nothing was trained in outputs/)")
+    p.add_argument("--format", choices=["onnx", "safetensors", "hf"], default="onnx",
                    help="onnx: the network as an ONNX graph; safetensors: the whole bundle as one portable file "
-                        "(no pickle) that every --model accepts")
-    p.add_argument("--output", help="file to write (default: beside the bundle, <bundle>.onnx / .safetensors)")
+                        "(no pickle) that every --model accepts; hf: a Hugging Face-style folder (model.safetensors, "
+                        "config.json, README.md model card) for --output DIR")
+    p.add_argument("--output", help="file to write (default: beside the bundle, <bundle>.onnx / .safetensors); "
+                                    "--format hf: the folder to write (required)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset")
     s = p.add_argument_group("safetensors")
     s.add_argument("--dtype", choices=["float16", "float32"], default="float16",
@@ -329,6 +333,17 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_export(ns: argparse.Namespace) -> int:
+    if ns.format == "hf":
+        from skain.evaluation.hub_export import export_hf
+        from skain.modelfile.load import choose_model
+        if not ns.output:
+            raise ValueError("--format hf needs --output DIR (the folder to write)")
+        folder, parity = export_hf(choose_model(ns.model).path, ns.output, ns.dtype, ns.check_images, ns.check_csv,
+                                   ns.check_n)
+        print((f"parity: {parity.line()}\n" if parity else "") + f"wrote {folder}/ (model.safetensors, config.json, "
+              f"README.md); use it with `--model {folder}`, or push it to the Hub and use --model hf://ORG/NAME")
+        return 0
+    ns.model = ns.model or "outputs"
     if ns.format == "safetensors":
         from skain.evaluation.parity import export_checked
         path, parity = export_checked(ns.model, ns.output, ns.dtype, ns.check_images, ns.check_csv, ns.check_n)

@@ -1,10 +1,13 @@
 """Which model file a command loads, and reading it in either format (`.pt` bundle or `.safetensors`).
 
-`--model` accepts an output folder (its best_model.pt, else its best_model.safetensors) or a file; commands
-without `--model` use a model trained into `outputs/`, else the one shipped with skAIn (`choose_model`).
+`--model` accepts an output folder (its best_model.pt, else its best_model.safetensors), a Hugging Face-style
+folder (its model.safetensors, `skain.modelfile.hub`), `hf://org/name[@revision]` (downloaded into the Hugging
+Face cache) or a file; commands without `--model` use a model trained into `outputs/`, else the one shipped with
+skAIn (`choose_model`). `model_id` is the id the web app, the Python API and an exported folder give a model file.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -12,22 +15,41 @@ from pathlib import Path
 
 import torch
 
+from skain.modelfile import hub
 from skain.modelfile.bundle import BUNDLE_NAME, BundleError, check_bundle, check_torch
 from skain.modelfile.portable import SUFFIX, read_portable
 
 log = logging.getLogger(__name__)
 
 
+MODEL_KINDS = "an output folder, a .pt bundle, a .safetensors file, a Hugging Face-style folder or hf://ORG/NAME"
+
+
 def resolve_path(model: str | Path) -> Path:
-    """--model accepts an output folder (its best_model.pt) or a bundle file."""
+    """--model accepts an output folder (its best_model.pt, else best_model.safetensors), a Hugging Face-style
+    folder (its model.safetensors), hf://org/name[@revision] (downloaded, or from the cache) or a bundle file."""
+    if hub.is_hub_uri(model):
+        model = hub.download(str(model))
     path = Path(model)
     if path.is_dir():
         portable = path / Path(BUNDLE_NAME).with_suffix(".safetensors")
-        path = portable if portable.is_file() and not (path / BUNDLE_NAME).is_file() else path / BUNDLE_NAME
+        if (path / BUNDLE_NAME).is_file() or portable.is_file():
+            path = portable if portable.is_file() and not (path / BUNDLE_NAME).is_file() else path / BUNDLE_NAME
+        else:
+            path = hub.folder_weights(path) or path / BUNDLE_NAME
     if not path.is_file():
         raise BundleError(f"no trained model at {model}: train one with `skain train` (or `skain demo --synthetic`), "
-                          "or pass --model with an output folder, a .pt bundle or a .safetensors file")
+                          f"or pass --model with {MODEL_KINDS}")
     return path
+
+
+def model_id(path: str | Path) -> str:
+    """A model file's id: the first 12 hex digits of its SHA-256 (the web app's, the API's and config.json's)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
 
 
 def read_bundle(model: str | Path) -> dict:
@@ -94,7 +116,7 @@ def choose_model(model: str | Path | None = None, output: str | Path = USER_OUTP
             if not path.is_file():
                 raise BundleError(f"no trained model at {output}/ and the shipped HAM10000 model is not installed "
                                   f"({path}): train one with `skain train`, try `skain demo --synthetic`, or "
-                                  "pass --model with an output folder, a .pt bundle or a .safetensors file") from None
+                                  f"pass --model with {MODEL_KINDS}") from None
     choice = ModelChoice(path, _same_file(path, shipped_model()))
     log.info("model: %s", choice.describe())
     return choice

@@ -5,7 +5,6 @@ fields, calling them, and turning their results into JSON. No preprocessing and 
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from collections.abc import Mapping
@@ -18,7 +17,7 @@ import numpy as np
 from skain.data.schema import MAX_AGE, UNKNOWN
 from skain.inference.explain import ExplainError, GradCam
 from skain.inference.predictor import Prediction, Predictor
-from skain.modelfile.load import ModelChoice, choose_model
+from skain.modelfile.load import ModelChoice, choose_model, model_id
 from skain.trust.modelcard import decision_validation, public_pretrained
 from skain.trust.runtime import NOT_DERMOSCOPIC
 from skain.web.content import describe
@@ -87,11 +86,8 @@ class Service:
 
 
 def file_id(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:12]
+    """The model id (`skain.modelfile.load.model_id`: the one the Python API and exported folders give)."""
+    return model_id(path)
 
 
 # ------------------------------------------------------------------------------------------- inputs
