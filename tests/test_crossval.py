@@ -202,3 +202,84 @@ def test_all_folds_with_image_only_trains_the_baseline_on_the_same_folds_and_pai
     assert main(["train", "--data", str(synth_root / "dataset_train"), "--with-image-only", "--output",
                  str(tmp_path / "x")]) == 2
     assert "needs --all-folds" in capsys.readouterr().err
+
+
+def test_cv_reports_carry_lesion_resampled_intervals_of_the_pooled_out_of_fold_figures(cv, tmp_path):
+    """cv_report.json and cv_<variant>.json: 95% intervals of the pooled out-of-fold figures, lesions (from the folds'
+    split.csv) resampled within their class, seed and resamples recorded; equal to skain.evaluation.bootstrap on the
+    same predictions; images are resampled where a run has no split.csv."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    from skain.evaluation.bootstrap import Sample, bootstrap
+    from skain.inference.decision import adjusted_pred
+    from skain.training.crossval import cross_run_report
+    out, report = cv
+    iv = report["pooled_oof_intervals"]
+    assert (iv["resamples"], iv["seed"], iv["unit"], iv["level"]) == (2000, 0, "lesion", 0.95)
+    ba = iv["metrics"]["balanced_accuracy"]
+    assert ba["value"] == pytest.approx(report["pooled_oof"]["balanced_accuracy"], abs=1e-9)
+    assert ba["ci"][0] <= ba["value"] <= ba["ci"][1] and ba["ci"][1] - ba["ci"][0] > 0.005
+    assert {f"recall_{c}" for c in CLASSES} | {"macro_auc", "melanoma_auc"} <= set(iv["metrics"])
+    assert iv["metrics"]["recall_mel"]["value"] == pytest.approx(report["pooled_oof"]["per_class"]["mel"]["recall"])
+    oof = pd.read_csv(out / "oof_predictions.csv")  # the rule's interval: each image decided by its fold's nested rule
+    decided = np.zeros(len(oof), dtype=int)
+    for r in report["decision_rule"]["nested"]:
+        inside = (oof["fold"] == r["fold"]).to_numpy()
+        decided[inside] = adjusted_pred(oof.loc[inside, [f"p_{c}" for c in CLASSES]].to_numpy(),
+                                        np.asarray(r["log_prior"]), r["tau"])
+    y_oof = oof["dx"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
+    rule = iv["rule"]["balanced_accuracy"]
+    assert rule["value"] == pytest.approx(balanced_accuracy_score(y_oof, decided), abs=1e-12)
+
+    one = cross_run_report([out], tmp_path / "one", "present", resamples=300, seed=7)
+    table = pd.read_csv(tmp_path / "one" / "oof_present.csv")
+    split = pd.concat(pd.read_csv(out / f"fold{k}" / "split.csv") for k in range(3)).drop_duplicates("image_id")
+    lesions = table["image_id"].map(split.set_index("image_id")["lesion_id"]).to_numpy()
+    labels = table["dx"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
+    probs = table[[f"p_{c}" for c in CLASSES]].to_numpy()
+    expected = bootstrap(Sample(labels, probs, probs.argmax(1), mel=CLASSES.index("mel")), lesions, 300, 7)
+    got = one["pooled_oof_intervals"]
+    assert (got["resamples"], got["seed"], got["unit"]) == (300, 7, "lesion")
+    for key in ("balanced_accuracy", "macro_auc", "melanoma_auc"):
+        assert got["metrics"][key]["ci"] == pytest.approx(expected["metrics"][key]["ci"], abs=1e-12)
+    assert got["metrics"]["recall_nv"]["ci"] == pytest.approx(expected["metrics"][f"recall_{CLASSES.index('nv')}"]["ci"])
+    assert got["metrics"]["balanced_accuracy"]["value"] == pytest.approx(
+        balanced_accuracy_score(labels, probs.argmax(1)))
+    saved = json.loads((tmp_path / "one" / "cv_present.json").read_text())
+    assert saved["pooled_oof_intervals"]["metrics"]["balanced_accuracy"]["ci"] == pytest.approx(
+        got["metrics"]["balanced_accuracy"]["ci"])
+    other = _fake_image_only(out, tmp_path / "img_no_split", seed=5)  # test_logits.npz only: no split.csv
+    assert cross_run_report([other], tmp_path / "o", "present", resamples=50)["pooled_oof_intervals"]["unit"] == "image"
+    assert "pooled_oof_intervals" not in cross_run_report([out], tmp_path / "none", "present", resamples=0)
+
+
+def test_metadata_table_pairs_rows_on_the_pooled_out_of_fold_predictions_with_delong(cv, tmp_path):
+    """`vs_image_only_pooled`: the row minus the image-only row on the pooled out-of-fold predictions of the same
+    images, with the paired bootstrap interval over lesions and DeLong's test for the AUCs; the per-fold pairs
+    stay as they were."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    from skain.evaluation.bootstrap import delong
+    from skain.training.crossval import ensemble_oof, write_metadata_table
+    out, _ = cv
+    img = _fake_image_only(out, tmp_path / "img", seed=3)
+    table = write_metadata_table(out, img, tmp_path / "t", resamples=400, seed=2)
+    assert "vs_image_only_pooled" not in table["image-only"]
+    pooled = table["multimodal, all blank"]["vs_image_only_pooled"]
+    assert (pooled["resamples"], pooled["seed"], pooled["unit"]) == (400, 2, "lesion")
+    mm, base = ensemble_oof([out], "all_blank"), ensemble_oof([img], "all_blank")
+    cols = [f"p_{c}" for c in CLASSES]
+    base = base.set_index("image_id").loc[mm["image_id"]].reset_index()
+    y = mm["dx"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
+    ba = pooled["metrics"]["balanced_accuracy"]
+    assert ba["a"] == pytest.approx(balanced_accuracy_score(y, base[cols].to_numpy().argmax(1)))
+    assert ba["b"] == pytest.approx(balanced_accuracy_score(y, mm[cols].to_numpy().argmax(1)))
+    assert ba["difference"] == pytest.approx(ba["b"] - ba["a"]) and ba["ci"][0] < ba["ci"][1]
+    mel = CLASSES.index("mel")
+    expected = delong(y == mel, base[cols].to_numpy()[:, mel], mm[cols].to_numpy()[:, mel])
+    assert pooled["delong"]["melanoma_auc"]["p_value"] == pytest.approx(expected["p_value"], abs=1e-9)
+    assert pooled["metrics"]["melanoma_auc"]["difference"] == pytest.approx(expected["difference"], abs=1e-9)
+    assert "vs_image_only_paired" in table["multimodal, all blank"]  # the per-fold pair is kept
+    assert "vs_image_only_pooled" in table["ensemble mm + image-only, all blank, 8-view TTA"]
+    md = (tmp_path / "t" / "metadata_table.md").read_text()
+    assert f"{ba['difference']:+.3f} [{ba['ci'][0]:+.3f}, {ba['ci'][1]:+.3f}]" in md

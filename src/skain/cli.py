@@ -554,6 +554,9 @@ def add_cv_report_args(p: argparse.ArgumentParser) -> None:
                    "add _tta8 for the 8-view scores (default present)")
     p.add_argument("--image-only", metavar="RUN", help="an image-only k-fold run on the same split: write the "
                    "metadata table instead (every variant of RUN beside the image-only model, paired per fold)")
+    p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of lesions (from the folds' "
+                   "split.csv) for the 95%% intervals of the pooled out-of-fold figures and pairs (0: none)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resamples")
 
 
 def run_cv_report(ns: argparse.Namespace) -> int:
@@ -565,15 +568,20 @@ def run_cv_report(ns: argparse.Namespace) -> int:
     if ns.image_only:
         if len(ns.runs) != 1:
             raise ValueError("--image-only compares one multimodal run with the image-only run; give one RUN")
-        print(metadata_markdown(write_metadata_table(ns.runs[0], ns.image_only, ns.output)), end="")
+        print(metadata_markdown(write_metadata_table(ns.runs[0], ns.image_only, ns.output, ns.resamples, ns.seed)),
+              end="")
         return 0
-    r = cross_run_report(ns.runs, ns.output, ns.variant)
+    r = cross_run_report(ns.runs, ns.output, ns.variant, ns.resamples, ns.seed)
     h, d = r["per_fold_mean_std"], r["decision_rule"]
     print(f"{r['folds']} folds, {r['images']} test images, {ns.variant}: balanced accuracy "
           f"{h['balanced_accuracy']['mean']:.4f} +- {h['balanced_accuracy']['std']:.4f} (argmax), "
           f"{d['balanced_accuracy_adjusted']['mean']:.4f} +- {d['balanced_accuracy_adjusted']['std']:.4f} with the "
           f"decision rule (nested); macro AUC {h['macro_auc']['mean']:.4f}; melanoma recall "
           f"{h['melanoma_recall']['mean']:.4f} -> {ns.output}")
+    ci = (r.get("pooled_oof_intervals") or {}).get("metrics", {}).get("balanced_accuracy")
+    if ci:
+        print(f"pooled out-of-fold balanced accuracy {ci['value']:.4f}, 95% CI [{ci['ci'][0]:.3f}, {ci['ci'][1]:.3f}] "
+              f"({r['pooled_oof_intervals']['resamples']} resamples of {r['pooled_oof_intervals']['unit']}s)")
     return 0
 
 
