@@ -177,6 +177,8 @@ def test_ood_score_is_the_mean_of_the_members_scores(folds, ensemble, synth_root
     got = Predictor.from_bundle(ensemble).predict_one(image, 50, "male", "back")
     assert got.ood_score == pytest.approx(np.mean(members), rel=1e-4)
     assert got.in_distribution is not None and got.triage is not None
+    floors = [read_bundle(r)["trust"]["ood"]["min_pixel_spread"] for r in folds]
+    assert read_bundle(ensemble)["trust"]["ood"]["min_pixel_spread"] == min(floors)  # the most permissive floor
 
 
 def test_predict_cli_runs_on_the_ensemble(ensemble, synth_root, tmp_path):

@@ -104,3 +104,16 @@ def test_fast_precision_runs_the_graph_with_the_same_probabilities_and_features(
         p.predict_one(frame["path"][0], 40, "male", "back")
         handle.remove()
     np.testing.assert_allclose(seen["onnx"].numpy(), seen["torch"].numpy(), atol=1e-4)
+
+
+def test_the_graph_backends_see_the_same_pixel_spread_and_turn_flat_frames_away(trained):
+    """The flat-frame floor reads the images where they enter the network: the backbone's input in PyTorch,
+    OnnxModel.image_in for the exported graph."""
+    from skain.trust.probes import probe_set
+    probes = probe_set(seed=3)
+    ref, fast = Predictor.from_bundle(trained), Predictor.from_bundle(trained, precision="fast")
+    assert fast.info["inference"]["backend"] == "openvino" and fast.trust.min_spread is not None
+    for image in probes["blank"][:3] + probes["text"][:2]:
+        a, b = ref.predict_one(image), fast.predict_one(image)
+        assert a.in_distribution is False and b.in_distribution is False
+        assert b.ood_score == pytest.approx(a.ood_score, rel=1e-3)

@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 from scipy.special import softmax
 
 from conftest import tiny_config
@@ -232,6 +233,16 @@ def test_ood_rejects_blank_and_noise_but_accepts_held_out_real_dermoscopy(shared
     table = pred.predict_frame(unseen.assign(path=[str(shared_data / "images" / f"{i}.jpg") for i in unseen["image_id"]]),
                                progress=False)
     assert table["ood"].astype(bool).mean() <= 0.10, table["ood_score"].describe()
+    # the same unseen lesions as a phone re-saves them (half size, JPEG q70) stay in distribution as often
+    from skain.data.degrade import saved_copy
+    copies = tmp_path / "phone"
+    copies.mkdir()
+    for i in unseen["image_id"]:
+        with Image.open(shared_data / "images" / f"{i}.jpg") as img:
+            (copies / f"{i}.jpg").write_bytes(saved_copy(img.convert("RGB"), "phone"))
+    phone = pred.predict_frame(unseen.assign(path=[str(copies / f"{i}.jpg") for i in unseen["image_id"]]),
+                               progress=False)
+    assert phone["ood"].astype(bool).mean() <= 0.10, phone["ood_score"].describe()
     # text screenshots and everyday photos (scikit-image's samples) are turned away too
     import skimage.data as sk
     for kind, images in (("text", probes["text"]), ("photos", [sk.chelsea(), sk.coffee(), sk.rocket()])):
@@ -492,9 +503,54 @@ def test_resaved_copies_join_the_fit_and_are_reported_held_out():
 
     scorer = ood_scorer(tr_copies, va_copies, s)
     held = cross_fit(va_copies, parts, None, scorer, s)
-    out = ood_part(scorer, va_copies, junk, held, s)
+    out = ood_part(scorer, tr_copies, va_copies, junk, held, s)
     assert out["fit_on_resaved_copies"] is True
     assert out["val_false_rejection"] <= 0.05 and out["val_false_rejection_resaved"] <= 0.05
     assert out["held_out_false_rejection_resaved"] <= 0.08 and out["held_out_false_rejection"] <= 0.08
     assert out["probe_detection"]["far"] == 1.0
     assert len(held.ood_ratio_resaved) == 600
+
+
+# ----------------------------------------------------------------------------- flat frames
+def test_a_flat_frame_of_any_colour_has_no_pixel_spread_and_scores_above_the_floor():
+    from skain.trust.ood import MAX_FLAT_RATIO, flat_ratio, pixel_spread, spread_floor
+    colours = torch.tensor([[0.9, -0.5, 0.2], [-1.0, -1.0, -1.0], [0.3, 0.3, -0.8]])
+    flat = colours[:, :, None, None].expand(3, 3, 40, 40)   # three blank frames, each channel its own value
+    textured = torch.randn(4, 3, 40, 40, generator=torch.Generator().manual_seed(0)) * 0.3
+    spreads = pixel_spread(torch.cat([flat, textured])).numpy()
+    assert np.allclose(spreads[:3], 0.0) and (spreads[3:] > 0.25).all()
+    floor = spread_floor(np.linspace(0.05, 0.40, 2001))     # training spreads: 0.1% quantile 0.05035
+    assert floor == pytest.approx(0.5 * np.quantile(np.linspace(0.05, 0.40, 2001), 0.001))
+    ratio = flat_ratio(spreads, floor)
+    assert (ratio[:3] == MAX_FLAT_RATIO).all() and (ratio[3:] < 1.0).all()
+    assert flat_ratio(np.array([floor * 0.99, floor * 1.01]), floor).tolist() == pytest.approx([1 / 0.99, 1 / 1.01])
+    with pytest.raises(ValueError, match="no training images"):
+        spread_floor(np.zeros(0))
+
+
+def test_the_trust_layer_turns_a_flat_frame_away_that_the_feature_check_lets_through():
+    from skain.trust.ood import MahalanobisScorer
+    from skain.trust.runtime import TrustLayer
+    tr = _validation_outputs(800, seed=3)
+    scorer = MahalanobisScorer.fit(tr.features, tr.labels, normalize=False)
+    threshold = threshold_for_false_rejection(scorer.score(tr.features), 0.02)
+    layer = TrustLayer(CLASSES, ood=scorer, ood_threshold=threshold, min_spread=0.04)
+    typical = tr.features[:3]                               # features well inside the training cloud
+    assert (layer.ood_scores(typical) < 1.0).all()
+    scores = layer.ood_scores(typical, np.array([0.0, 0.039, 0.2]))
+    assert scores[0] > 1.0 and scores[1] > 1.0 and scores[2] < 1.0
+    probs = np.full((3, 7), 1 / 7)
+    assert layer.annotate(probs, typical, np.array([0.0, 0.039, 0.2]))["ood"].tolist() == [True, True, False]
+    older = TrustLayer(CLASSES, ood=scorer, ood_threshold=threshold)  # a bundle fit before the floor existed
+    assert (older.ood_scores(typical, np.zeros(3)) < 1.0).all()
+
+
+def test_trust_fitting_stores_a_floor_below_every_training_image_and_reports_it(trained, synth_root):
+    from skain.modelfile.load import read_bundle
+    ood = read_bundle(trained)["trust"]["ood"]
+    assert ood["fit_on_resaved_copies"] is True and 0.0 < ood["min_pixel_spread"]
+    assert ood["probe_detection"]["blank"] == 1.0
+    pred = Predictor.from_bundle(trained)
+    assert pred.trust.min_spread == ood["min_pixel_spread"]
+    blank = [pred.predict_one(b) for b in probe_set(seed=9)["blank"]]
+    assert all(p.in_distribution is False and p.ood_score > 1.0 for p in blank)

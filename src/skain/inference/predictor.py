@@ -164,7 +164,8 @@ class Predictor:
                     site: str | None = None, max_pixels: int | None = None) -> Prediction:
         frame = metadata_frame(age, sex, site)
         res = self._run([self._batch(self.image_tensor(image, max_pixels)[None], frame)], progress=False)
-        return self._prediction(res["probs"][0], self.trust.annotate(res["probs"], res["features"]).iloc[0])
+        trust = self.trust.annotate(res["probs"], res["features"], res.get("spreads"))
+        return self._prediction(res["probs"][0], trust.iloc[0])
 
     def _prediction(self, probs: np.ndarray, trust: pd.Series | None = None) -> Prediction:
         i = int(self.decide(probs)[0])
@@ -198,8 +199,8 @@ class Predictor:
             with self.trust.tap(self.model, self.tta) as tap:  # backbone features for the OOD score, same pass
                 part = predict_logits(self.model, batches, self.device, self.dtype, self.channels_last, "predict",
                                       progress, self._views(), metadata_variants(self.encoder, group) if group else None)
-            part["features"] = tap.features()
-            res = {**part, **res}  # index, ok and features from the first pass
+            part["features"], part["spreads"] = tap.features(), tap.spreads()
+            res = {**part, **res}  # index, ok, features and spreads from the first pass
         for key in [k for k in res if k.startswith("logits")]:  # temperature scaling (T = 1 for older bundles)
             res["probs" + key[len("logits"):]] = self.trust.calibrate(res[key])
         return res
@@ -231,11 +232,13 @@ class Predictor:
         order = np.argsort(res["index"])
         ok = res["ok"][order].astype(bool)
         features = res["features"][order] if res["features"] is not None else None
+        spreads = res["spreads"][order] if res.get("spreads") is not None else None
         errors = [_error_for(p, image_loader) if not k else "" for p, k in zip(frame["path"], ok)]
-        return {name: self._table(frame, res[f"probs/{name}"][order], ok, features, errors) for name in variants}
+        return {name: self._table(frame, res[f"probs/{name}"][order], ok, features, errors, spreads)
+                for name in variants}
 
     def _table(self, frame: pd.DataFrame, probs: np.ndarray, ok: np.ndarray, features: np.ndarray | None,
-               errors: list[str]) -> pd.DataFrame:
+               errors: list[str], spreads: np.ndarray | None = None) -> pd.DataFrame:
         out = pd.DataFrame({"image_id": frame["image_id"].to_numpy()})
         chosen = self.decide(probs)
         out["pred"] = np.where(ok, np.array(self.classes)[chosen], "")
@@ -246,7 +249,8 @@ class Predictor:
             scores = self.decide.scores(probs)
             for j, c in enumerate(self.classes):
                 out[f"s_{c}"] = np.where(ok, scores[:, j], np.nan)
-        for name, column in self.trust.columns(probs, features, ok).items():  # ood, ood_score, p_malignant, triage
+        # ood, ood_score, p_malignant, triage
+        for name, column in self.trust.columns(probs, features, ok, spreads).items():
             out[name] = column.to_numpy()
         out["error"] = errors
         return out

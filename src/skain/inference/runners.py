@@ -97,9 +97,11 @@ class OnnxModel(nn.Module):
             raise BundleError(f"{source if not isinstance(source, bytes) else 'the ONNX graph'} was exported from "
                               "a different bundle (weights changed since); run `skain export` again")
         self.session = RUNTIMES[runtime](source)
+        self.image_in = nn.Identity()  # where the images enter, for the OOD tap's flat-frame check
         self.backbone = nn.Identity()
 
     def forward(self, image: torch.Tensor, age: torch.Tensor, sex: torch.Tensor, site: torch.Tensor) -> torch.Tensor:
+        image = self.image_in(image)
         outputs = self.session.run(feed_for(self.session.inputs, (image.float(), age, sex, site)))
         if len(outputs) > 1:
             self.backbone(torch.from_numpy(outputs[1]))

@@ -39,7 +39,7 @@ from skain.trust.crossfit import (
     halves,
 )
 from skain.trust.modelcard import write_card
-from skain.trust.ood import BackboneTap
+from skain.trust.ood import BackboneTap, pixel_spread
 from skain.trust.probes import probe_set
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,8 @@ def extract(model: torch.nn.Module, bundle: dict, frame: pd.DataFrame, loader_fn
                        eval_transform(bundle["preprocess"]))
     with BackboneTap(model) as tap:
         res = predict_logits(model, DataLoader(ds, batch_size, shuffle=False), device, None, False, desc, progress)
-    return Outputs(res["logits"].astype(np.float64), res["label"].astype(int), tap.features())
+    return Outputs(res["logits"].astype(np.float64), res["label"].astype(int), tap.features(),
+                   spreads=tap.spreads())
 
 
 @torch.no_grad()
@@ -67,6 +68,11 @@ def blank_logits(model: torch.nn.Module, bundle: dict, frame: pd.DataFrame, feat
     age, sex, site = (torch.as_tensor(x, device=device) for x in enc.blank(*enc.transform(frame), set(FIELDS)))
     pooled = torch.as_tensor(features, dtype=torch.float32, device=device)
     return cast(SplitNet, model.eval()).classify(pooled, age, sex, site).float().cpu().numpy().astype(np.float64)
+
+
+def image_spreads(bundle: dict, images: list[bytes]) -> np.ndarray:
+    """Pixel spread (ood.pixel_spread) of raw image bytes through the shared decode -> resize -> crop path."""
+    return pixel_spread(torch.stack([image_to_tensor(b, bundle["preprocess"]) for b in images])).numpy()
 
 
 @torch.no_grad()
@@ -115,10 +121,13 @@ def fit_trust(bundle_path: str | Path, frame: pd.DataFrame, train_idx: np.ndarra
                  "trust: training features")
     if s.ood_resaved:
         for out, idx, name in ((va, val_idx, "validation"), (tr, train_idx, "training")):
-            out.resaved = extract(model, bundle, frame.iloc[idx], ResavedLoader(loader_fn, s.seed), device,
-                                  s.batch_size, progress, f"trust: re-saved {name} copies").features
-    probes = {k: image_features(model, bundle, v, device) for k, v in probe_set(s.seed).items()}
-    figures = assemble(bundle, tr, va, halves(frame.iloc[val_idx], s.seed), probes, s)
+            copies = extract(model, bundle, frame.iloc[idx], ResavedLoader(loader_fn, s.seed), device,
+                             s.batch_size, progress, f"trust: re-saved {name} copies")
+            out.resaved, out.resaved_spreads = copies.features, copies.spreads
+    probe_images = probe_set(s.seed)
+    probes = {k: image_features(model, bundle, v, device) for k, v in probe_images.items()}
+    probe_spreads = {k: image_spreads(bundle, v) for k, v in probe_images.items()}
+    figures = assemble(bundle, tr, va, halves(frame.iloc[val_idx], s.seed), probes, s, probe_spreads)
     figures["fit_seconds"] = round(time.perf_counter() - started, 1)
     store_rule_figures(bundle, va.logits, va.labels, "validation")  # a decision rule's figures under the new T
     atomic_torch_save(bundle, save_to or bundle_path)

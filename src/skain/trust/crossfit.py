@@ -29,6 +29,8 @@ from skain.trust.ood import (
     STATE_ARRAYS,
     MahalanobisScorer,
     MaxScorer,
+    flat_ratio,
+    spread_floor,
     threshold_for_false_rejection,
 )
 from skain.trust.triage import (
@@ -57,11 +59,13 @@ class TrustSettings:
     ood_method: str = "max"
     ood_normalize: bool = True
     # Fit and set the OOD check on each image AND a randomly re-saved copy of it (data/degrade.py: downscale,
-    # JPEG/WebP, blur, border), so a lesion photo a phone has saved again stays in distribution. Off by default:
-    # on a cpu-preset run's validation lesions (fold 0, 2026-12-05) it cut the rejection of re-saved copies from
-    # 43% to 1%, but let all 8 blank frames through (scores 0.55-0.98 of the threshold, 1.45-2.1 without copies);
-    # see docs/robustness.md. A check that keeps blank frames out must come with it before it is the default.
-    ood_resaved: bool = False
+    # JPEG/WebP, blur, border), so a lesion photo a phone has saved again stays in distribution. On a cpu-preset
+    # run's validation lesions (fold 0, 2026-12-05) it cut the rejection of re-saved copies from 43% to 1%, but
+    # let all 8 blank frames through (scores 0.55-0.98 of the threshold); the flat-frame floor below rejects
+    # those on their pixels, so both are on by default (docs/robustness.md). It doubles the trust fit's passes
+    # over the training images (the --max-minutes budget samples them when short).
+    ood_resaved: bool = True
+    flat_floor: bool = True  # reject frames flatter than half the 0.1% quantile of the training images (ood.py)
     ece_bins: int = 15
     seed: int = 0
     batch_size: int = 64
@@ -76,6 +80,8 @@ class Outputs:
     features: np.ndarray | None  # None: not collected (TTA predictions, which never reach the OOD check)
     blank_logits: np.ndarray | None = None  # the same images with age, sex and site all left empty
     resaved: np.ndarray | None = None       # backbone features of a re-saved copy of each image (same rows)
+    spreads: np.ndarray | None = None       # pixel spread of each image's model input (ood.pixel_spread)
+    resaved_spreads: np.ndarray | None = None  # the same for the re-saved copies
 
     def require_features(self) -> np.ndarray:
         """The backbone features; outputs without them (TTA predictions) fail as indexing None would."""
@@ -246,31 +252,45 @@ def ood_scorer(tr: Outputs, va: Outputs, s: TrustSettings) -> MahalanobisScorer 
     return MahalanobisScorer.fit(tr.ood_features(), tr.ood_labels(), s.ood_normalize)
 
 
-def ood_part(scorer: MahalanobisScorer | MaxScorer, va: Outputs, probes: dict[str, np.ndarray],
-             held: HeldOut | None, s: TrustSettings) -> dict:
-    """Gaussians on training features; threshold = validation quantile for the stated false-rejection rate."""
+def ood_part(scorer: MahalanobisScorer | MaxScorer, tr: Outputs, va: Outputs, probes: dict[str, np.ndarray],
+             held: HeldOut | None, s: TrustSettings, probe_spreads: dict[str, np.ndarray] | None = None) -> dict:
+    """Gaussians on training features; threshold = validation quantile for the stated false-rejection rate; the
+    flat-frame floor from the training images' pixel spreads. Every rate counts an image as rejected when either
+    check rejects it, as prediction does."""
+    floor = spread_floor(tr.spreads) if s.flat_floor and tr.spreads is not None and len(tr.spreads) else None
+
+    def flat(spreads: np.ndarray | None, n: int) -> np.ndarray:
+        if floor is None or spreads is None or len(spreads) != n:
+            return np.zeros(n, dtype=bool)
+        return flat_ratio(spreads, floor) > 1.0
+
     val_scores = scorer.score(va.require_features())
     thr = threshold_for_false_rejection(scorer.score(va.ood_features()), s.false_rejection)
+    probe_spreads = probe_spreads or {}
     out = {**scorer.state_dict(), "threshold": thr, "target_false_rejection": s.false_rejection,
-           "val_false_rejection": float((val_scores > thr).mean()),
+           "min_pixel_spread": floor,
+           "val_false_rejection": float(((val_scores > thr) | flat(va.spreads, len(val_scores))).mean()),
            "fit_on_resaved_copies": va.resaved is not None,
-           "probe_detection": {k: float((scorer.score(f) > thr).mean()) for k, f in probes.items() if len(f)}}
+           "probe_detection": {k: float(((scorer.score(f) > thr) | flat(probe_spreads.get(k), len(f))).mean())
+                               for k, f in probes.items() if len(f)}}
     if va.resaved is not None:
-        out["val_false_rejection_resaved"] = float((scorer.score(va.resaved) > thr).mean())
+        copies = (scorer.score(va.resaved) > thr) | flat(va.resaved_spreads, len(va.resaved))
+        out["val_false_rejection_resaved"] = float(copies.mean())
     if held is not None and held.ood_ratio is not None:
-        out["held_out_false_rejection"] = float((held.ood_ratio > 1.0).mean())
+        out["held_out_false_rejection"] = float(((held.ood_ratio > 1.0) | flat(va.spreads, len(held.ood_ratio))).mean())
     if held is not None and held.ood_ratio_resaved is not None:
-        out["held_out_false_rejection_resaved"] = float((held.ood_ratio_resaved > 1.0).mean())
+        copies = (held.ood_ratio_resaved > 1.0) | flat(va.resaved_spreads, len(held.ood_ratio_resaved))
+        out["held_out_false_rejection_resaved"] = float(copies.mean())
     return out
 
 
 def assemble(bundle: dict, tr: Outputs, va: Outputs, parts, probes: dict[str, np.ndarray],
-             s: TrustSettings) -> dict:
+             s: TrustSettings, probe_spreads: dict[str, np.ndarray] | None = None) -> dict:
     """Fit all pieces from extracted outputs; put the trust block and model card into `bundle`."""
     classes = list(bundle["classes"])
     scorer = ood_scorer(tr, va, s)
     held, t, calib, triage = calibrate_and_triage(va, parts, classes, scorer, s)
-    ood = ood_part(scorer, va, probes, held, s)
+    ood = ood_part(scorer, tr, va, probes, held, s, probe_spreads)
     figures = {"settings": asdict(s), "validation_images": int(len(va.labels)), "train_images": int(len(tr.labels)),
                "measured_on": "validation split of the training data (held-out lesions, same source)",
                "held_out_method": HELD_OUT_METHOD if parts else "none (validation too small to split)",

@@ -158,22 +158,59 @@ def threshold_for_false_rejection(scores: np.ndarray, rate: float) -> float:
     return float(np.quantile(scores, 1.0 - rate, method="higher"))
 
 
+# ------------------------------------------------------------------------------------------- flat frames
+# A blank or near-uniform frame (any colour) has almost no pixel variation; fitting the feature check on
+# re-saved copies moved such frames inside its threshold (docs/robustness.md), so the floor below rejects them
+# on their pixels instead. Measured on the model input of a cpu-preset run (224 px crops, fold-0 split, 2026-12-05):
+# 1,500 training images spread 0.050 at the least, 0.072 at the 0.1% quantile; 400 test images and their phone,
+# WebP and screenshot copies 0.062 at the least; blank frames 0.0; noise and text screenshots 0.25-0.61.
+SPREAD_QUANTILE, SPREAD_MARGIN = 0.001, 0.5
+MAX_FLAT_RATIO = 1e3  # the OOD score of a perfectly flat frame (anything above 1 is rejected)
+
+
+def pixel_spread(images: torch.Tensor) -> torch.Tensor:
+    """Per image (N, C, H, W model input): the mean over channels of the pixels' standard deviation within each
+    channel. 0 for a blank frame of any colour; independent of the image's average colour."""
+    return images.detach().float().flatten(2).std(2).mean(1).cpu()
+
+
+def spread_floor(spreads: np.ndarray) -> float:
+    """The least pixel spread a dermoscopic image may have: half the 0.1% quantile of the training images'."""
+    spreads = np.asarray(spreads, dtype=np.float64)
+    if len(spreads) == 0:
+        raise ValueError("no training images to set the flat-frame floor on")
+    return float(SPREAD_MARGIN * np.quantile(spreads, SPREAD_QUANTILE))
+
+
+def flat_ratio(spreads: np.ndarray, floor: float) -> np.ndarray:
+    """floor / spread, capped: above 1.0 means flatter than the floor (not a dermoscopic image)."""
+    spreads = np.asarray(spreads, dtype=np.float64)
+    return np.minimum(floor / np.maximum(spreads, floor / MAX_FLAT_RATIO), MAX_FLAT_RATIO)
+
+
 class BackboneTap:
-    """Collects the backbone's pooled features while the normal inference loop runs (no second pass).
+    """Collects the backbone's pooled features, and the pixel spread of the images that go in, while the normal
+    inference loop runs (no second pass).
 
     With test-time augmentation the backbone runs once per view and batch, views in order; only the
-    first (identity) view of each batch is kept, so OOD scores do not depend on the TTA setting.
+    first (identity) view of each batch is kept, so OOD scores do not depend on the TTA setting. The images are
+    read where they enter the network: the backbone's input, or `image_in` for exported graphs (OnnxModel), whose
+    backbone only passes the graph's features through.
     """
 
     def __init__(self, model: torch.nn.Module, views: int = 1):
         self.backbone, self.views = cast(torch.nn.Module, model.backbone), max(1, int(views))
+        self.entry = cast(torch.nn.Module, getattr(model, "image_in", None) or model.backbone)
         self.outputs: list[torch.Tensor] = []
-        self._handle: RemovableHandle | None = None
+        self.inputs: list[torch.Tensor] = []
+        self._handles: list[RemovableHandle] = []
 
     def __enter__(self) -> BackboneTap:
         self.outputs.clear()
+        self.inputs.clear()
         self._thread = threading.get_ident()
-        self._handle = self.backbone.register_forward_hook(self._keep)
+        self._handles = [self.backbone.register_forward_hook(self._keep),
+                         self.entry.register_forward_pre_hook(self._keep_input)]
         return self
 
     def _keep(self, _module, _inputs, out: torch.Tensor) -> None:
@@ -182,11 +219,20 @@ class BackboneTap:
         if threading.get_ident() == self._thread:
             self.outputs.append(out.detach().float().cpu())
 
+    def _keep_input(self, _module, inputs: tuple) -> None:
+        if threading.get_ident() == self._thread and inputs and isinstance(inputs[0], torch.Tensor):
+            self.inputs.append(pixel_spread(inputs[0]))
+
     def __exit__(self, *exc) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
     def features(self) -> np.ndarray:
         kept = self.outputs[::self.views]
         return torch.cat(kept).numpy() if kept else np.zeros((0, 0), dtype=np.float32)
+
+    def spreads(self) -> np.ndarray:
+        """The pixel spread of each image (identity view), in the order of `features()`."""
+        kept = self.inputs[::self.views]
+        return torch.cat(kept).numpy().astype(np.float64) if kept else np.zeros(0)

@@ -18,6 +18,7 @@ from skain.trust.ood import (
     EnsembleScorer,
     MahalanobisScorer,
     MaxScorer,
+    flat_ratio,
     scorer_from_state,
 )
 from skain.trust.triage import malignant_columns, triage_labels
@@ -36,6 +37,7 @@ class TrustLayer:
     triage_threshold: float | None = None
     figures: dict = field(default_factory=dict)
     views: dict = field(default_factory=dict)  # "N" -> temperature and triage fit for N TTA views
+    min_spread: float | None = None  # flat-frame floor on the images' pixel spread (ood.spread_floor); None: none
 
     @classmethod
     def from_bundle(cls, bundle: dict) -> TrustLayer:
@@ -49,7 +51,8 @@ class TrustLayer:
                    float(triage["threshold"]) if has_triage else None,
                    {"triage": {k: v for k, v in triage.items()}, "ood": {k: v for k, v in ood.items()
                                                                        if k not in STATE_ARRAYS}},
-                   dict(trust.get("views") or {}))
+                   dict(trust.get("views") or {}),
+                   float(ood["min_pixel_spread"]) if ood.get("min_pixel_spread") is not None else None)
 
     def for_views(self, views: int) -> TrustLayer:
         """The layer that applies to predictions averaged over `views` TTA views. Averaged views are less
@@ -90,27 +93,37 @@ class TrustLayer:
             return BackboneTap(model, views)
         return NoTap()
 
-    def ood_scores(self, features: np.ndarray | None) -> np.ndarray | None:
-        """Distance relative to the rejection threshold: above 1.0 means 'not a dermoscopic image'."""
-        if self.ood is None or self.ood_threshold is None or features is None or len(features) == 0:  # = not has_ood
+    def ood_scores(self, features: np.ndarray | None, spreads: np.ndarray | None = None) -> np.ndarray | None:
+        """Distance relative to the rejection threshold: above 1.0 means 'not a dermoscopic image'. With the
+        images' pixel spreads and a bundle that has the flat-frame floor, a frame flatter than the floor scores
+        above 1.0 too (floor / spread, or the feature score where that is larger); every other image keeps its
+        feature score."""
+        if not self.has_ood or features is None or len(features) == 0:
             return None
-        return self.ood.score(features) / max(self.ood_threshold, 1e-12)
+        assert self.ood is not None and self.ood_threshold is not None  # has_ood
+        scores = self.ood.score(features) / max(self.ood_threshold, 1e-12)
+        if self.min_spread is not None and spreads is not None and len(spreads) == len(scores):
+            flat = flat_ratio(spreads, self.min_spread)
+            scores = np.where(flat > 1.0, np.maximum(scores, flat), scores)  # other images keep the feature score
+        return scores
 
-    def annotate(self, probs: np.ndarray, features: np.ndarray | None) -> pd.DataFrame:
+    def annotate(self, probs: np.ndarray, features: np.ndarray | None,
+                 spreads: np.ndarray | None = None) -> pd.DataFrame:
         """Per image: p_malignant, triage, ood_score, ood (True = rejected). NaN/None where unavailable."""
         n = len(probs)
         cols = malignant_columns(self.classes)
         p_mal = np.asarray(probs, dtype=np.float64)[:, cols].sum(1) if cols is not None else np.full(n, np.nan)
         triage = (triage_labels(p_mal, self.triage_threshold) if self.triage_threshold is not None
                   else np.full(n, None, dtype=object))
-        scores = self.ood_scores(features)
+        scores = self.ood_scores(features, spreads)
         ood = scores > 1.0 if scores is not None else np.full(n, None, dtype=object)
         return pd.DataFrame({"p_malignant": p_mal, "triage": triage,
                              "ood_score": scores if scores is not None else np.full(n, np.nan), "ood": ood})
 
-    def columns(self, probs: np.ndarray, features: np.ndarray | None, ok: np.ndarray) -> pd.DataFrame:
+    def columns(self, probs: np.ndarray, features: np.ndarray | None, ok: np.ndarray,
+                spreads: np.ndarray | None = None) -> pd.DataFrame:
         """Batch-prediction columns ood, ood_score, p_malignant, triage; blank for unreadable images."""
-        cols = self.annotate(probs, features)[["ood", "ood_score", "p_malignant", "triage"]]
+        cols = self.annotate(probs, features, spreads)[["ood", "ood_score", "p_malignant", "triage"]]
         cols = cols.astype({"ood": object, "triage": object})
         cols.loc[~np.asarray(ok, dtype=bool), :] = [None, np.nan, np.nan, None]
         return cols
@@ -129,4 +142,7 @@ class NoTap(contextlib.AbstractContextManager):
         return None
 
     def features(self) -> None:
+        return None
+
+    def spreads(self) -> None:
         return None
