@@ -324,10 +324,10 @@ def ensemble_ood(members: list[Member], widths: list[int]) -> dict | None:
         log.warning("not every member has an OOD scorer: the ensemble gives no 'not a dermoscopic image' verdict")
         return None
     scorer = EnsembleScorer([scorer_from_state(o) for o in oods], widths, [float(o["threshold"]) for o in oods])
-    floors = [o.get("min_pixel_spread") for o in oods]
-    return {**scorer.state_dict(), "threshold": 1.0,
-            # the most permissive member's flat-frame floor (ood.spread_floor), where every member has one
-            "min_pixel_spread": min(floors) if all(f is not None for f in floors) else None,
+    floors = [float(o["min_pixel_spread"]) for o in oods if o.get("min_pixel_spread") is not None]
+    # the most permissive member's flat-frame floor (ood.spread_floor), where every member has one
+    floor = min(floors) if len(floors) == len(oods) else None
+    return {**scorer.state_dict(), "threshold": 1.0, "min_pixel_spread": floor,
             "target_false_rejection": float(np.mean([o.get("target_false_rejection", np.nan) for o in oods])),
             "member_val_false_rejection": [o.get("val_false_rejection") for o in oods],
             "member_held_out_false_rejection": [o.get("held_out_false_rejection") for o in oods],
