@@ -224,9 +224,9 @@ def kfold_training(run: Path) -> dict:
 
 def fold_differences(a: dict, b: dict, variants: Iterable[str]) -> dict:
     """`skain cv-report` rows a - b per test fold (the same split, so the same test images): balanced accuracy and
-    melanoma recall by arg-max and by the rule with the folds not worse (skain.training.crossval.paired_diff, as
+    melanoma recall by arg-max and by the rule with the folds not worse (skain.training.cvreport.paired_diff, as
     `skain cv-report --image-only` pairs its rows), and macro AUC."""
-    from skain.training.crossval import paired_diff
+    from skain.training.cvreport import paired_diff
     return {v: {**paired_diff(a[v], b[v]),
                 "macro_auc": [round(x - y, 4) for x, y in zip(a[v]["macro_auc"]["folds"], b[v]["macro_auc"]["folds"])]}
             for v in variants}

@@ -117,7 +117,7 @@ def test_cv_report_of_one_run_matches_its_test_folds_and_ensembles_average_runs(
     other test images are refused."""
     import shutil
 
-    from skain.training.crossval import cross_run_report
+    from skain.training.cvreport import cross_run_report
     out, _ = cv
     one = cross_run_report([out], tmp_path / "one", "present")
     for k in range(3):
@@ -158,7 +158,7 @@ def test_cv_report_image_only_writes_the_paired_metadata_table(cv, tmp_path, cap
     view and 8 views, each paired per fold against the image-only row of the same views."""
     from sklearn.metrics import balanced_accuracy_score
 
-    from skain.training.crossval import fold_probs
+    from skain.training.cvreport import fold_probs
     out, _ = cv
     img = _fake_image_only(out, tmp_path / "img", seed=3)
     assert main(["cv-report", str(out), "--image-only", str(img), "--output", str(tmp_path / "t")]) == 0
@@ -212,7 +212,7 @@ def test_cv_reports_carry_lesion_resampled_intervals_of_the_pooled_out_of_fold_f
 
     from skain.evaluation.bootstrap import Sample, bootstrap
     from skain.inference.decision import adjusted_pred
-    from skain.training.crossval import cross_run_report
+    from skain.training.cvreport import cross_run_report
     out, report = cv
     iv = report["pooled_oof_intervals"]
     assert (iv["resamples"], iv["seed"], iv["unit"], iv["level"]) == (2000, 0, "lesion", 0.95)
@@ -260,7 +260,7 @@ def test_metadata_table_pairs_rows_on_the_pooled_out_of_fold_predictions_with_de
     from sklearn.metrics import balanced_accuracy_score
 
     from skain.evaluation.bootstrap import delong
-    from skain.training.crossval import ensemble_oof, write_metadata_table
+    from skain.training.cvreport import ensemble_oof, write_metadata_table
     out, _ = cv
     img = _fake_image_only(out, tmp_path / "img", seed=3)
     table = write_metadata_table(out, img, tmp_path / "t", resamples=400, seed=2)

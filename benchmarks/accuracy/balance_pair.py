@@ -4,7 +4,7 @@
         --out benchmarks/results/cpu_balance.json
 
 Both runs are k-fold outputs (fold<k>/ with test_logits.npz) on the same lesion-grouped split and the same folds
-(a folder of links to some folds of a larger run works). Figures by skain.training.crossval.variant_row, as
+(a folder of links to some folds of a larger run works). Figures by skain.training.cvreport.variant_row, as
 `skain cv-report` computes them. benchmarks/results/cpu_balance.json is its output for folds 0-2 (2026-11-26;
 docs/training.md, "The decision rule for balanced accuracy"); the `what`, `command` and `date` fields it writes
 describe that run.
@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 
 from benchmarks.common import fold_differences, write_json
-from skain.training.crossval import variant_row
+from skain.training.cvreport import variant_row
 
 VARIANTS = ("present", "all_blank")
 
@@ -34,7 +34,7 @@ def main() -> None:
                    "one training at a time on this 2-core machine, --max-minutes 12 each",
            "command": "skain train --preset cpu --data ../shared/ham10000 --holdout --fold K --max-minutes 12 "
                       "--balance inverse --test-tta 1 --output inv/foldK (K = 0, 1, 2); the sqrt folds are folds 0-2 "
-                      "of the --all-folds run in cpu_cv.json; figures by skain.training.crossval.variant_row "
+                      "of the --all-folds run in cpu_cv.json; figures by skain.training.cvreport.variant_row "
                       "(skain cv-report)",
            "date": "2026-11-26", "rows": rows,
            # same test images: as `skain cv-report --image-only` pairs its rows

@@ -6,13 +6,13 @@ preset on all of HAM10000, its accuracy on test folds that chose nothing, and th
     python -m benchmarks.accuracy.cv_cpu_report --run /tmp/cpucv/run --time-log /tmp/cpucv/time.txt \\
         [--ensemble-with /tmp/gpu/mm ...] [--against OTHER_RUN] --out benchmarks/results/cpu_cv.json
 
-Rows are `skain cv-report` figures (skain.training.crossval.variant_row: mean +- std over the test folds, by arg-max and by
+Rows are `skain cv-report` figures (skain.training.cvreport.variant_row: mean +- std over the test folds, by arg-max and by
 the nested prior-adjusted decision rule) for metadata present / all blank, single view and 8 TTA views.
 `--ensemble-with` adds the same variants for the average of this run and other k-fold runs on the same split
 (e.g. the GPU runs of benchmarks/gpu/cv_pair.sh), each ensemble paired per test fold against each of its members;
 give it more than once for several ensembles. `--against` adds
 this run minus another k-fold run on the same split (or the result JSON written for it), per test fold
-(skain.training.crossval.paired_diff, as `skain cv-report --image-only` pairs its rows). Several --time-log files (an
+(skain.training.cvreport.paired_diff, as `skain cv-report --image-only` pairs its rows). Several --time-log files (an
 interrupted run resumed) are summed.
 
 Its --out files in benchmarks/results/ (docs/training.md, "Honest numbers"; README, "Results"); fields this script
@@ -35,7 +35,7 @@ import re
 from pathlib import Path
 
 from benchmarks.common import fold_differences, kfold_training, what, write_json
-from skain.training.crossval import variant_row
+from skain.training.cvreport import variant_row
 
 VARIANTS = ("present", "all_blank", "present_tta8", "all_blank_tta8")
 TIME_FIELDS = {"user_s": r"User time \(seconds\): ([\d.]+)", "sys_s": r"System time \(seconds\): ([\d.]+)",

@@ -4,7 +4,7 @@ a multimodal and an image-only model trained on the same lesion-grouped folds (b
     python -m benchmarks.accuracy.cv_pair_report --mm /tmp/gpu/mm --img /tmp/gpu/img \\
         --out benchmarks/results/gpu_cv_pair.json --cpu-images-per-s 76
 
-The table is `skain cv-report MM --image-only IMG` (skain.training.crossval.metadata_table); this adds the training
+The table is `skain cv-report MM --image-only IMG` (skain.training.cvreport.metadata_table); this adds the training
 statistics of both runs and the CPU-minutes estimate. Every figure is on test folds that chose nothing.
 benchmarks/results/gpu_cv_pair.json is its output (docs/training.md, "Metadata present, blanked, and the image-only
 model"; README, "Results").
@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from benchmarks.common import kfold_training, what, write_json
-from skain.training.crossval import metadata_markdown, metadata_table
+from skain.training.cvreport import metadata_markdown, metadata_table
 
 
 def main() -> None:

@@ -560,11 +560,7 @@ def add_cv_report_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_cv_report(ns: argparse.Namespace) -> int:
-    from skain.training.crossval import (
-        cross_run_report,
-        metadata_markdown,
-        write_metadata_table,
-    )
+    from skain.training.cvreport import cross_run_report, metadata_markdown, write_metadata_table
     if ns.image_only:
         if len(ns.runs) != 1:
             raise ValueError("--image-only compares one multimodal run with the image-only run; give one RUN")

@@ -11,6 +11,9 @@ own inputs inside the network (`EnsembleNet`), so every member sees exactly what
 it. The one exception: a missing age is filled with one median (member 0's; a warning says so when the members'
 medians differ).
 
+A little over the ~400 lines we aim for: checking the members, building the network and fitting its trust layer
+on out-of-fold predictions are one job, and each step is its own short function.
+
 Trust layer. A k-fold ensemble has no image that none of its members trained on, so its temperature and triage
 threshold are fit on out-of-fold logits: every image scored only by the member that did not train on it. They
 come from `--oof CSV`, else `<common parent of the runs>/oof_predictions.csv` (what `skain train --all-folds`
