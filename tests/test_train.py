@@ -38,6 +38,20 @@ def test_synthetic_run_learns_well_above_chance(trained):
     assert metrics["macro_auc"] > 0.75
 
 
+def test_metrics_carry_lesion_resampled_intervals_of_the_scored_images(trained):
+    """metrics.json: 95% intervals of the scored split (validation here), lesions resampled, around the figures of
+    the same predictions (val_predictions.csv), recorded with their seed and number of resamples."""
+    from sklearn.metrics import balanced_accuracy_score
+    block = json.loads((trained / "metrics.json").read_text())["intervals"]
+    assert block["unit"] == "lesion" and block["resamples"] == 2000 and block["seed"] == 0
+    pred = pd.read_csv(trained / "val_predictions.csv")
+    ba = block["metrics"]["balanced_accuracy"]
+    assert ba["value"] == pytest.approx(balanced_accuracy_score(pred["dx"], pred["pred"]))
+    for name in ("balanced_accuracy", "macro_auc", "melanoma_auc"):
+        m = block["metrics"][name]
+        assert m["ci"][0] <= m["value"] <= m["ci"][1], name
+
+
 def test_split_file_has_no_lesion_on_both_sides(trained):
     split = pd.read_csv(trained / "split.csv")
     sides = split.groupby("lesion_id")["split"].nunique()

@@ -6,6 +6,8 @@ import time
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
@@ -18,6 +20,7 @@ from skain.engine import (
     amp_dtype,
     resolve_device,
 )
+from skain.evaluation.bootstrap import Sample, bootstrap
 from skain.evaluation.variants import assess, summary_row
 from skain.fileio import atomic_json, atomic_write
 from skain.inference.predictor import Predictor
@@ -217,7 +220,8 @@ def score_best(out: Path, prep: Prepared, device: torch.device | None, cache_dir
     name = TEST_PREDICTIONS if held_out else VAL_PREDICTIONS
     atomic_write(out / name, lambda fh: fh.write(table.to_csv(index=False).encode()))
     result = {"metadata_ablation": {"split": "test" if held_out else "validation",
-                                    **{k: summary_row(v) for k, v in variants.items()}}}
+                                    **{k: summary_row(v) for k, v in variants.items()}},
+              "intervals": scored_intervals(frame, table)}
     if held_out:
         result["test"] = variants["present"]
         if views > 1:
@@ -231,3 +235,11 @@ def score_best(out: Path, prep: Prepared, device: torch.device | None, cache_dir
     return result
 
 
+def scored_intervals(frame: pd.DataFrame, table: pd.DataFrame, resamples: int = 2000, seed: int = 0) -> dict:
+    """95% bootstrap intervals of the scored split's figures (metadata present, the decisions the model makes):
+    lesions resampled within their diagnosis, as `skain evaluate` does (`evaluation.bootstrap`)."""
+    index = {c: i for i, c in enumerate(CLASSES)}
+    sample = Sample(frame["dx"].map(index).to_numpy(), table[[f"p_{c}" for c in CLASSES]].to_numpy(np.float64),
+                    table["pred"].map(index).to_numpy(), mel=CLASSES.index("mel"))
+    lesions = frame["lesion_id"].astype(str).to_numpy() if "lesion_id" in frame else None
+    return {"split": "scored images, metadata present", **bootstrap(sample, lesions, resamples, seed)}
