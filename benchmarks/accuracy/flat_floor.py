@@ -19,20 +19,19 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from benchmarks.common import DATA_ROOT, OUT_DIR, ham10000, non_dermoscopic_probes, split_rows, what, write_json
 from skain.data.degrade import COPIES, saved_copy
-from skain.data.transforms import image_to_tensor
 from skain.modelfile.bundle import atomic_torch_save
 from skain.modelfile.load import read_bundle
-from skain.trust.ood import pixel_spread, spread_floor
+from skain.training.trust_fit import image_spreads
+from skain.trust.ood import spread_floor
 
 
-def spreads(sources: list, pre: dict) -> np.ndarray:
-    return np.concatenate([pixel_spread(torch.stack([image_to_tensor(s, pre) for s in sources[i:i + 64]])).numpy()
-                           for i in range(0, len(sources), 64)]) if sources else np.zeros(0)
+def spreads(sources: list, bundle: dict) -> np.ndarray:
+    """skAIn's own pixel spread (training.trust_fit.image_spreads), 64 images at a time."""
+    return np.concatenate([image_spreads(bundle, sources[i:i + 64]) for i in range(0, len(sources), 64)])
 
 
 def copy_bytes(path: str, copy: str) -> bytes:
@@ -54,15 +53,14 @@ def main() -> None:
     ns = ap.parse_args()
     run, started = Path(ns.run), time.perf_counter()
     bundle = read_bundle(run)
-    pre = bundle["preprocess"]
     frame = ham10000(ns.data_root, full=True)
     part = {k: split_rows(frame, run, k)["path"].astype(str).tolist() for k in ("train", "test")}
-    train = spreads(part["train"], pre)
+    train = spreads(part["train"], bundle)
     floor = spread_floor(train)
-    rows = {"train (fits the floor)": summary(train, floor), "test original": summary(spreads(part["test"], pre), floor)}
+    rows = {"train (fits the floor)": summary(train, floor), "test original": summary(spreads(part["test"], bundle), floor)}
     for copy in COPIES:
-        rows[f"test {copy} copy"] = summary(spreads([copy_bytes(p, copy) for p in part["test"]], pre), floor)
-    probes = {k: spreads(v, pre) for k, v in non_dermoscopic_probes().items()}
+        rows[f"test {copy} copy"] = summary(spreads([copy_bytes(p, copy) for p in part["test"]], bundle), floor)
+    probes = {k: spreads(v, bundle) for k, v in non_dermoscopic_probes().items()}
     rows.update({f"probe {k}": summary(v, floor) for k, v in probes.items()})
     for name, r in rows.items():
         print(f"{name:24s} n={r['n']:5d} min {r['min']:.4f} q0.1% {r['q001']:.4f} median {r['median']:.4f} "

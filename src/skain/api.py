@@ -14,7 +14,6 @@ same numbers through all three doors.
 from __future__ import annotations
 
 import io
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from skain.data.images import ImageError
-from skain.data.schema import MAX_AGE, UNKNOWN, clean_metadata
+from skain.data.schema import clean_metadata, parse_age, parse_choice
 from skain.inference.explain import Explanation, GradCam
 from skain.inference.predictor import Predictor, prediction_table
 from skain.modelfile.load import ModelChoice, choose_model, model_id
@@ -32,7 +31,6 @@ from skain.modelfile.load import ModelChoice, choose_model, model_id
 __all__ = ["Model", "Result", "load"]
 
 ImageInput = Any  # str | Path | bytes | PIL.Image.Image | np.ndarray (HxWx3 uint8)
-EMPTY = ("", "none", "null", "nan", "na", UNKNOWN)
 
 
 @dataclass(frozen=True)
@@ -88,7 +86,9 @@ class Model:
         """One image (a path, bytes, a PIL image or an HxWx3 uint8 array) and optional age (years), sex and
         body site -> Result. Unknown fields may be left out: the model was trained with blanks."""
         data = image_source(image)
-        years, sex, site = _age(age), self._choice("sex", sex), self._choice("localization", site)
+        vocab = self.vocabularies
+        years = parse_age(age)
+        sex, site = parse_choice("sex", sex, vocab["sex"]), parse_choice("site", site, vocab["localization"])
         inputs = {"age": years, "sex": sex, "site": site}
         pred = self.predictor.predict_one(data, years, sex, site)
         probs = np.array([pred.probabilities[c] for c in self.classes])
@@ -97,18 +97,6 @@ class Model:
         explanation = self._explain(data, inputs, pred.diagnosis) if heatmap else None
         return Result(pred.diagnosis, pred.probability, dict(pred.probabilities), scores, pred.p_malignant,
                       pred.triage, pred.in_distribution, pred.ood_score, self.model_id, inputs, explanation)
-
-    def _choice(self, field_name: str, raw: str | None) -> str:
-        """Empty -> unknown; else one of the model's vocabulary (any case), else a ValueError naming the choices."""
-        value = "" if raw is None else str(raw).strip().lower()
-        if value in EMPTY:
-            return UNKNOWN
-        known = self.vocabularies[field_name]
-        if value not in known:
-            name = "site" if field_name == "localization" else field_name
-            raise ValueError(f"unknown {name} {str(raw)[:40]!r}; this model knows: {', '.join(known)} "
-                             "(leave it out when not known)")
-        return value
 
     def _explain(self, image: bytes | str, inputs: dict, target: str) -> Explanation:
         if self._explainer is None:
@@ -190,17 +178,3 @@ def image_source(image: ImageInput) -> bytes | str:
         image.save(buf, format="PNG")
         return buf.getvalue()
     raise TypeError(f"an image is a file path, bytes, a PIL image or a numpy array, not {type(image).__name__}")
-
-
-def _age(age: Any) -> float | None:
-    if age is None or (isinstance(age, str) and age.strip().lower() in EMPTY):
-        return None
-    try:
-        value = float(age)
-    except (TypeError, ValueError):
-        raise ValueError(f"age must be a number of years, got {str(age)[:40]!r}") from None
-    if math.isnan(value):
-        return None
-    if not 0 <= value <= MAX_AGE:
-        raise ValueError(f"age must be between 0 and {MAX_AGE:g} years, got {age!r}")
-    return value

@@ -27,6 +27,36 @@ META_COLUMNS: tuple[str, ...] = ("age", "sex", "localization")
 TRAIN_COLUMNS: tuple[str, ...] = ("lesion_id", "image_id", "dx")
 UNKNOWN = "unknown"
 MAX_AGE = 120.0
+BLANK = ("", "none", "null", "nan", "na", UNKNOWN)  # how one field left empty looks, typed by a person
+
+
+# ------------------------------------------------------------------------------------------- one person's fields
+def parse_age(raw: object) -> float | None:
+    """One age as a person gives it (form text or a number) -> years, or None when left out (blank, NaN).
+    Anything else that is not a number of years from 0 to MAX_AGE is a ValueError saying so."""
+    if raw is None or (isinstance(raw, str) and raw.strip().lower() in BLANK):
+        return None
+    try:
+        age = float(raw)  # type: ignore[arg-type]  # anything float() takes; the rest is refused below
+    except (TypeError, ValueError):
+        raise ValueError(f"age must be a number of years, got {str(raw)[:40]!r}") from None
+    if isinstance(raw, float) and np.isnan(raw):
+        return None
+    if not np.isfinite(age) or not 0 <= age <= MAX_AGE:
+        raise ValueError(f"age must be between 0 and {MAX_AGE:g} years, got {str(raw)[:40]!r}")
+    return age
+
+
+def parse_choice(name: str, raw: object, vocabulary: list[str]) -> str:
+    """One sex or body site as a person gives it -> 'unknown' when left empty, else one of the model's vocabulary
+    (any case); anything else is a ValueError naming the choices."""
+    value = "" if raw is None else str(raw).strip().lower()
+    if value in BLANK:
+        return UNKNOWN
+    if value not in vocabulary:
+        raise ValueError(f"unknown {name} {str(raw)[:40]!r}; this model knows: {', '.join(vocabulary)} "
+                         "(leave it empty when not known)")
+    return value
 
 
 class DataError(ValueError):

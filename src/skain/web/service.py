@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from skain.data.schema import MAX_AGE, UNKNOWN
+from skain.data.schema import parse_age, parse_choice
 from skain.inference.explain import ExplainError, GradCam
 from skain.inference.predictor import Prediction, Predictor
 from skain.modelfile.load import ModelChoice, choose_model, model_id
@@ -24,7 +24,6 @@ from skain.web.content import describe
 
 log = logging.getLogger(__name__)
 EXTENSION = "skain"  # key in app.extensions
-EMPTY = ("", "none", "null", "nan", "na")
 
 
 class InputError(ValueError):
@@ -97,32 +96,12 @@ def parse_inputs(image: bytes | None, form: Mapping[str, str], vocabularies: dic
         raise InputError("no image: send the file as multipart/form-data field 'image'")
     if not image:
         raise InputError("the uploaded image is empty (0 bytes)")
-    return Inputs(image, parse_age(form.get("age")),
-                  parse_choice("sex", form.get("sex"), vocabularies["sex"]),
-                  parse_choice("localization", form.get("localization"), vocabularies["localization"]))
-
-
-def parse_age(raw: str | None) -> float | None:
-    if raw is None or raw.strip().lower() in EMPTY + (UNKNOWN,):
-        return None
     try:
-        age = float(raw)
-    except ValueError:
-        raise InputError(f"age must be a number of years, got {raw[:40]!r}") from None
-    if not math.isfinite(age) or not 0 <= age <= MAX_AGE:
-        raise InputError(f"age must be between 0 and {MAX_AGE:g} years, got {raw[:40]!r}")
-    return age
-
-
-def parse_choice(field: str, raw: str | None, vocabulary: list[str]) -> str:
-    """Empty -> 'unknown'; otherwise one of the bundle's vocabulary (case-insensitive), else 400."""
-    value = (raw or "").strip().lower()
-    if raw is None or value in EMPTY:  # None gives "", which is in EMPTY
-        return UNKNOWN
-    if value not in vocabulary:
-        raise InputError(f"unknown {field} {raw[:40]!r}; this model knows: {', '.join(vocabulary)} "
-                         f"(leave it empty when not known)")
-    return value
+        return Inputs(image, parse_age(form.get("age")),
+                      parse_choice("sex", form.get("sex"), vocabularies["sex"]),
+                      parse_choice("localization", form.get("localization"), vocabularies["localization"]))
+    except ValueError as exc:  # the shared field rules (data.schema), answered as a bad request
+        raise InputError(str(exc)) from None
 
 
 def flag(raw: str | None) -> bool:
