@@ -53,7 +53,7 @@ from skain.training.runfolder import (
 )
 from skain.training.trust_fit import after_training
 from skain.training.weights import load_pretrained
-from skain.trust.modelcard import write_card
+from skain.trust.modelcard import interval_summary, write_card
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ def finish(out: Path, run: Run, prep: Prepared, bundle_extra: dict, trust: dict 
                "trust": trust or {}}
     summary.update(score_best(out, prep, device, cache_dir, test_views))
     atomic_json(summary, out / METRICS_NAME)
-    card_with_metadata(out, summary["metadata_ablation"])
+    store_scores(out, summary["metadata_ablation"], summary["intervals"])
     m = best["metrics"]
     log.info("best epoch %d: validation balanced accuracy %.3f, macro AUC %.3f, accuracy %.3f -> %s",
              summary["best_epoch"], m["balanced_accuracy"], m["macro_auc"], m["accuracy"], out / BUNDLE_NAME)
@@ -191,14 +191,19 @@ def finish(out: Path, run: Run, prep: Prepared, bundle_extra: dict, trust: dict 
     return summary
 
 
-def card_with_metadata(out: Path, table: dict) -> None:
-    """Put the with/without-metadata table into the bundle's model card (and model_card.md, if written)."""
+def store_scores(out: Path, table: dict, intervals: dict) -> None:
+    """Carry what `score_best` measured into the bundle: the scored split's 95% intervals into its `metrics`
+    (the page, GET /api/model and the card read them from there) and the with/without-metadata table into its
+    model card (and model_card.md, if written)."""
     bundle = torch.load(out / BUNDLE_NAME, map_location="cpu", weights_only=True)
-    if not bundle.get("model_card"):
-        return
-    bundle["model_card"]["metadata_ablation"] = table
+    bundle["metrics"]["intervals"] = intervals
+    card = bundle.get("model_card")
+    if card:
+        card["metadata_ablation"] = table
+        card["metrics"]["intervals"] = interval_summary(intervals, list(bundle["classes"]))
     atomic_torch_save(bundle, out / BUNDLE_NAME)
-    write_card(out, bundle["model_card"])
+    if card:
+        write_card(out, card)
 
 
 def score_best(out: Path, prep: Prepared, device: torch.device | None, cache_dir: Path | None,
@@ -221,7 +226,7 @@ def score_best(out: Path, prep: Prepared, device: torch.device | None, cache_dir
     atomic_write(out / name, lambda fh: fh.write(table.to_csv(index=False).encode()))
     result = {"metadata_ablation": {"split": "test" if held_out else "validation",
                                     **{k: summary_row(v) for k, v in variants.items()}},
-              "intervals": scored_intervals(frame, table)}
+              "intervals": scored_intervals(frame, table, "test" if held_out else "validation")}
     if held_out:
         result["test"] = variants["present"]
         if views > 1:
@@ -235,11 +240,13 @@ def score_best(out: Path, prep: Prepared, device: torch.device | None, cache_dir
     return result
 
 
-def scored_intervals(frame: pd.DataFrame, table: pd.DataFrame, resamples: int = 2000, seed: int = 0) -> dict:
-    """95% bootstrap intervals of the scored split's figures (metadata present, the decisions the model makes):
-    lesions resampled within their diagnosis, as `skain evaluate` does (`evaluation.bootstrap`)."""
+def scored_intervals(frame: pd.DataFrame, table: pd.DataFrame, split: str, resamples: int = 2000,
+                     seed: int = 0) -> dict:
+    """95% bootstrap intervals of the scored split's figures (`split`: "validation" or "test"; metadata present,
+    the decisions the model makes): lesions resampled within their diagnosis, as `skain evaluate` does
+    (`evaluation.bootstrap`)."""
     index = {c: i for i, c in enumerate(CLASSES)}
     sample = Sample(frame["dx"].map(index).to_numpy(), table[[f"p_{c}" for c in CLASSES]].to_numpy(np.float64),
                     table["pred"].map(index).to_numpy(), mel=CLASSES.index("mel"))
     lesions = frame["lesion_id"].astype(str).to_numpy() if "lesion_id" in frame else None
-    return {"split": "scored images, metadata present", **bootstrap(sample, lesions, resamples, seed)}
+    return {"split": split, "of": "scored images, metadata present", **bootstrap(sample, lesions, resamples, seed)}

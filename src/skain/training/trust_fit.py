@@ -22,6 +22,7 @@ from skain.data.layout import discover, load_table
 from skain.data.schema import DataError
 from skain.data.transforms import eval_transform, image_to_tensor
 from skain.engine import SplitNet, predict_logits, resolve_device
+from skain.evaluation.bootstrap import Sample, bootstrap
 from skain.evaluation.variants import variant_logits
 from skain.inference.predictor import Predictor
 from skain.modelfile.bundle import BUNDLE_NAME, atomic_torch_save, load_model
@@ -31,6 +32,7 @@ from skain.training.runfolder import CONFIG_NAME, SPLIT_NAME
 from skain.trust.calibration import plot_reliability
 from skain.trust.crossfit import (
     HELD_OUT_METHOD,
+    HeldOut,
     Outputs,
     TrustSettings,
     assemble,
@@ -41,6 +43,7 @@ from skain.trust.crossfit import (
 from skain.trust.modelcard import write_card
 from skain.trust.ood import BackboneTap, pixel_spread
 from skain.trust.probes import probe_set
+from skain.trust.triage import malignant_columns
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +130,9 @@ def fit_trust(bundle_path: str | Path, frame: pd.DataFrame, train_idx: np.ndarra
     probe_images = probe_set(s.seed)
     probes = {k: image_features(model, bundle, v, device) for k, v in probe_images.items()}
     probe_spreads = {k: image_spreads(bundle, v) for k, v in probe_images.items()}
-    figures = assemble(bundle, tr, va, halves(frame.iloc[val_idx], s.seed), probes, s, probe_spreads)
+    lesions = frame.iloc[val_idx]["lesion_id"].astype(str).to_numpy() if "lesion_id" in frame else None
+    figures = assemble(bundle, tr, va, halves(frame.iloc[val_idx], s.seed), probes, s, probe_spreads,
+                       lambda v, held: held_out_intervals(v, held, list(bundle["classes"]), lesions, s.ece_bins))
     figures["fit_seconds"] = round(time.perf_counter() - started, 1)
     store_rule_figures(bundle, va.logits, va.labels, "validation")  # a decision rule's figures under the new T
     atomic_torch_save(bundle, save_to or bundle_path)
@@ -135,6 +140,21 @@ def fit_trust(bundle_path: str | Path, frame: pd.DataFrame, train_idx: np.ndarra
                   bundle["model_card"], s.ece_bins)
     log.info("trust: done in %.1f min", figures["fit_seconds"] / 60)
     return figures
+
+
+def held_out_intervals(va: Outputs, held: HeldOut, classes: list[str], lesions: np.ndarray | None,
+                       ece_bins: int = 15, resamples: int = 2000, seed: int = 0) -> dict | None:
+    """95% bootstrap intervals of the held-out (cross-fitted) trust figures: held-out ECE after temperature,
+    triage sensitivity and specificity, and the OOD check's false-rejection rate, lesions resampled within
+    their diagnosis (`evaluation.bootstrap`). Each row's cross-fitted decision stays as it was: the intervals
+    say how much the figures move with the lesions drawn, not with a refit of the thresholds."""
+    cols = malignant_columns(classes)
+    sample = Sample(va.labels, held.probs, held.probs.argmax(1), flagged=held.flagged,
+                    positive=None if cols is None else np.isin(va.labels, cols), rejected=held.rejected)
+    block = bootstrap(sample, lesions, resamples, seed)
+    keep = {"triage_sensitivity", "triage_specificity", "ood_rejection"} | ({"ece"} if ece_bins == 15 else set())
+    block["metrics"] = {k: v for k, v in block["metrics"].items() if k in keep}  # ECE: bootstrap.ece's 15 bins
+    return {"split": "validation", "of": "held-out (cross-fitted) trust figures", **block} if block["metrics"] else None
 
 
 def tta_outputs(bundle: dict, frame: pd.DataFrame, loader_fn: ImageLoader, device: torch.device, views: int,

@@ -10,6 +10,7 @@ halves are pooled. The parameters stored in the bundle are then refit on the who
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -156,6 +157,7 @@ class HeldOut:
     flagged_blank: np.ndarray | None  # the same with every metadata field left empty (None: not measured)
     ood_ratio: np.ndarray | None     # OOD score / threshold, scales and threshold from the other half (> 1: rejected)
     ood_ratio_resaved: np.ndarray | None = None  # the same for each row's re-saved copy
+    rejected: np.ndarray | None = None  # turned away by the OOD check as held out (ood_part: features or flat frame)
 
 
 def cross_fit(va: Outputs, parts: list[np.ndarray], cols: list[int] | None,
@@ -277,7 +279,8 @@ def ood_part(scorer: MahalanobisScorer | MaxScorer, tr: Outputs, va: Outputs, pr
         copies = (scorer.score(va.resaved) > thr) | flat(va.resaved_spreads, len(va.resaved))
         out["val_false_rejection_resaved"] = float(copies.mean())
     if held is not None and held.ood_ratio is not None:
-        out["held_out_false_rejection"] = float(((held.ood_ratio > 1.0) | flat(va.spreads, len(held.ood_ratio))).mean())
+        held.rejected = (held.ood_ratio > 1.0) | flat(va.spreads, len(held.ood_ratio))  # kept for its interval
+        out["held_out_false_rejection"] = float(held.rejected.mean())
     if held is not None and held.ood_ratio_resaved is not None:
         copies = (held.ood_ratio_resaved > 1.0) | flat(va.resaved_spreads, len(held.ood_ratio_resaved))
         out["held_out_false_rejection_resaved"] = float(copies.mean())
@@ -285,8 +288,11 @@ def ood_part(scorer: MahalanobisScorer | MaxScorer, tr: Outputs, va: Outputs, pr
 
 
 def assemble(bundle: dict, tr: Outputs, va: Outputs, parts, probes: dict[str, np.ndarray],
-             s: TrustSettings, probe_spreads: dict[str, np.ndarray] | None = None) -> dict:
-    """Fit all pieces from extracted outputs; put the trust block and model card into `bundle`."""
+             s: TrustSettings, probe_spreads: dict[str, np.ndarray] | None = None,
+             intervals: Callable[[Outputs, HeldOut], dict | None] | None = None) -> dict:
+    """Fit all pieces from extracted outputs; put the trust block and model card into `bundle`. `intervals`
+    (given by the caller, as this layer holds no bootstrap) turns the held-out rows into the held-out figures'
+    intervals, stored with the figures and shown on the card."""
     classes = list(bundle["classes"])
     scorer = ood_scorer(tr, va, s)
     held, t, calib, triage = calibrate_and_triage(va, parts, classes, scorer, s)
@@ -296,6 +302,9 @@ def assemble(bundle: dict, tr: Outputs, va: Outputs, parts, probes: dict[str, np
                "held_out_method": HELD_OUT_METHOD if parts else "none (validation too small to split)",
                "calibration": calib, "triage": triage,
                "ood": {k: v for k, v in ood.items() if k not in STATE_ARRAYS}}
+    block = intervals(va, held) if intervals is not None and held is not None else None
+    if block:
+        figures["intervals"] = block
     bundle["trust"] = {"version": 1, "temperature": t, "ood": ood, "triage": triage, "figures": figures}
     bundle["model_card"] = build_card(bundle, figures)
     log.info("trust: T=%.2f ECE %.3f -> %.3f (held-out %s); triage threshold %s (held-out sensitivity %s, "

@@ -57,6 +57,9 @@ def decision_validation(bundle: dict) -> dict:
               "recall": {c: v.get("recall") for c, v in (metrics.get("per_class") or {}).items()}}
     common = {"n": metrics.get("n"), "macro_auc": metrics.get("macro_auc"), "epoch": metrics.get("epoch")}
     held = "validation split: lesions held out of training that chose its epoch (in-sample for that choice)"
+    iv = interval_summary(metrics.get("intervals"), list(bundle.get("classes") or []))
+    if iv and iv.get("split") == "validation":  # arg-max figures of the validation split: their intervals beside
+        argmax["intervals"] = iv
     stored = rule.get("validation")
     if not rule or float(rule.get("tau", 0.0)) == 0.0:
         return {"figures_of": "argmax", "decision": "argmax", **common, **argmax, "measured_on": held}
@@ -76,6 +79,71 @@ def decision_validation(bundle: dict) -> dict:
                     "to measure the rule"}
 
 
+# ----------------------------------------------------------------------------- 95% intervals
+# evaluation.bootstrap's metric names -> the names the card, the page and GET /api/model use
+INTERVAL_FIGURES = {"balanced_accuracy": "balanced_accuracy", "macro_auc": "macro_auc", "melanoma_auc": "melanoma_auc",
+                    "ece": "ece", "triage_sensitivity": "triage_sensitivity",
+                    "triage_specificity": "triage_specificity", "ood_rejection": "ood_false_rejection"}
+RESAMPLED = {"lesion": "lesions, drawn with replacement within each diagnosis (a lesion's images together)",
+             "image": "images, drawn with replacement within each diagnosis (no lesion ids)"}
+
+
+def _finite(x) -> float | None:
+    return None if x is None or not math.isfinite(float(x)) else float(x)
+
+
+def interval_summary(block: dict | None, classes: list[str]) -> dict | None:
+    """A bootstrap result stored in a bundle (`evaluation.bootstrap.bootstrap`'s shape, plus `split` and `of`)
+    -> what the card, the page and GET /api/model show: each figure's value and 95% interval by name, recall
+    by class, the number of resamples and what was resampled. None when the bundle has no intervals."""
+    if not block or not block.get("metrics"):
+        return None
+
+    def one(m: dict) -> dict:
+        lo, hi = m.get("ci") or (None, None)
+        return {"value": _finite(m.get("value")), "ci": [_finite(lo), _finite(hi)]}
+    metrics = block["metrics"]
+    recall = {c: one(metrics[f"recall_{i}"]) for i, c in enumerate(classes) if f"recall_{i}" in metrics}
+    return {"split": block.get("split"), "of": block.get("of"), "level": block.get("level", 0.95),
+            "resamples": block.get("resamples"), "seed": block.get("seed"), "unit": block.get("unit"),
+            "resampled": RESAMPLED.get(block.get("unit") or "", block.get("unit")),
+            "figures": {name: one(metrics[key]) for key, name in INTERVAL_FIGURES.items() if key in metrics},
+            **({"recall": recall} if recall else {})}
+
+
+def ci_range(summary: dict | None, name: str, pct: bool = False, cls: str | None = None,
+             shown: float | None = None) -> str:
+    """'lo-hi' of one figure of an interval summary (a class's recall with `cls`), '' without one. Where the
+    interval's own point value differs from the figure `shown` beside it (a training-time figure, the interval
+    from the same images scored again through the Predictor in fp32), 'lo-hi around value'."""
+    if not summary:
+        return ""
+    entry = (summary.get("recall") or {}).get(cls) if cls else (summary.get("figures") or {}).get(name)
+    lo, hi = (entry or {}).get("ci") or (None, None)
+    if lo is None or hi is None:
+        return ""
+    fmt = _pct if pct else _n
+    value = (entry or {}).get("value")
+    around = (f" around {fmt(value)}" if shown is not None and value is not None and abs(value - shown) >= 5e-4
+              else "")
+    return f"{fmt(lo)}-{fmt(hi)}{around}"
+
+
+def ci_text(summary: dict | None, name: str, pct: bool = False, cls: str | None = None,
+            shown: float | None = None) -> str:
+    """' (95% CI lo-hi)' beside a figure, '' where it has no interval."""
+    span = ci_range(summary, name, pct, cls, shown)
+    return f" ({int(round(100 * summary['level']))}% CI {span})" if summary and span else ""
+
+
+def interval_note(summary: dict | None) -> str:
+    """How the intervals were made, said once below them."""
+    if not summary:
+        return ""
+    return (f"{int(round(100 * summary['level']))}% intervals: percentile bootstrap, {summary['resamples']} resamples "
+            f"of {summary['resampled']}, seed {summary['seed']}.")
+
+
 def build_card(bundle: dict, figures: dict) -> dict:
     """A JSON-safe dict of the facts; numbers are copied from the bundle and the trust figures, not typed."""
     training, metrics = bundle.get("training", {}), bundle.get("metrics", {})
@@ -89,7 +157,11 @@ def build_card(bundle: dict, figures: dict) -> dict:
         | {"split": "lesion-grouped, class-stratified: no lesion in both training and validation"},
         "metrics": {"validation": {k: metrics.get(k) for k in ("n", "balanced_accuracy", "accuracy", "macro_f1",
                                                                "macro_auc", "nll", "epoch")},
-                    "per_class": metrics.get("per_class", {})},
+                    "per_class": metrics.get("per_class", {}),
+                    # the scored split's (validation, or the test fold with --holdout); `split` says which
+                    "intervals": interval_summary(metrics.get("intervals"), list(bundle["classes"]))},
+        # the held-out (cross-fitted) calibration, triage and OOD figures' intervals (training.trust_fit)
+        "trust_intervals": interval_summary(figures.get("intervals"), list(bundle["classes"])),
         "calibration": figures.get("calibration", {}), "triage": figures.get("triage", {}),
         "ood": figures.get("ood", {}), "held_out_method": figures.get("held_out_method"),
         "measured_on": figures.get("measured_on") or VALIDATION_SOURCE,
@@ -159,14 +231,40 @@ def _decision_section(rule: dict | None) -> list[str]:
 
 
 def _metrics_section(metrics: dict) -> list[str]:
-    v = metrics.get("validation", {})
+    """The arg-max validation figures; the 95% intervals beside them where they were measured on the validation
+    split, in a section of their own where they were measured on a test fold."""
+    v, iv = metrics.get("validation", {}), metrics.get("intervals")
+    beside = iv if iv and iv.get("split") == "validation" else None
     out = ["## Validation metrics at arg-max (held-out lesions, best epoch)",
-           f"- balanced accuracy {_n(v.get('balanced_accuracy'))}, accuracy {_n(v.get('accuracy'))}, "
-           f"macro F1 {_n(v.get('macro_f1'))}, macro AUC {_n(v.get('macro_auc'))} on {v.get('n')} images", "",
-           "| class | recall | precision | AUC | support |", "|---|---|---|---|---|"]
+           f"- balanced accuracy {_n(v.get('balanced_accuracy'))}"
+           f"{ci_text(beside, 'balanced_accuracy', shown=v.get('balanced_accuracy'))}, accuracy "
+           f"{_n(v.get('accuracy'))}, macro F1 {_n(v.get('macro_f1'))}, macro AUC {_n(v.get('macro_auc'))}"
+           f"{ci_text(beside, 'macro_auc', shown=v.get('macro_auc'))} on {v.get('n')} images"]
+    if beside:
+        mel = beside["figures"].get("melanoma_auc", {})
+        out += [f"- melanoma AUC {_n(mel.get('value'))}{ci_text(beside, 'melanoma_auc')}, ECE after temperature "
+                f"{_n(beside['figures'].get('ece', {}).get('value'))}{ci_text(beside, 'ece')} (in-sample)",
+                f"- {interval_note(beside)} The intervals come from the same images scored again through the "
+                "predictor (fp32, what `skain predict` runs); where its figure differs from the training-time one "
+                "above, the interval says 'around' its own."]
+    out += ["", "| class | recall | precision | AUC | support |" + (" recall 95% CI |" if beside else ""),
+            "|---|---|---|---|---|" + ("---|" if beside else "")]
     for c, r in metrics.get("per_class", {}).items():
-        out.append(f"| {c} | {_n(r.get('recall'))} | {_n(r.get('precision'))} | {_n(r.get('auc'))} | {r.get('support')} |")
-    return out + [""]
+        cell = f" {ci_range(beside, 'recall', cls=c, shown=r.get('recall')) or 'n/a'} |" if beside else ""
+        out.append(f"| {c} | {_n(r.get('recall'))} | {_n(r.get('precision'))} | {_n(r.get('auc'))} | "
+                   f"{r.get('support')} |{cell}")
+    return out + [""] + (_test_fold_section(iv) if iv and iv.get("split") == "test" else [])
+
+
+def _test_fold_section(iv: dict) -> list[str]:
+    """The test fold's figures (a lesion-grouped fold that chose nothing) with their 95% intervals."""
+    names = {"balanced_accuracy": "balanced accuracy", "macro_auc": "macro AUC", "melanoma_auc": "melanoma AUC",
+             "ece": "ECE after temperature"}
+    out = ["## Test fold with 95% intervals (lesions that chose nothing)", interval_note(iv), "",
+           "| figure | value | 95% interval |", "|---|---|---|"]
+    rows = [(names[k], f) for k, f in iv["figures"].items() if k in names]
+    rows += [(f"recall {c}", f) for c, f in (iv.get("recall") or {}).items()]
+    return out + [f"| {name} | {_n(f['value'])} | {_n(f['ci'][0])} - {_n(f['ci'][1])} |" for name, f in rows] + [""]
 
 
 VARIANT_NAMES = {"present": "fields as given", "age_blank": "age blank", "sex_blank": "sex blank",
@@ -197,13 +295,15 @@ def _ood_method(o: dict) -> str:
 
 def _trust_sections(card: dict) -> list[str]:
     c, t, o = card["calibration"], card["triage"], card["ood"]
-    ho_c, ho_t = c.get("held_out", {}), t.get("held_out", {})
+    ho_c, ho_t, iv = c.get("held_out", {}), t.get("held_out", {}), card.get("trust_intervals")
     out = [f"## Trust figures measured on the {card.get('measured_on') or VALIDATION_SOURCE}",
-           f"Held-out = {card.get('held_out_method')}. In-sample = the same rows that chose the number.", "",
+           f"Held-out = {card.get('held_out_method')}. In-sample = the same rows that chose the number."
+           + (f" Held-out figures carry {interval_note(iv)[:-1]} (the cross-fitted decisions kept fixed)."
+              if iv else ""), "",
            "### Calibration (temperature scaling, fit on validation)",
            f"- temperature T = {_n(c.get('temperature'))}; held-out ECE ({c.get('ece_bins')} bins) "
-           f"{_n(ho_c.get('ece_before'))} -> {_n(ho_c.get('ece_after'))}, NLL {_n(ho_c.get('nll_before'))} -> "
-           f"{_n(ho_c.get('nll_after'))}",
+           f"{_n(ho_c.get('ece_before'))} -> {_n(ho_c.get('ece_after'))}{ci_text(iv, 'ece')}, NLL "
+           f"{_n(ho_c.get('nll_before'))} -> {_n(ho_c.get('nll_after'))}",
            f"- in-sample: ECE ({c.get('ece_bins')} bins) {_n(c.get('ece_before'))} -> {_n(c.get('ece_after'))}, "
            f"NLL {_n(c.get('nll_before'))} -> {_n(c.get('nll_after'))}", "",
            "### Malignancy triage", "P(malignant) = P(mel) + P(bcc) + P(akiec); 'investigate further' at or above the threshold.",
@@ -214,7 +314,8 @@ def _trust_sections(card: dict) -> list[str]:
         mel = t.get("melanoma_sensitivity_at_specificity", {})
         out += [f"- threshold {_n(t['threshold'], 4)} chosen for >= {_pct(t['target_sensitivity'])} malignant sensitivity",
                 f"- held-out (temperature and threshold chosen on the other half): sensitivity "
-                f"{_pct(ho_t.get('sensitivity'))}, specificity {_pct(ho_t.get('specificity'))}",
+                f"{_pct(ho_t.get('sensitivity'))}{ci_text(iv, 'triage_sensitivity', pct=True)}, specificity "
+                f"{_pct(ho_t.get('specificity'))}{ci_text(iv, 'triage_specificity', pct=True)}",
                 f"- in-sample: sensitivity {_pct(t['sensitivity'])}, specificity {_pct(t['specificity'])} "
                 f"({t['positives']} malignant / {t['negatives']} benign)",
                 f"- melanoma sensitivity: {_pct(t.get('melanoma_sensitivity_at_threshold'))} at the triage threshold, "
@@ -229,7 +330,8 @@ def _trust_sections(card: dict) -> list[str]:
     out += ["", "### Out-of-distribution check",
             f"- {_ood_method(o)} on {o.get('features')} features; threshold set for "
             f"{_pct(o.get('target_false_rejection'))} false rejections of validation lesions",
-            f"- false rejections: {_pct(o.get('held_out_false_rejection'))} held-out, "
+            f"- false rejections: {_pct(o.get('held_out_false_rejection'))} held-out"
+            f"{ci_text(iv, 'ood_false_rejection', pct=True)}, "
             f"{_pct(o.get('val_false_rejection'))} on validation (in-sample)",
             "- non-dermoscopic probes rejected: " + ", ".join(f"{k} {_pct(v)}" for k, v in probes.items()), ""]
     return out

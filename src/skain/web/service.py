@@ -18,7 +18,7 @@ from skain.data.schema import parse_age, parse_choice
 from skain.inference.explain import ExplainError, GradCam
 from skain.inference.predictor import Prediction, Predictor
 from skain.modelfile.load import ModelChoice, choose_model, model_id
-from skain.trust.modelcard import decision_validation, public_pretrained
+from skain.trust.modelcard import decision_validation, interval_summary, public_pretrained
 from skain.trust.runtime import NOT_DERMOSCOPIC
 from skain.web.content import describe
 
@@ -159,12 +159,25 @@ def model_summary(service: Service) -> dict:
         "heatmaps": service.explainer is not None, "inference": info["inference"],
         "training": {**training, "source": Path(source).name if source else None,
                      "pretrained": public_pretrained(training.get("pretrained"))},
-        # the figures of the decision the model makes (its prior-adjusted rule where it has one, arg-max beside)
+        # the figures of the decision the model makes (its prior-adjusted rule where it has one, arg-max beside),
+        # with their 95% intervals where the bundle has them for the validation split
         "validation": decision_validation({**service.predictor.bundle, "metrics": metrics}),
+        **shown_intervals(service.predictor.bundle),
         # validated calibration/triage/OOD figures and the model card for the "about this model" panel;
         # the card's data source is reduced to a file name like training.source above
         "trust": info.get("trust"), "model_card": _public_card(info.get("model_card")),
     })
+
+
+def shown_intervals(bundle: dict) -> dict:
+    """The 95% intervals GET /api/model gives beyond `validation`'s: `test_fold` (a run trained with --holdout
+    scored its test fold, figures and intervals) and `trust_intervals` (the held-out calibration, triage and OOD
+    figures'). Absent, not null, for a model without them (the shipped file)."""
+    classes = list(bundle.get("classes") or [])
+    scored = interval_summary((bundle.get("metrics") or {}).get("intervals"), classes)
+    trust = interval_summary(((bundle.get("trust") or {}).get("figures") or {}).get("intervals"), classes)
+    return {**({"test_fold": scored} if scored and scored.get("split") == "test" else {}),
+            **({"trust_intervals": trust} if trust else {})}
 
 
 def _public_card(card: dict | None) -> dict | None:
