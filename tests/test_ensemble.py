@@ -347,3 +347,26 @@ def test_members_sharing_a_validation_split_are_averaged_on_it(folds, wide):
     assert not np.allclose(probs[0], probs[1], atol=1e-3)
     np.testing.assert_allclose(np.exp(got[cols].to_numpy()), np.mean(probs, 0), atol=1e-9)
     assert (got["label"].to_numpy() == alone[0].loc[got["image_id"], "label"].to_numpy()).all()
+
+
+def test_an_ensemble_of_runs_on_one_split_calibrates_n_views_on_that_split(folds, wide, tmp_path, capsys):
+    """Runs validated on the same images (one split, different seeds or backbones): the ensemble's folder gives
+    that split to `skain calibrate --tta N --default`; the folds of a k-fold run (no image held out from all of
+    them) are refused before anything is written."""
+    from skain.training.trust_fit import folder_split
+    shared = tmp_path / "shared"
+    assert main(["ensemble", "--runs", str(folds[0]), str(wide), "--output", str(shared), "--device", "cpu"]) == 0
+    frame, train_idx, val_idx, _ = folder_split(shared)
+    own, _, own_val, _ = folder_split(folds[0])
+    assert set(frame["image_id"].iloc[val_idx]) == set(own["image_id"].iloc[own_val])
+    assert not set(frame["image_id"].iloc[val_idx]) & set(frame["image_id"].iloc[train_idx])
+    assert main(["calibrate", "--model", str(shared), "--tta", "2", "--default", "--device", "cpu"]) == 0
+    bundle = read_bundle(shared / "best_model.pt")
+    assert bundle["inference"] == {"tta": 2} and bundle["trust"]["views"]["2"]["validation_images"] == len(val_idx)
+    kfold = tmp_path / "kfold"
+    assert main(["ensemble", "--runs", *map(str, folds), "--output", str(kfold), "--device", "cpu"]) == 0
+    before = (kfold / "best_model.pt").read_bytes()
+    capsys.readouterr()
+    assert main(["calibrate", "--model", str(kfold), "--tta", "2", "--device", "cpu"]) != 0
+    assert "validated on different images" in capsys.readouterr().err
+    assert (kfold / "best_model.pt").read_bytes() == before

@@ -199,3 +199,55 @@ def test_stored_rule_figures_are_those_of_the_predictors_decisions(trained, tmp_
     rec = recall_score(truth, preds["pred"], labels=present, average=None, zero_division=0)
     assert dict(zip(present, rec)) == pytest.approx({c: stored["recall"][c] for c in present})
     assert stored["split"] == "validation" and stored["n"] == len(val_idx)
+
+
+def test_a_rule_taken_over_keeps_tau_and_prior_but_not_the_source_figures(trained, tmp_path):
+    """`skain decide --rule-from SOURCE --model M`: M decides with SOURCE's tau and log prior, says where they
+    came from (SOURCE's model id), and shows its own validation figures under that rule, not SOURCE's nested
+    cross-validation figures (which describe SOURCE's predictions)."""
+    from skain.cli import main
+    from skain.modelfile.load import model_id
+    source = _forced_rule(trained, tmp_path / "source")
+    bundle = torch.load(source / BUNDLE_NAME, map_location="cpu", weights_only=True)
+    bundle["decision"]["nested_balanced_accuracy"] = {"argmax": {"mean": 0.5}, "adjusted": {"mean": 0.6}}
+    torch.save(bundle, source / BUNDLE_NAME)
+    target = _copy_run(trained, tmp_path / "target")
+    assert main(["decide", "--rule-from", str(source), "--model", str(target)]) == 0
+    src, got = read_bundle(source / BUNDLE_NAME)["decision"], read_bundle(target / BUNDLE_NAME)["decision"]
+    assert got["tau"] == src["tau"] and got["log_prior"] == src["log_prior"]
+    assert "nested_balanced_accuracy" not in got and got["taken_from"]["nested_balanced_accuracy"]["adjusted"]["mean"] == 0.6
+    assert got["taken_from"]["model_id"] == model_id(source / BUNDLE_NAME) and got["taken_from"]["model_id"] in got["fit_on"]
+    assert got["validation"]["n"] == len(pd.read_csv(target / VAL_PREDICTIONS))
+    shown = decision_validation(read_bundle(target / BUNDLE_NAME))
+    assert "cross_validated" not in shown and shown["balanced_accuracy"] == got["validation"]["balanced_accuracy"]
+
+
+def test_taking_a_rule_from_a_model_without_one_is_refused_and_changes_nothing(trained, tmp_path, capsys):
+    from skain.cli import main
+    target = _copy_run(trained, tmp_path / "target")
+    before = (target / BUNDLE_NAME).read_bytes()
+    assert main(["decide", "--rule-from", str(trained), "--model", str(target)]) != 0
+    assert "holds no decision rule" in capsys.readouterr().err
+    assert (target / BUNDLE_NAME).read_bytes() == before
+    assert main(["decide", "--rule-from", str(trained)]) != 0
+    assert "needs --model" in capsys.readouterr().err
+
+
+def test_n_views_made_the_default_store_the_figures_of_the_decisions_n_views_make(trained, tmp_path):
+    """`skain calibrate --tta 2 --default` on a model with a rule: the figures the page shows are those of what
+    the Predictor now does by default (2 views, their own temperature, the rule), not the single view's."""
+    from skain.training.trust_fit import fit_views_folder
+    out = _forced_rule(trained, tmp_path)
+    one_view = read_bundle(out / BUNDLE_NAME)["decision"]["validation"]
+    fit_views_folder(out, 2, make_default=True)
+    bundle = read_bundle(out / BUNDLE_NAME)
+    stored = bundle["decision"]["validation"]
+    assert stored["views"] == 2 and one_view["views"] == 1
+    assert stored["temperature"] == pytest.approx(bundle["trust"]["views"]["2"]["temperature"])
+    frame, _, val_idx, _ = folder_split(out)
+    predictor = Predictor.from_bundle(out, device="cpu")
+    assert predictor.tta == 2
+    preds = predictor.predict_frame(frame.iloc[val_idx], progress=False)
+    truth = frame.iloc[val_idx]["dx"].to_numpy()
+    assert balanced_accuracy_score(truth, preds["pred"]) == pytest.approx(stored["balanced_accuracy"])
+    assert bundle["model_card"]["decision"] == stored

@@ -527,13 +527,22 @@ COMMANDS["cache"] = (add_cache_args, run_cache, "show or clear the pre-resized i
 
 # --------------------------------------------------------------------------------------------- decide
 def add_decide_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--oof", required=True, help="out-of-fold predictions of `skain train --all-folds` "
-                                                "(<output>/oof_predictions.csv)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--oof", help="out-of-fold predictions of `skain train --all-folds` "
+                                      "(<output>/oof_predictions.csv)")
+    source.add_argument("--rule-from", metavar="MODEL", help="take over MODEL's rule unchanged (tau and log prior; "
+                        "for a model without out-of-fold predictions of its own); needs --model")
     p.add_argument("--model", help="bundle or output folder to store the rule in (else only report it)")
 
 
 def run_decide(ns: argparse.Namespace) -> int:
-    from skain.training.decide import fit_from_oof
+    from skain.training.decide import fit_from_oof, take_rule
+    if ns.rule_from:
+        if not ns.model:
+            raise ValueError("--rule-from needs --model (the model to store the rule in)")
+        rule = take_rule(ns.rule_from, ns.model)
+        print(f"tau = {float(rule['tau']):.2f} stored in {ns.model} ({rule['fit_on']})")
+        return 0
     r = fit_from_oof(ns.oof, ns.model)
     a, b = r["balanced_accuracy_argmax"], r["balanced_accuracy_adjusted"]
     print(f"tau = {r['tau']:.2f} (chosen on all folds). Nested cross-validation, each fold scored with a tau chosen "

@@ -13,7 +13,7 @@ import torch
 from skain.data.schema import CLASSES
 from skain.inference.decision import Decision, figures, log_prior_from_counts, nested_estimate
 from skain.modelfile.bundle import atomic_torch_save
-from skain.modelfile.load import read_bundle, resolve_path
+from skain.modelfile.load import model_id, read_bundle, resolve_path
 from skain.training.runfolder import TEST_PREDICTIONS, VAL_PREDICTIONS
 from skain.trust.modelcard import write_card
 
@@ -54,17 +54,50 @@ def fit_from_oof(oof_csv: str | Path, model: str | Path | None = None) -> dict:
     return result
 
 
-def store_rule_figures(bundle: dict, logits: np.ndarray, labels: np.ndarray, split: str) -> dict | None:
+def take_rule(source: str | Path, model: str | Path) -> dict:
+    """`skain decide --rule-from SOURCE --model M`: store SOURCE's decision rule (tau and log prior, as chosen on
+    SOURCE's out-of-fold predictions) in M unchanged, for a model of the same classes that has no out-of-fold
+    predictions of its own (e.g. networks trained on one split). The rule is not refit, and SOURCE's nested
+    cross-validation figures are not M's: they are kept under `taken_from`, named by SOURCE's model id, and M's
+    own figures under the rule come from its run's predictions (or later from `skain calibrate --tta N --default`)."""
+    src_path, path = resolve_path(source), resolve_path(model)
+    rule, bundle = dict(read_bundle(src_path).get("decision") or {}), read_bundle(path)
+    if not rule:
+        raise ValueError(f"{source}: holds no decision rule to take over")
+    if list(rule.get("classes") or []) != list(bundle["classes"]):
+        raise ValueError(f"{source} decides between {rule.get('classes')}, {model} between {bundle['classes']}")
+    bundle["decision"] = {k: rule[k] for k in ("rule", "tau", "log_prior", "classes")}
+    bundle["decision"]["fit_on"] = (f"taken over unchanged from model {model_id(src_path)} (chosen there on "
+                                    f"{rule.get('fit_on')}); not refit on this model's predictions")
+    bundle["decision"]["taken_from"] = {"model_id": model_id(src_path), "fit_on": rule.get("fit_on"),
+                                        "nested_balanced_accuracy": rule.get("nested_balanced_accuracy")}
+    stored = rule_figures_from_run(bundle, path.parent)
+    atomic_torch_save(bundle, path)
+    if bundle.get("model_card"):
+        write_card(path.parent, bundle["model_card"])
+    log.info("decision rule tau=%.2f of %s stored in %s (%s)", float(rule["tau"]), src_path, path,
+             f"validation balanced accuracy under it {stored['balanced_accuracy']:.4f}" if stored
+             else "no predictions of its run beside it: its figures come with skain calibrate --tta N --default")
+    return bundle["decision"]
+
+
+def store_rule_figures(bundle: dict, logits: np.ndarray, labels: np.ndarray, split: str,
+                       views: int = 1) -> dict | None:
     """Put the figures of the decision the bundle makes (its rule, arg-max beside it) on held-out rows into
-    `bundle["decision"]["validation"]` and the model card, from raw logits and the bundle's temperature (what
-    the Predictor does). No decision rule: nothing to do (the bundle's metrics are already arg-max figures)."""
+    `bundle["decision"]["validation"]` and the model card, from raw logits of `views` TTA views and the
+    temperature fit for that many views (what the Predictor does). No decision rule: nothing to do (the
+    bundle's metrics are already arg-max figures)."""
     if not bundle.get("decision"):
         return None
     classes = list(bundle["classes"])
-    temperature = float((bundle.get("trust") or {}).get("temperature", 1.0))
+    trust = bundle.get("trust") or {}
+    block = trust.get("views", {}).get(str(int(views))) if views > 1 else None
+    if views > 1 and block is None:
+        raise ValueError(f"no trust block fitted for {views} TTA views: skain calibrate --tta {views} first")
+    temperature = float((block or trust).get("temperature", 1.0))
     probs = (torch.from_numpy(np.asarray(logits, dtype=np.float64)) / temperature).softmax(1).numpy()
     result = {**figures(probs, labels, Decision(bundle["decision"], classes), classes), "split": split,
-              "temperature": temperature, "measured_on": MEASURED_ON[split]}
+              "temperature": temperature, "views": int(views), "measured_on": MEASURED_ON[split]}
     bundle["decision"]["validation"] = result
     if bundle.get("model_card"):
         bundle["model_card"]["decision"] = result

@@ -28,7 +28,7 @@ from skain.inference.predictor import Predictor
 from skain.modelfile.bundle import BUNDLE_NAME, atomic_torch_save, load_model
 from skain.modelfile.load import read_bundle
 from skain.training.decide import store_rule_figures
-from skain.training.runfolder import CONFIG_NAME, SPLIT_NAME
+from skain.training.runfolder import CONFIG_NAME, METRICS_NAME, SPLIT_NAME
 from skain.trust.calibration import plot_reliability
 from skain.trust.crossfit import (
     HELD_OUT_METHOD,
@@ -203,6 +203,8 @@ def fit_views(bundle_path: str | Path, frame: pd.DataFrame, val_idx: np.ndarray,
     bundle["trust"].setdefault("views", {})[str(int(views))] = block
     if make_default:  # the model now answers with `views` views unless asked otherwise (predict.default_views)
         bundle["inference"] = {"tta": int(views)}
+        # the page's figures are those of the decision it now makes: its rule over `views` views
+        store_rule_figures(bundle, va.logits, va.labels, "validation", views=int(views))
     if bundle.get("model_card"):
         bundle["model_card"].setdefault("tta", {})[str(int(views))] = {
             "temperature": t, "threshold": triage.get("threshold"), "held_out": triage.get("held_out"),
@@ -270,6 +272,10 @@ def folder_split(out: str | Path) -> tuple[pd.DataFrame, np.ndarray, np.ndarray,
     import json
 
     out = Path(out)
+    if not (out / CONFIG_NAME).is_file() and (out / METRICS_NAME).is_file():
+        members = json.loads((out / METRICS_NAME).read_text()).get("members")
+        if members:
+            return shared_member_split(out, [Path(m).parent for m in members])
     cfg = json.loads((out / CONFIG_NAME).read_text())
     d = cfg["data"]
     frame = load_table(discover(d.get("data"), d.get("csv"), d.get("images") or []), skip_missing=d.get("skip_missing", False))
@@ -280,6 +286,18 @@ def folder_split(out: str | Path) -> tuple[pd.DataFrame, np.ndarray, np.ndarray,
                          "the data changed since training")
     train_idx, val_idx = np.flatnonzero(where == "train"), np.flatnonzero(where == "val")
     return frame, train_idx, val_idx, cfg
+
+
+def shared_member_split(out: Path, runs: list[Path]) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, dict]:
+    """An ensemble folder (`skain ensemble`) whose members were all validated on the same images (runs on one
+    split with different seeds or backbones): that split, which no member trained on. Members validated on
+    different images (the folds of a k-fold run) leave no image held out from all of them: refused."""
+    splits = [folder_split(run) for run in runs]
+    val_ids = [frozenset(frame["image_id"].iloc[val_idx]) for frame, _, val_idx, _ in splits]
+    if any(ids != val_ids[0] for ids in val_ids[1:]):
+        raise DataError(f"{out}: its members were validated on different images, so no image is held out from all "
+                        "of them; fit on a held-out folder instead (skain calibrate needs one shared split)")
+    return splits[0]
 
 
 def fit_trust_folder(out: str | Path, cache_dir: str | Path | None = None, device: str = "cpu",
