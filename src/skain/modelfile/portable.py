@@ -12,6 +12,18 @@ error: max probability difference 0.027 with them in float16, 0.012 with them in
 0.02). The shipped model's OOD matrices in float16 moved its OOD score by at most 9.2e-5 (relative) on 400 of
 its validation images and 24 probes, with every verdict the same (2026-12-05). Loading upcasts to float32.
 
+Whiteners are stored symmetric and packed: a D x D whitener under `trust` is written as its upper triangle, row by
+row (a 1-D tensor of D(D+1)/2 numbers, in the export dtype), with the placeholder
+`{"__tensor__": name, "packed": "upper", "n": D}`, and unpacked to the full matrix on reading; files without the
+marker load as before. An older, asymmetric whitener is first turned into the symmetric one that gives the same
+scores, its means with it (`skain.modelfile.compact`). On the shipped model in float16 (two 1280 x 1280
+whiteners): 15.27 MB with full whiteners, 12.00 MB packed (21.86 MB as shipped, OOD matrices in float32); on 200
+real images and 24 probes through the Predictor the packed file's OOD scores are within 2.4e-4 (relative) of the
+shipped file's, against 8.8e-5 for full float16 whiteners (the symmetric form mixes all directions in each entry,
+so float16 rounding weighs more), and every verdict is the same (benchmarks/accuracy/compact_ood.py,
+benchmarks/results/compact_ood.json, 2026-12-05). Two such Lite0 networks with their OOD checks would then
+take about 2 x 12.0 = 24 MB as an ensemble file (estimated from these sizes, not measured), against 2 x 15.3 MB.
+
 Which file a command loads, and reading either format, is `skain.modelfile.load`; the parity check that
 guards a reduced-precision export runs the model, so it lives in `skain.evaluation.parity`.
 """
@@ -28,6 +40,7 @@ import torch
 
 from skain.fileio import atomic_write
 from skain.modelfile.bundle import BundleError, check_bundle
+from skain.modelfile.compact import is_symmetric, pack_upper, packed_size, symmetric_state, unpack_upper
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +49,7 @@ META_KEY = "skain_bundle"
 TENSOR_REF = "__tensor__"
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 REDUCIBLE = ("state_dict", "trust")  # top-level parts whose floating matrices (dim >= 2) take the export dtype
+PACKED = "packed"  # placeholder key: the tensor is a symmetric matrix's upper triangle (value "upper"; "n": rows)
 
 
 # ------------------------------------------------------------------------------------------- writing
@@ -53,7 +67,8 @@ def portable_bytes(bundle: dict, dtype: str = "float16", extra: dict | None = No
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     tensors: dict[str, torch.Tensor] = {}
-    doc = {k: _split(v, k, tensors, DTYPES[dtype] if k in REDUCIBLE else None) for k, v in bundle.items()}
+    parts = {k: symmetric_state(v) if k == "trust" else v for k, v in bundle.items()}
+    doc = {k: _split(v, k, tensors, DTYPES[dtype] if k in REDUCIBLE else None) for k, v in parts.items()}
     doc["portable"] = {"dtype": dtype, **(extra or {})}
     return save(tensors, metadata={"format": "pt", META_KEY: json.dumps(doc, allow_nan=True)})
 
@@ -81,10 +96,15 @@ def _store(obj: torch.Tensor | np.ndarray, name: str, tensors: dict[str, torch.T
     if name in tensors:
         raise BundleError(f"two tensors of the bundle share the name {name!r}")
     tensor = torch.from_numpy(np.ascontiguousarray(obj)) if isinstance(obj, np.ndarray) else obj.detach().cpu()
-    if dtype is not None and tensor.is_floating_point() and tensor.dim() >= 2 and _fits(tensor, dtype, name):
+    ref: dict[str, Any] = {TENSOR_REF: name}
+    if name.startswith("trust.") and name.endswith(".whitener") and is_symmetric(tensor):
+        ref.update({PACKED: "upper", "n": int(tensor.shape[0])})
+        tensor = pack_upper(tensor)
+    if dtype is not None and tensor.is_floating_point() and (tensor.dim() >= 2 or PACKED in ref) \
+            and _fits(tensor, dtype, name):
         tensor = tensor.to(dtype)
     tensors[name] = tensor.contiguous().clone()  # safetensors refuses shared or strided storage
-    return {TENSOR_REF: name, "numpy": True} if isinstance(obj, np.ndarray) else {TENSOR_REF: name}
+    return {**ref, "numpy": True} if isinstance(obj, np.ndarray) else ref
 
 
 def _fits(tensor: torch.Tensor, dtype: torch.dtype, name: str) -> bool:
@@ -151,7 +171,20 @@ def _tensor(ref: dict, tensors: dict[str, torch.Tensor], used: set[str], origin:
     tensor = tensors[name]
     if tensor.dtype in (torch.float16, torch.bfloat16):
         tensor = tensor.float()
+    if PACKED in ref:
+        tensor = _unpacked(ref, tensor, origin)
     return tensor.numpy() if ref.get("numpy") is True else tensor
+
+
+def _unpacked(ref: dict, tensor: torch.Tensor, origin: str) -> torch.Tensor:
+    """A packed upper triangle -> the full symmetric matrix (files written before packing have no marker)."""
+    n, name = ref.get("n"), ref[TENSOR_REF]
+    if ref[PACKED] != "upper" or not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise BundleError(f"{origin}: tensor {name!r} has an unknown packing ({ref[PACKED]!r}, n={n!r})")
+    if tensor.dim() != 1 or tensor.numel() != packed_size(n) or not tensor.is_floating_point():
+        raise BundleError(f"{origin}: tensor {name!r} should hold the {packed_size(n)} floating numbers of a "
+                          f"{n} x {n} upper triangle, not {tuple(tensor.shape)} {tensor.dtype}")
+    return unpack_upper(tensor, n)
 
 
 def reload(bundle: dict, dtype: str) -> dict:

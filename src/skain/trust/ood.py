@@ -28,7 +28,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class MahalanobisScorer:
-    """score(features) = min over classes of ||(f - mu_c) W||^2 with W W^T = inverse shared covariance."""
+    """score(features) = min over classes of ||(f - mu_c) W||^2 with W W^T = inverse shared covariance.
+
+    `fit` makes W the symmetric inverse square root of the covariance, so a portable file stores its upper
+    triangle only; older bundles hold W = V diag(1/sqrt(lambda)) (not symmetric), which scores the same and which
+    `skain.modelfile.compact.symmetric_state` turns into the symmetric form when such a bundle is exported."""
 
     means: np.ndarray        # (classes, D), already multiplied by W
     whitener: np.ndarray     # (D, D)
@@ -44,9 +48,7 @@ class MahalanobisScorer:
         means = np.stack([x[labels == c].mean(0) for c in present])
         centred = x - means[np.searchsorted(present, labels)]
         cov = LedoitWolf(assume_centered=True).fit(centred).covariance_
-        vals, vecs = np.linalg.eigh(cov)
-        whitener = vecs / np.sqrt(np.maximum(vals, vals.max() * 1e-6))
-        return cls(means @ whitener, whitener, normalize)
+        return cls(*_symmetric_whitening(means, cov), normalize)
 
     def score(self, features: np.ndarray) -> np.ndarray:
         z = _prep(features, self.normalize) @ self.whitener
@@ -139,6 +141,15 @@ def scorer_from_state(state: dict) -> MahalanobisScorer | MaxScorer | EnsembleSc
 
 
 STATE_ARRAYS = ("means", "whitener", "parts")  # what the figures (model card, API) leave out
+
+
+def _symmetric_whitening(means: np.ndarray, cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(means @ S, S) with S = V diag(1/sqrt(lambda)) V^T, the symmetric inverse square root of `cov`
+    (eigenvalues floored at 1e-6 of the largest), made exactly symmetric."""
+    vals, vecs = np.linalg.eigh(cov)
+    whitener = (vecs / np.sqrt(np.maximum(vals, vals.max() * 1e-6))) @ vecs.T
+    whitener = (whitener + whitener.T) / 2
+    return means @ whitener, whitener
 
 
 def _prep(features: np.ndarray, normalize: bool) -> np.ndarray:
