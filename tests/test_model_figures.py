@@ -220,6 +220,9 @@ def test_a_rule_taken_over_keeps_tau_and_prior_but_not_the_source_figures(traine
     assert got["validation"]["n"] == len(pd.read_csv(target / VAL_PREDICTIONS))
     shown = decision_validation(read_bundle(target / BUNDLE_NAME))
     assert "cross_validated" not in shown and shown["balanced_accuracy"] == got["validation"]["balanced_accuracy"]
+    again = _copy_run(trained, tmp_path / "again")  # passed on once more: still named by the model that chose it
+    assert main(["decide", "--rule-from", str(target), "--model", str(again)]) == 0
+    assert read_bundle(again / BUNDLE_NAME)["decision"]["taken_from"] == got["taken_from"]
 
 
 def test_taking_a_rule_from_a_model_without_one_is_refused_and_changes_nothing(trained, tmp_path, capsys):

@@ -66,11 +66,13 @@ def take_rule(source: str | Path, model: str | Path) -> dict:
         raise ValueError(f"{source}: holds no decision rule to take over")
     if list(rule.get("classes") or []) != list(bundle["classes"]):
         raise ValueError(f"{source} decides between {rule.get('classes')}, {model} between {bundle['classes']}")
-    bundle["decision"] = {k: rule[k] for k in ("rule", "tau", "log_prior", "classes")}
-    bundle["decision"]["fit_on"] = (f"taken over unchanged from model {model_id(src_path)} (chosen there on "
-                                    f"{rule.get('fit_on')}); not refit on this model's predictions")
-    bundle["decision"]["taken_from"] = {"model_id": model_id(src_path), "fit_on": rule.get("fit_on"),
+    # a rule that was itself taken over names the model it was chosen on, not the one it passed through
+    origin = rule.get("taken_from") or {"model_id": model_id(src_path), "fit_on": rule.get("fit_on"),
                                         "nested_balanced_accuracy": rule.get("nested_balanced_accuracy")}
+    bundle["decision"] = {k: rule[k] for k in ("rule", "tau", "log_prior", "classes")}
+    bundle["decision"]["fit_on"] = (f"taken over unchanged from model {origin['model_id']} (chosen there on "
+                                    f"{origin['fit_on']}); not refit on this model's predictions")
+    bundle["decision"]["taken_from"] = origin
     stored = rule_figures_from_run(bundle, path.parent)
     atomic_torch_save(bundle, path)
     if bundle.get("model_card"):
