@@ -41,6 +41,13 @@ REPORT_PHOTOS = ("chelsea", "coffee", "rocket", "hubble_deep_field", "retina", "
                  "cell", "page", "text", "horse", "logo", "microaneurysms")
 
 
+def as_rgb(arr: np.ndarray) -> np.ndarray:
+    """A scikit-image sample as H x W x 3 uint8: grey and boolean images repeated over three channels (slicing
+    `[..., :3]` on a grey image would cut it into a strip 3 pixels wide), RGBA without its alpha."""
+    arr = arr.astype(np.uint8) * (255 if arr.dtype == bool else 1)
+    return np.repeat(arr[..., None], 3, axis=2) if arr.ndim == 2 else arr[..., :3]
+
+
 def photo_variants(names: tuple[str, ...], seed: int, crops: int = 4) -> dict[str, list[bytes]]:
     """Each scikit-image sample photo whole plus `crops` random crops (40-80 % of each side)."""
     import skimage.data as sk
@@ -49,7 +56,7 @@ def photo_variants(names: tuple[str, ...], seed: int, crops: int = 4) -> dict[st
     for name in names:
         arr = getattr(sk, name)()
         arr = arr[0] if isinstance(arr, tuple) else arr
-        arr = (arr.astype(np.uint8) * (255 if arr.dtype == bool else 1))[..., :3]
+        arr = as_rgb(arr)
         h, w = arr.shape[:2]
         views = [arr]
         for _ in range(crops):
