@@ -169,7 +169,9 @@ def run_epoch(cfg: Config, run: Run, phase: Phase, epoch: int, optimizer, sched,
     stats["loss"] = reduce_mean(info, stats["loss"] * stats["images"], stats["images"])
     stats["images_per_s"] *= info.world
     sync_buffers(info, run.scored())
-    res = gather_predictions(info, predict_logits(run.scored(), ctx["val_dl"], ctx["device"], ctx["dtype"],
+    # validation in float32 whatever trains in bf16/fp16: the figures stored with the best bundle are those of
+    # what the Predictor (float32) will answer; under bf16 autocast (AMX CPUs) a few decisions differed
+    res = gather_predictions(info, predict_logits(run.scored(), ctx["val_dl"], ctx["device"], None,
                                                   ctx["channels_last"], "validate", progress))
     probs = torch.from_numpy(res["logits"]).softmax(1).numpy()
     metrics = classification_metrics(res["label"], probs, CLASSES)
