@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from skain.fileio import atomic_json, atomic_write
 from skain.modelfile.hub import CARD, CONFIG, LIBRARY, SCHEME, WEIGHTS
 from skain.modelfile.load import model_id, read_file, resolve_path
 from skain.modelfile.portable import SUFFIX
-from skain.trust.modelcard import DISCLAIMER, to_markdown
+from skain.trust.modelcard import DISCLAIMER, ci_range, interval_note, interval_summary, to_markdown
 
 log = logging.getLogger(__name__)
 
@@ -106,37 +107,58 @@ def datasets(bundle: dict) -> list[str]:
 # ------------------------------------------------------------------------------------------- the card
 def held_out_figures(bundle: dict) -> list[dict]:
     """The figures the bundle holds that were measured on images that trained nothing, each named with how it
-    was held out (copied from the bundle, never typed)."""
+    was held out (copied from the bundle, never typed), with its 95% interval (`ci`, 'lo-hi', and how it was
+    made, `ci_note`) where the bundle has one."""
     m = bundle.get("metrics") or {}
     trust = bundle.get("trust") or {}
     card = bundle.get("model_card") or {}
+    rule = bundle.get("decision") or {}
+    classes = list(bundle.get("classes") or [])
     how_cv = card.get("held_out_method") or "cross-fitted halves of the validation split"
     val = f"validation split, {m.get('n')} images of lesions held out of training (it chose the epoch)"
+    scored = interval_summary(m.get("intervals"), classes)
+    beside = scored if scored and scored.get("split") == "validation" else None  # a test fold's are not these
+    figures = trust.get("figures") or {}
+    held_iv = interval_summary(figures.get("intervals"), classes)
     out: list[dict] = []
 
-    def add(kind: str, name: str, value: Any, where: str) -> None:
+    def add(kind: str, name: str, value: Any, where: str, iv: dict | None = None, key: str = "") -> None:
         if isinstance(value, (int, float)) and value == value:  # not NaN
-            out.append({"type": kind, "name": name, "value": round(float(value), 4), "held_out": where})
-    nested = ((bundle.get("decision") or {}).get("nested_balanced_accuracy") or {})
-    if float((bundle.get("decision") or {}).get("tau", 0.0)):
+            span = ci_range(iv, key, shown=float(value))
+            out.append({"type": kind, "name": name, "value": round(float(value), 4), "held_out": where,
+                        **({"ci": span, "ci_note": interval_note(iv)} if span else {})})
+    nested = rule.get("nested_balanced_accuracy") or {}
+    if float(rule.get("tau", 0.0)):
         add("balanced_accuracy", "balanced accuracy, decision rule (prior-adjusted)",
             (nested.get("adjusted") or {}).get("mean"),
             "nested k-fold cross-validation: each fold scored with the rule chosen on the other folds")
         add("balanced_accuracy", "balanced accuracy, arg-max", (nested.get("argmax") or {}).get("mean"),
             "the same k-fold cross-validation")
-    add("balanced_accuracy", "balanced accuracy, arg-max", m.get("balanced_accuracy"), val)
+        _rule_figures(add, rule.get("validation") or {}, classes)
+    add("balanced_accuracy", "balanced accuracy, arg-max", m.get("balanced_accuracy"), val, beside, "balanced_accuracy")
     add("accuracy", "accuracy, arg-max", m.get("accuracy"), val)
-    add("roc_auc", "macro AUC (one-vs-rest)", m.get("macro_auc"), val)
-    figures = trust.get("figures") or {}
+    add("roc_auc", "macro AUC (one-vs-rest)", m.get("macro_auc"), val, beside, "macro_auc")
     cal = (figures.get("calibration") or card.get("calibration") or {}).get("held_out") or {}
-    add("ece", "expected calibration error after temperature scaling", cal.get("ece_after"), how_cv)
+    add("ece", "expected calibration error after temperature scaling", cal.get("ece_after"), how_cv, held_iv, "ece")
     tri = (figures.get("triage") or card.get("triage") or {}).get("held_out") or {}
-    add("recall", "malignant triage sensitivity", tri.get("sensitivity"), how_cv)
-    add("specificity", "malignant triage specificity", tri.get("specificity"), how_cv)
+    add("recall", "malignant triage sensitivity", tri.get("sensitivity"), how_cv, held_iv, "triage_sensitivity")
+    add("specificity", "malignant triage specificity", tri.get("specificity"), how_cv, held_iv, "triage_specificity")
     ood = figures.get("ood") or card.get("ood") or {}
     add("false_rejection_rate", "dermoscopic lesions turned away as not dermoscopic",
-        ood.get("held_out_false_rejection"), how_cv)
+        ood.get("held_out_false_rejection"), how_cv, held_iv, "ood_false_rejection")
     return out
+
+
+def _rule_figures(add: Callable[..., None], stored: dict, classes: list[str]) -> None:
+    """The figures of the decision the model makes (its rule over the views it answers with), stored by
+    `skain decide` / `skain calibrate --tta N --default`, with the intervals of the rule's decisions."""
+    if not stored:
+        return
+    views = int(stored.get("views") or 1)
+    name = "balanced accuracy, decision rule (prior-adjusted)" + (f", {views} TTA views" if views > 1 else "")
+    where = f"{stored.get('measured_on')}; {stored.get('n')} images"
+    add("balanced_accuracy", name, stored.get("balanced_accuracy"), where,
+        interval_summary(stored.get("intervals"), classes), "balanced_accuracy")
 
 
 def model_card(bundle: dict, mid: str) -> str:
@@ -162,8 +184,11 @@ def model_card(bundle: dict, mid: str) -> str:
              f"or `skain predict --model {SCHEME}ORG/NAME --data photos/`. Weights licence: "
              f"{licence(bundle).upper()}" + (" (they derive from HAM10000 / ISIC Archive images; research and education "
                                              "only, not for commercial use)." if licence(bundle) == DATA_LICENCE else "."),
-             "", "## Held-out figures", "", "| figure | value | how it was held out |", "|---|---|---|"]
-    lines += [f"| {f['name']} | {f['value']:.4f} | {f['held_out']} |" for f in figures] or ["| (none recorded) | | |"]
+             "", "## Held-out figures", "", "| figure | value | 95% interval | how it was held out |", "|---|---|---|---|"]
+    lines += [f"| {f['name']} | {f['value']:.4f} | {f.get('ci') or 'n/a'} | {f['held_out']} |" for f in figures] or [
+        "| (none recorded) | | | |"]
+    notes = list(dict.fromkeys(f["ci_note"] for f in figures if f.get("ci_note")))
+    lines += ["", *notes] if notes else []
     lines.append("")
     card = bundle.get("model_card")
     if card:

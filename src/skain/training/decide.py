@@ -11,9 +11,11 @@ import pandas as pd
 import torch
 
 from skain.data.schema import CLASSES
+from skain.evaluation.bootstrap import Sample, bootstrap
 from skain.inference.decision import Decision, figures, log_prior_from_counts, nested_estimate
 from skain.modelfile.bundle import atomic_torch_save
 from skain.modelfile.load import model_id, read_bundle, resolve_path
+from skain.training.cvreport import oof_lesions
 from skain.training.runfolder import TEST_PREDICTIONS, VAL_PREDICTIONS
 from skain.trust.modelcard import write_card
 
@@ -84,11 +86,12 @@ def take_rule(source: str | Path, model: str | Path) -> dict:
 
 
 def store_rule_figures(bundle: dict, logits: np.ndarray, labels: np.ndarray, split: str,
-                       views: int = 1) -> dict | None:
+                       views: int = 1, groups: np.ndarray | None = None) -> dict | None:
     """Put the figures of the decision the bundle makes (its rule, arg-max beside it) on held-out rows into
     `bundle["decision"]["validation"]` and the model card, from raw logits of `views` TTA views and the
-    temperature fit for that many views (what the Predictor does). No decision rule: nothing to do (the
-    bundle's metrics are already arg-max figures)."""
+    temperature fit for that many views (what the Predictor does), with their 95% intervals (`rule_intervals`;
+    `groups`: each row's lesion id, else images are resampled). No decision rule: nothing to do (the bundle's
+    metrics are already arg-max figures)."""
     if not bundle.get("decision"):
         return None
     classes = list(bundle["classes"])
@@ -98,17 +101,34 @@ def store_rule_figures(bundle: dict, logits: np.ndarray, labels: np.ndarray, spl
         raise ValueError(f"no trust block fitted for {views} TTA views: skain calibrate --tta {views} first")
     temperature = float((block or trust).get("temperature", 1.0))
     probs = (torch.from_numpy(np.asarray(logits, dtype=np.float64)) / temperature).softmax(1).numpy()
-    result = {**figures(probs, labels, Decision(bundle["decision"], classes), classes), "split": split,
-              "temperature": temperature, "views": int(views), "measured_on": MEASURED_ON[split]}
+    decision = Decision(bundle["decision"], classes)
+    result = {**figures(probs, labels, decision, classes), "split": split,
+              "temperature": temperature, "views": int(views), "measured_on": MEASURED_ON[split],
+              "intervals": rule_intervals(probs, labels, decision(probs), classes, split, int(views), groups)}
     bundle["decision"]["validation"] = result
     if bundle.get("model_card"):
         bundle["model_card"]["decision"] = result
     return result
 
 
+def rule_intervals(probs: np.ndarray, labels: np.ndarray, pred: np.ndarray, classes: list[str], split: str,
+                   views: int, groups: np.ndarray | None = None, resamples: int = 2000, seed: int = 0) -> dict:
+    """95% bootstrap intervals of the rule's figures: balanced accuracy and recall of the rule's decisions
+    `pred`, AUCs and ECE of the calibrated probabilities they were made from; lesions (`groups`) resampled
+    within their diagnosis where known, else images (`evaluation.bootstrap`, the shape `metrics["intervals"]`
+    has)."""
+    sample = Sample(np.asarray(labels, dtype=int), probs, np.asarray(pred, dtype=int),
+                    mel=classes.index("mel") if "mel" in classes else None)
+    lesions = None if groups is None else np.asarray(groups).astype(str)
+    of = (f"the decision rule's decisions over {f'{views} TTA views' if views > 1 else 'a single view'} "
+          "(AUCs and ECE: the calibrated probabilities it decides from)")
+    return {"split": split, "of": of, **bootstrap(sample, lesions, resamples, seed)}
+
+
 def rule_figures_from_run(bundle: dict, run_dir: Path) -> dict | None:
     """store_rule_figures from the per-image predictions `skain train` wrote beside the bundle: the test fold's
-    (chose nothing) where there is one, else the validation split's. None when neither file is there."""
+    (chose nothing) where there is one, else the validation split's, lesions resampled for the intervals where
+    the table or the run's split.csv names them. None when neither file is there."""
     for name, split in ((TEST_PREDICTIONS, "test"), (VAL_PREDICTIONS, "validation")):
         table = run_dir / name
         if not table.is_file():
@@ -122,5 +142,8 @@ def rule_figures_from_run(bundle: dict, run_dir: Path) -> dict | None:
         frame = frame[frame["dx"].isin(index)]
         if frame.empty:
             continue
-        return store_rule_figures(bundle, frame[columns].to_numpy(), frame["dx"].map(index).to_numpy(), split)
+        lesions = (frame["lesion_id"].astype(str).to_numpy() if "lesion_id" in frame
+                   else oof_lesions([run_dir], frame["image_id"]) if "image_id" in frame else None)
+        return store_rule_figures(bundle, frame[columns].to_numpy(), frame["dx"].map(index).to_numpy(), split,
+                                  groups=lesions)
     return None

@@ -130,16 +130,22 @@ def fit_trust(bundle_path: str | Path, frame: pd.DataFrame, train_idx: np.ndarra
     probe_images = probe_set(s.seed)
     probes = {k: image_features(model, bundle, v, device) for k, v in probe_images.items()}
     probe_spreads = {k: image_spreads(bundle, v) for k, v in probe_images.items()}
-    lesions = frame.iloc[val_idx]["lesion_id"].astype(str).to_numpy() if "lesion_id" in frame else None
+    lesions = lesion_ids(frame, val_idx)
     figures = assemble(bundle, tr, va, halves(frame.iloc[val_idx], s.seed), probes, s, probe_spreads,
                        lambda v, held: held_out_intervals(v, held, list(bundle["classes"]), lesions, s.ece_bins))
     figures["fit_seconds"] = round(time.perf_counter() - started, 1)
-    store_rule_figures(bundle, va.logits, va.labels, "validation")  # a decision rule's figures under the new T
+    # a decision rule's figures under the new T, with lesion-resampled intervals
+    store_rule_figures(bundle, va.logits, va.labels, "validation", groups=lesions)
     atomic_torch_save(bundle, save_to or bundle_path)
     write_reports(Path(out_dir) if out_dir else bundle_path.parent, va, bundle["trust"]["temperature"],
                   bundle["model_card"], s.ece_bins)
     log.info("trust: done in %.1f min", figures["fit_seconds"] / 60)
     return figures
+
+
+def lesion_ids(frame: pd.DataFrame, idx: np.ndarray) -> np.ndarray | None:
+    """The lesion of each of `frame`'s rows `idx` (None without a lesion_id column: intervals resample images)."""
+    return frame.iloc[idx]["lesion_id"].astype(str).to_numpy() if "lesion_id" in frame else None
 
 
 def held_out_intervals(va: Outputs, held: HeldOut, classes: list[str], lesions: np.ndarray | None,
@@ -204,7 +210,7 @@ def fit_views(bundle_path: str | Path, frame: pd.DataFrame, val_idx: np.ndarray,
     if make_default:  # the model now answers with `views` views unless asked otherwise (predict.default_views)
         bundle["inference"] = {"tta": int(views)}
         # the page's figures are those of the decision it now makes: its rule over `views` views
-        store_rule_figures(bundle, va.logits, va.labels, "validation", views=int(views))
+        store_rule_figures(bundle, va.logits, va.labels, "validation", views=int(views), groups=lesion_ids(frame, val_idx))
     if bundle.get("model_card"):
         bundle["model_card"].setdefault("tta", {})[str(int(views))] = {
             "temperature": t, "threshold": triage.get("threshold"), "held_out": triage.get("held_out"),

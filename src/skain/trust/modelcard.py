@@ -50,7 +50,8 @@ def decision_validation(bundle: dict) -> dict:
     """The validation figures of the decision the model makes, for the page, `GET /api/model` and the card:
     the prior-adjusted rule's (arg-max beside them) where the bundle has a rule and its figures, else arg-max.
     `figures_of` says which; `measured_on` how the rows were held out; `cross_validated` the rule's nested
-    cross-validation estimate (the recipe's folds, not this file's validation split)."""
+    cross-validation estimate (the recipe's folds, not this file's validation split); `intervals` the 95%
+    intervals of the figures shown (the rule's decisions where they are the rule's), where the bundle has them."""
     metrics, rule = bundle.get("metrics") or {}, bundle.get("decision") or {}
     argmax = {"balanced_accuracy": metrics.get("balanced_accuracy"), "accuracy": metrics.get("accuracy"),
               "macro_f1": metrics.get("macro_f1"),
@@ -69,10 +70,15 @@ def decision_validation(bundle: dict) -> dict:
         out["cross_validated"] = {"how": f"nested: tau chosen on the other folds ({rule.get('fit_on')})",
                                   "argmax": nested.get("argmax"), "rule": nested.get("adjusted")}
     if stored:
+        riv = interval_summary(stored.get("intervals"), list(bundle.get("classes") or []))
+        auc = ((riv or {}).get("figures") or {}).get("macro_auc", {}).get("value")
         return {**out, "figures_of": "rule", "n": stored.get("n"),
                 **{k: stored.get(k) for k in ("balanced_accuracy", "accuracy", "macro_f1", "recall")},
                 "argmax": {k: stored["argmax"].get(k) for k in ("balanced_accuracy", "accuracy", "macro_f1", "recall")},
-                "measured_on": stored.get("measured_on") or held}
+                "measured_on": stored.get("measured_on") or held, "views": stored.get("views", 1),
+                # the rule's own intervals (its decisions; the AUCs of the probabilities it decides from, whose
+                # macro AUC then replaces the training-time one: same rows, same views)
+                **({"intervals": riv} if riv else {}), **({"macro_auc": auc} if auc is not None else {})}
     return {**out, "figures_of": "argmax", **argmax, "measured_on": held,
             "note": "this model decides with its prior-adjusted rule, but its file holds validation figures at "
                     "arg-max only: run `skain decide --model RUN` (with the run's predictions) or `skain evaluate` "
@@ -195,7 +201,7 @@ def to_markdown(card: dict) -> str:
               "## Model", f"- backbone `{m['backbone']}` ({'image only' if m['image_only'] else 'image + age/sex/site'}), "
               f"input {m['input_size']} px, pretrained weights: {public_pretrained(m['pretrained'])}, preset: {m['preset']}",
               f"- skAIn {m['skain_version']}, card written {m['created']}", ""]
-    lines += _data_section(d) + _decision_section(card.get("decision")) + _metrics_section(card["metrics"])
+    lines += _data_section(d) + _decision_section(card.get("decision"), list(m["classes"])) + _metrics_section(card["metrics"])
     lines += _metadata_section(card.get("metadata_ablation"))
     lines += _trust_sections(card)
     lines += [line for ext in card.get("external") or []
@@ -213,20 +219,31 @@ def _data_section(d: dict) -> list[str]:
     return out + [f"| {c} | {n} |" for c, n in counts.items()] + [""]
 
 
-def _decision_section(rule: dict | None) -> list[str]:
+def _decision_section(rule: dict | None, classes: list[str]) -> list[str]:
     """The figures of the decision the model makes, when it decides with the prior-adjusted rule (the arg-max
-    table below is then not what the model names)."""
+    table below is then not what the model names), with the 95% intervals of the rule's decisions where stored."""
     if not rule:
         return []
-    a = rule["argmax"]
+    a, iv = rule["argmax"], interval_summary(rule.get("intervals"), classes)
+    views = int(rule.get("views") or 1)
+    how = "single view" if views == 1 else f"{views} TTA views averaged"
     out = [f"## Validation figures of the decision it makes: {rule.get('rule')} (tau = {_n(rule.get('tau'), 2)})",
-           f"Measured on the {rule.get('measured_on')}; {rule.get('n')} images, single view, temperature "
-           f"{_n(rule.get('temperature'))}.",
-           f"- balanced accuracy {_n(rule.get('balanced_accuracy'))} with the rule, {_n(a.get('balanced_accuracy'))} at "
-           f"arg-max; accuracy {_n(rule.get('accuracy'))} / {_n(a.get('accuracy'))}; macro F1 "
-           f"{_n(rule.get('macro_f1'))} / {_n(a.get('macro_f1'))}", "",
-           "| class | recall with the rule | recall at arg-max |", "|---|---|---|"]
-    out += [f"| {c} | {_n(r)} | {_n(a.get('recall', {}).get(c))} |" for c, r in (rule.get("recall") or {}).items()]
+           f"Measured on the {rule.get('measured_on')}; {rule.get('n')} images, "
+           f"{how}, temperature {_n(rule.get('temperature'))}.",
+           f"- balanced accuracy {_n(rule.get('balanced_accuracy'))}"
+           f"{ci_text(iv, 'balanced_accuracy', shown=rule.get('balanced_accuracy'))} with the rule, "
+           f"{_n(a.get('balanced_accuracy'))} at arg-max; accuracy {_n(rule.get('accuracy'))} / {_n(a.get('accuracy'))}; "
+           f"macro F1 {_n(rule.get('macro_f1'))} / {_n(a.get('macro_f1'))}"]
+    if iv:
+        auc, mel = iv["figures"].get("macro_auc", {}), iv["figures"].get("melanoma_auc", {})
+        out += [f"- macro AUC {_n(auc.get('value'))}{ci_text(iv, 'macro_auc')}, melanoma AUC {_n(mel.get('value'))}"
+                f"{ci_text(iv, 'melanoma_auc')} (of the calibrated probabilities the rule decides from)",
+                f"- {interval_note(iv)[:-1]}, of the rule's decisions on these images."]
+    out += ["", "| class | recall with the rule | recall at arg-max |" + (" recall with the rule, 95% CI |" if iv else ""),
+            "|---|---|---|" + ("---|" if iv else "")]
+    out += [f"| {c} | {_n(r)} | {_n(a.get('recall', {}).get(c))} |"
+            + (f" {ci_range(iv, 'recall', cls=c, shown=r) or 'n/a'} |" if iv else "")
+            for c, r in (rule.get("recall") or {}).items()]
     return out + [""]
 
 
