@@ -363,6 +363,11 @@ def test_an_ensemble_of_runs_on_one_split_calibrates_n_views_on_that_split(folds
     assert main(["calibrate", "--model", str(shared), "--tta", "2", "--default", "--device", "cpu"]) == 0
     bundle = read_bundle(shared / "best_model.pt")
     assert bundle["inference"] == {"tta": 2} and bundle["trust"]["views"]["2"]["validation_images"] == len(val_idx)
+    from skain.web import create_app
+    from skain.web.service import Service
+    from test_model_figures import local_paths
+    info = create_app({"TESTING": True}, service=Service.load(shared)).test_client().get("/api/model").json
+    assert local_paths(info) == []  # the members are named by their folders, not this machine's paths
     kfold = tmp_path / "kfold"
     assert main(["ensemble", "--runs", *map(str, folds), "--output", str(kfold), "--device", "cpu"]) == 0
     before = (kfold / "best_model.pt").read_bytes()

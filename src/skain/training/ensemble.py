@@ -420,7 +420,7 @@ def _oof_metrics(oof: pd.DataFrame | None, classes: list[str], source: str) -> d
 
 def _training(members: list[Member]) -> dict:
     first = dict(members[0].bundle.get("training", {}))
-    per_member = [{"run": str(m.path.parent), "fold": m.bundle.get("training", {}).get("fold"),
+    per_member = [{"run": m.path.parent.name, "fold": m.bundle.get("training", {}).get("fold"),
                    "balanced_accuracy": m.bundle.get("metrics", {}).get("balanced_accuracy")} for m in members]
     return {**first, "synthetic": any(m.bundle.get("training", {}).get("synthetic") for m in members),
             "train_images": None, "val_images": None, "fold": None,
