@@ -7,7 +7,6 @@ The models are the tiny trained run with a rule forced strong enough to change i
 (test_model_figures._forced_rule)."""
 from __future__ import annotations
 
-import html as html_lib
 import re
 import shutil
 from pathlib import Path
@@ -25,9 +24,9 @@ from skain.modelfile.bundle import BUNDLE_NAME
 from skain.modelfile.load import read_bundle
 from skain.training.runfolder import SPLIT_NAME, VAL_PREDICTIONS
 from skain.trust.modelcard import interval_summary, to_markdown
-from skain.web import create_app
-from skain.web.service import Service
 from test_model_figures import _forced_rule
+from test_modelcard_intervals import _dd
+from test_modelcard_intervals import _service_view as _view
 
 
 @pytest.fixture(scope="module")
@@ -44,17 +43,6 @@ def ruled_without_intervals(trained, tmp_path_factory) -> Path:
     bundle["model_card"]["decision"].pop("intervals", None)
     torch.save(bundle, out / BUNDLE_NAME)
     return out
-
-
-def _view(model: Path) -> tuple[dict, str]:
-    client = create_app({"TESTING": True}, service=Service.load(model)).test_client()
-    return client.get("/api/model").json, html_lib.unescape(client.get("/").get_data(as_text=True))
-
-
-def _dd(page: str, ident: str) -> str:
-    found = re.search(rf'id="{ident}"[^>]*>(.*?)</dd>', page, re.S)
-    assert found, f"the page lost #{ident}"
-    return re.sub(r"<[^>]+>", "", found.group(1))
 
 
 def _pct_ci(entry: dict) -> str:
