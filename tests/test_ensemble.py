@@ -357,6 +357,9 @@ def test_an_ensemble_of_runs_on_one_split_calibrates_n_views_on_that_split(folds
     shared = tmp_path / "shared"
     assert main(["ensemble", "--runs", str(folds[0]), str(wide), "--output", str(shared), "--device", "cpu"]) == 0
     frame, train_idx, val_idx, _ = folder_split(shared)
+    built = read_bundle(shared / "best_model.pt")  # held out from both members: its own figures, said so
+    assert built["metrics"]["source"].startswith("the ensemble's own predictions on the validation split")
+    assert not any("its own accuracy is not measured" in x for x in built["model_card"]["limitations"])
     own, _, own_val, _ = folder_split(folds[0])
     assert set(frame["image_id"].iloc[val_idx]) == set(own["image_id"].iloc[own_val])
     assert not set(frame["image_id"].iloc[val_idx]) & set(frame["image_id"].iloc[train_idx])
@@ -370,6 +373,7 @@ def test_an_ensemble_of_runs_on_one_split_calibrates_n_views_on_that_split(folds
     assert local_paths(info) == []  # the members are named by their folders, not this machine's paths
     kfold = tmp_path / "kfold"
     assert main(["ensemble", "--runs", *map(str, folds), "--output", str(kfold), "--device", "cpu"]) == 0
+    assert "the ensemble itself has no held-out images" in read_bundle(kfold / "best_model.pt")["metrics"]["source"]
     before = (kfold / "best_model.pt").read_bytes()
     capsys.readouterr()
     assert main(["calibrate", "--model", str(kfold), "--tta", "2", "--device", "cpu"]) != 0

@@ -54,7 +54,7 @@ from skain.modelfile.bundle import (
     make_bundle,
 )
 from skain.modelfile.load import read_bundle, resolve_path
-from skain.training.runfolder import METRICS_NAME, OOF_NAME
+from skain.training.runfolder import METRICS_NAME, OOF_NAME, SPLIT_NAME
 from skain.training.trust_fit import extract, folder_split, write_reports
 from skain.trust.calibration import apply_temperature
 from skain.trust.crossfit import (
@@ -261,11 +261,26 @@ def oof_logits(members: list[Member], oof: str | Path | None, cache_dir: str | P
         return (only_folds(averaged_oof(per_run, classes), shared, per_run[0]),
                 f"the average of {', '.join(map(str, per_run))}")
     try:
-        return predict_own_validation(members, cache_dir, device), "the members' own validation splits"
+        own = predict_own_validation(members, cache_dir, device)
+        return own, SHARED_SPLIT if one_validation_split(members) else "the members' own validation splits"
     except (FileNotFoundError, KeyError, ValueError) as exc:
         log.warning("no out-of-fold predictions (%s): the ensemble keeps T = 1 and no triage threshold; fit them "
                     "with `skain calibrate` on a held-out folder", exc)
         return None, f"none ({exc})"
+
+
+# the source of an ensemble's held-out predictions when its members (one split, other seeds or backbones) were
+# all validated on the same images: those are then the ensemble's own predictions on images none trained on
+SHARED_SPLIT = "the validation split its members share (held out from every member)"
+
+
+def one_validation_split(members: list[Member]) -> bool:
+    """Every member's split.csv names the same validation images."""
+    vals = []
+    for m in members:
+        split = pd.read_csv(m.path.parent / SPLIT_NAME, dtype=str)
+        vals.append(frozenset(split.loc[split["split"] == "val", "image_id"]))
+    return all(v == vals[0] for v in vals[1:])
 
 
 def member_folds(members: list[Member]) -> set | None:
@@ -338,6 +353,8 @@ def ensemble_ood(members: list[Member], widths: list[int]) -> dict | None:
 
 
 def _scored_by(source: str) -> str:
+    if source == SHARED_SPLIT:
+        return "the ensemble itself"
     if source.startswith("the average of"):
         return "the members that did not train on each image, averaged"
     return "single members"
@@ -346,6 +363,8 @@ def _scored_by(source: str) -> str:
 def _fit_on(source: str) -> str:
     if source.startswith("none"):
         return "nothing (no out-of-fold predictions: T = 1, no triage threshold)"
+    if source == SHARED_SPLIT:
+        return f"its own predictions on {SHARED_SPLIT}"
     return f"out-of-fold predictions of {_scored_by(source)}"
 
 
@@ -375,8 +394,9 @@ def fit_trust_oof(bundle: dict, oof: pd.DataFrame | None, source: str, ood: dict
     bundle["model_card"] = build_card(bundle, figures)
     bundle["model_card"]["limitations"].append(
         f"An ensemble of {len(bundle['model_args']['ensemble'])} networks (averaged probabilities). Its temperature "
-        f"and triage threshold were fit on {_fit_on(source)} and its OOD check averages the members' own; no image "
-        "is held out from every member, so its own accuracy is not measured.")
+        f"and triage threshold were fit on {_fit_on(source)} and its OOD check averages the members' own; "
+        + ("its figures are measured on that split, which also chose each member's epoch." if source == SHARED_SPLIT
+           else "no image is held out from every member, so its own accuracy is not measured."))
     sizes = sorted({a["input_size"] for a in bundle["model_args"]["ensemble"] if "input_size" in a})
     if sizes:
         bundle["model_card"]["limitations"].append(
@@ -413,6 +433,9 @@ def _oof_metrics(oof: pd.DataFrame | None, classes: list[str], source: str) -> d
     if oof is None or not len(oof):
         return {"note": "no out-of-fold predictions: no figure measured on held-out lesions"}
     probs = torch.from_numpy(oof[[f"logit_{c}" for c in classes]].to_numpy(np.float64)).softmax(1).numpy()
+    if source == SHARED_SPLIT:
+        return {**classification_metrics(oof["label"].to_numpy(int), probs, classes),
+                "source": f"the ensemble's own predictions on {SHARED_SPLIT}; it chose each member's epoch"}
     return {**classification_metrics(oof["label"].to_numpy(int), probs, classes),
             "source": f"out-of-fold predictions of {_scored_by(source)} ({source}); the ensemble itself has no "
                       "held-out images"}
