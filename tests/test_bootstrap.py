@@ -201,3 +201,13 @@ def test_skain_compare_prints_the_paired_table_for_two_prediction_files(tmp_path
     ba = result["metrics"]["balanced_accuracy"]
     assert ba["ci"][0] <= ba["difference"] <= ba["ci"][1] and ba["difference"] > 0
     assert 0 <= result["delong"]["melanoma_auc"]["p_value"] <= 1
+
+
+def test_the_reports_interval_rows_name_each_recall_by_its_class():
+    from skain.evaluation.report import interval_lines
+    intervals = {"level": 0.95, "resamples": 10, "unit": "lesion", "seed": 0,
+                 "metrics": {"balanced_accuracy": {"value": 0.8, "ci": [0.7, 0.9]},
+                             "recall_4": {"value": 0.5, "ci": [0.4, 0.6]}}}
+    lines = interval_lines(intervals, ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"])
+    assert "| recall mel | 0.5000 | 0.4000 - 0.6000 |" in lines and "| balanced accuracy | 0.8000 | 0.7000 - 0.9000 |" in lines
+    assert "| recall 4 | 0.5000 | 0.4000 - 0.6000 |" in interval_lines(intervals)  # no classes given: the column

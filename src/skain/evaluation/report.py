@@ -127,7 +127,7 @@ def report_markdown(metrics: dict, context: dict) -> str:
     for c, m in metrics["per_class"].items():
         lines.append(f"| {c} | {_f(m['precision'])} | {_f(m['recall'])} | {_f(m['f1'])} | {_f(m['auc'])} | "
                      f"{m['support']} |")
-    lines += interval_lines(metrics.get("intervals"))
+    lines += interval_lines(metrics.get("intervals"), list(metrics["per_class"]))
     lines += lesion_lines(metrics.get("lesion_level"))
     lines += ["", "Balanced accuracy is the mean per-class recall (HAM10000 is ~67% nevi, so plain accuracy "
               "flatters a model that favours nevi). Melanoma sensitivity/specificity use the argmax decision.",
@@ -135,8 +135,9 @@ def report_markdown(metrics: dict, context: dict) -> str:
     return "\n".join(lines)
 
 
-def interval_lines(intervals: dict | None) -> list[str]:
-    """The bootstrap intervals as a table (skain.evaluation.evaluate.with_intervals)."""
+def interval_lines(intervals: dict | None, classes: list[str] | None = None) -> list[str]:
+    """The bootstrap intervals as a table (skain.evaluation.evaluate.with_intervals); per-class rows
+    (`recall_<column>`) named by their class where `classes` are given."""
     if not intervals:
         return []
     level = int(round(100 * intervals["level"]))
@@ -144,6 +145,9 @@ def interval_lines(intervals: dict | None) -> list[str]:
              f"each class (seed {intervals['seed']}).", "", f"| metric | value | {level}% interval |", "|---|---|---|"]
     for key, m in intervals["metrics"].items():
         lo, hi = m["ci"]
+        name, _, column = key.rpartition("_")
+        if classes and name == "recall" and column.isdigit() and int(column) < len(classes):
+            key = f"recall {classes[int(column)]}"
         lines.append(f"| {key.replace('_', ' ')} | {_f(m['value'])} | {_f(lo)} - {_f(hi)} |")
     return lines
 
@@ -161,7 +165,7 @@ def lesion_lines(level: dict | None) -> list[str]:
              f"| macro AUC (one vs rest) | {_f(level['macro_auc'])} |",
              f"| melanoma sensitivity | {_f(mel.get('sensitivity'))} |",
              f"| melanoma specificity | {_f(mel.get('specificity'))} |"]
-    lines += interval_lines(level.get("intervals"))
+    lines += interval_lines(level.get("intervals"), list(level.get("per_class") or []) or None)
     vs = level.get("vs_image_level")
     if vs:
         level_pct = int(round(100 * vs["level"]))
