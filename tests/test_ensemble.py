@@ -369,8 +369,13 @@ def test_an_ensemble_of_runs_on_one_split_calibrates_n_views_on_that_split(folds
     from skain.web import create_app
     from skain.web.service import Service
     from test_model_figures import local_paths
-    info = create_app({"TESTING": True}, service=Service.load(shared)).test_client().get("/api/model").json
+    client = create_app({"TESTING": True}, service=Service.load(shared)).test_client()
+    info = client.get("/api/model").json
     assert local_paths(info) == []  # the members are named by their folders, not this machine's paths
+    page = client.get("/")
+    assert page.status_code == 200  # the About panel renders an ensemble's OOD figures (its members' mean)
+    import html
+    assert "the mean of its 2 networks' own" in html.unescape(page.get_data(as_text=True))
     kfold = tmp_path / "kfold"
     assert main(["ensemble", "--runs", *map(str, folds), "--output", str(kfold), "--device", "cpu"]) == 0
     assert "the ensemble itself has no held-out images" in read_bundle(kfold / "best_model.pt")["metrics"]["source"]

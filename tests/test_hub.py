@@ -175,10 +175,15 @@ def test_export_hf_of_the_default_model_carries_the_data_licence(default_model, 
         assert meta["datasets"] == ["HAM10000"] and "CC-BY-NC-4.0" in body
     if float((bundle.get("decision") or {}).get("tau", 0)):
         rule = meta["model-index"][0]["results"][0]
-        assert rule["metrics"][0]["name"].endswith("decision rule (prior-adjusted)")
-        assert rule["metrics"][0]["value"] == pytest.approx(
-            bundle["decision"]["nested_balanced_accuracy"]["adjusted"]["mean"], abs=1e-4)
-        assert "nested" in rule["dataset"]["split"]
+        assert "decision rule (prior-adjusted)" in rule["metrics"][0]["name"]  # ", 8 TTA views" where it has them
+        nested = bundle["decision"].get("nested_balanced_accuracy")
+        if nested:  # a rule chosen on this recipe's folds: its nested cross-validated estimate comes first
+            assert rule["metrics"][0]["value"] == pytest.approx(nested["adjusted"]["mean"], abs=1e-4)
+            assert "nested" in rule["dataset"]["split"]
+        else:  # a rule taken over from another model: the figures of its own decisions on its validation split
+            assert rule["metrics"][0]["value"] == pytest.approx(bundle["decision"]["validation"]["balanced_accuracy"],
+                                                                abs=1e-4)
+            assert "validation" in rule["dataset"]["split"]
     text = (tmp_path / "card" / "config.json").read_text()
     assert not re.search(r'"/(tmp|home|root|Users)/', card + text)  # no paths of the machine that built it
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from skain.modelfile.bundle import BUNDLE_NAME
-from skain.modelfile.load import SHIPPED_MODEL
+from skain.modelfile.load import SHIPPED_MODEL, read_bundle
 from skain.trust.modelcard import interval_summary, to_markdown
 from skain.web import create_app
 from skain.web.service import Service
@@ -201,9 +201,16 @@ def test_a_model_without_intervals_shows_its_figures_without_error(without_inter
     assert _dd(page, "about-balacc").startswith(f"{100 * info['validation']['balanced_accuracy']:.1f}%")
 
 
-def test_the_shipped_model_has_no_intervals_and_still_shows_its_figures():
+def test_the_shipped_model_shows_intervals_exactly_where_its_file_has_them():
+    """The file shipped since 2026-12-05 stores its rule's intervals (the page shows them); the previous one
+    (d7d5c74ea1e9) stored none and showed its figures without (a bundle like it: the tests above)."""
     if not SHIPPED_MODEL.is_file():
         pytest.skip("this checkout has no shipped model")
+    stored = (read_bundle(SHIPPED_MODEL).get("decision") or {}).get("validation") or {}
     info, page = _service_view(SHIPPED_MODEL)
-    assert "intervals" not in info["validation"] and "trust_intervals" not in info
-    assert "% CI" not in page and info["validation"]["balanced_accuracy"] is not None
+    assert info["validation"]["balanced_accuracy"] is not None
+    if stored.get("intervals"):
+        ba = info["validation"]["intervals"]["figures"]["balanced_accuracy"]
+        assert ba["ci"][0] <= info["validation"]["balanced_accuracy"] <= ba["ci"][1] and "% CI" in page
+    else:
+        assert "intervals" not in info["validation"] and "% CI" not in page

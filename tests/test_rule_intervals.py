@@ -94,7 +94,8 @@ def test_n_views_made_the_default_store_intervals_of_the_rule_over_n_views(ruled
     iv = stored["intervals"]
     assert stored["views"] == 2 and "over 2 TTA views" in iv["of"] and iv["unit"] == "lesion"
     assert iv["metrics"]["balanced_accuracy"]["value"] == pytest.approx(stored["balanced_accuracy"])
-    assert iv["metrics"]["macro_auc"] != one_view["metrics"]["macro_auc"]  # other probabilities: other AUCs
+    # other probabilities, other figures (ECE at least: the tiny model's AUCs may be 1.0 for both)
+    assert any(iv["metrics"][k] != one_view["metrics"][k] for k in iv["metrics"])
     text = to_markdown(bundle["model_card"])
     assert "2 TTA views averaged" in text and "of the rule's decisions on these images" in text
 

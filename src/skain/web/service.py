@@ -18,7 +18,7 @@ from skain.data.schema import parse_age, parse_choice
 from skain.inference.explain import ExplainError, GradCam
 from skain.inference.predictor import Prediction, Predictor
 from skain.modelfile.load import ModelChoice, choose_model, model_id
-from skain.trust.modelcard import decision_validation, interval_summary, public_pretrained
+from skain.trust.modelcard import decision_validation, interval_summary, public_pretrained, shown_ood
 from skain.trust.runtime import NOT_DERMOSCOPIC
 from skain.web.content import describe
 
@@ -186,7 +186,7 @@ def _public_card(card: dict | None) -> dict | None:
     data = dict(card.get("data", {}))
     data["source"] = Path(data["source"]).name if data.get("source") else None
     model = {**card.get("model", {}), "pretrained": public_pretrained(card.get("model", {}).get("pretrained"))}
-    return {**card, "data": data, "model": model}
+    return {**card, "data": data, "model": model, "ood": shown_ood(card.get("ood"))}
 
 
 def jsonable(obj: Any) -> Any:
