@@ -1,0 +1,70 @@
+"""benchmarks/accuracy/reencode_effect.py's paired figures: the share of decisions a copy keeps, its change in
+balanced accuracy and in the share turned away, with intervals that pair the copy with the original."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from benchmarks.accuracy.reencode_effect import against_original, sample, with_intervals
+from skain.data.schema import CLASSES
+from skain.trust.triage import INVESTIGATE, ROUTINE
+
+
+def predictions(ids: list[str], decided: list[str], ood: list[bool]) -> pd.DataFrame:
+    rows = []
+    for image_id, label, rejected in zip(ids, decided, ood):
+        probs = {f"p_{c}": (0.94 if c == label else 0.01) for c in CLASSES}
+        rows.append({"image_id": image_id, "pred": label, "prob": 0.94, "ood": rejected,
+                     "triage": INVESTIGATE if label in ("mel", "bcc", "akiec") else ROUTINE, **probs})
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture
+def frame() -> pd.DataFrame:
+    dx = ["nv"] * 6 + ["mel"] * 4 + ["bkl"] * 2
+    return pd.DataFrame({"image_id": [f"I{i}" for i in range(12)], "dx": dx,
+                         "lesion_id": [f"L{i // 2}" for i in range(12)]})
+
+
+def test_a_copy_that_changes_nothing_keeps_every_decision_and_meets_the_bar(frame):
+    pred = predictions(list(frame["image_id"]), list(frame["dx"]), [False] * 12)
+    a = sample(pred, frame)
+    out = against_original(a, sample(pred.sample(frac=1, random_state=0), frame), frame["lesion_id"].to_numpy(), 200)
+    assert out["same_decision"] == {"value": 1.0, "ci": [1.0, 1.0]}
+    assert out["balanced_accuracy_change"]["value"] == 0.0 and out["ood_rise_points"]["value"] == 0.0
+    assert all(out["meets_bar"].values())
+
+
+def test_changed_decisions_and_rejections_are_counted_against_the_original(frame):
+    ids, lesions = list(frame["image_id"]), frame["lesion_id"].to_numpy()
+    original = sample(predictions(ids, list(frame["dx"]), [False] * 12), frame)
+    decided = list(frame["dx"])
+    decided[6] = decided[7] = "nv"        # one melanoma lesion (two images) now called a naevus
+    ood = [False] * 11 + [True]           # one image turned away
+    copy = sample(predictions(ids, decided, ood), frame)
+    out = against_original(original, copy, lesions, 500)
+    assert out["same_decision"]["value"] == round(10 / 12, 4)
+    lo, hi = out["same_decision"]["ci"]
+    assert lo < 10 / 12 <= hi <= 1.0
+    # melanoma recall 4/4 -> 2/4 over three classes present: balanced accuracy 1 -> (1 + 0.5 + 1) / 3
+    assert out["balanced_accuracy_change"]["value"] == pytest.approx(-0.5 / 3, abs=1e-4)
+    assert out["ood_rise_points"]["value"] == pytest.approx(100 / 12, abs=1e-2)
+    assert out["triage_sensitivity_change"]["value"] == pytest.approx(-0.5)
+    assert out["meets_bar"] == {"same_decision": False, "balanced_accuracy": False, "ood": False}
+    figures = with_intervals(copy, lesions, 200)
+    assert figures["triage_sensitivity"]["value"] == 0.5
+    low, high = figures["balanced_accuracy"]["ci"]
+    assert low <= figures["balanced_accuracy"]["value"] <= high
+
+
+def test_an_image_left_unpredicted_is_an_error_not_a_silent_drop(frame):
+    pred = predictions(list(frame["image_id"])[:-1], list(frame["dx"])[:-1], [False] * 11)
+    with pytest.raises(SystemExit, match="1 images were not predicted"):
+        sample(pred, frame)
+
+
+def test_the_sample_follows_the_frames_order_not_the_predictions(frame):
+    pred = predictions(list(frame["image_id"]), list(frame["dx"]), [False] * 12).iloc[::-1]
+    s = sample(pred, frame)
+    assert np.array_equal(s.pred, s.labels)
