@@ -7,6 +7,7 @@ import stat
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from skain.fileio import atomic_json, atomic_write
@@ -109,3 +110,21 @@ def test_the_training_lock_is_created_0644(tmp_path, umask):
     with RunLock(tmp_path) as lock:
         assert mode(lock.path) == 0o644 and lock.path.read_text() == str(os.getpid())
     assert not lock.path.exists()
+
+
+def test_runs_share_a_validation_split_only_when_their_split_csvs_name_the_same_validation_images(tmp_path):
+    """One check for `skain ensemble`'s wording and `skain calibrate` on an ensemble folder: split.csv decides."""
+    from skain.training.runfolder import share_validation, validation_ids
+
+    def run(name: str, val: list[str]) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        ids = ["a", "b", "c", "d"]
+        pd.DataFrame({"image_id": ids, "split": ["val" if i in val else "train" for i in ids]}).to_csv(
+            folder / "split.csv", index=False)
+        return folder
+
+    seed42, seed7, fold1 = run("seed42", ["a", "b"]), run("seed7", ["b", "a"]), run("fold1", ["c", "d"])
+    assert validation_ids(seed42) == frozenset({"a", "b"})
+    assert share_validation([seed42, seed7]) and share_validation([seed42])
+    assert not share_validation([seed42, seed7, fold1])

@@ -54,7 +54,7 @@ from skain.modelfile.bundle import (
     make_bundle,
 )
 from skain.modelfile.load import read_bundle, resolve_path
-from skain.training.runfolder import METRICS_NAME, OOF_NAME, SPLIT_NAME
+from skain.training.runfolder import METRICS_NAME, OOF_NAME, share_validation
 from skain.training.trust_fit import extract, folder_split, write_reports
 from skain.trust.calibration import apply_temperature
 from skain.trust.crossfit import (
@@ -262,7 +262,7 @@ def oof_logits(members: list[Member], oof: str | Path | None, cache_dir: str | P
                 f"the average of {', '.join(map(str, per_run))}")
     try:
         own = predict_own_validation(members, cache_dir, device)
-        return own, SHARED_SPLIT if one_validation_split(members) else "the members' own validation splits"
+        return own, SHARED_SPLIT if share_validation([m.path.parent for m in members]) else "the members' own validation splits"
     except (FileNotFoundError, KeyError, ValueError) as exc:
         log.warning("no out-of-fold predictions (%s): the ensemble keeps T = 1 and no triage threshold; fit them "
                     "with `skain calibrate` on a held-out folder", exc)
@@ -272,15 +272,6 @@ def oof_logits(members: list[Member], oof: str | Path | None, cache_dir: str | P
 # the source of an ensemble's held-out predictions when its members (one split, other seeds or backbones) were
 # all validated on the same images: those are then the ensemble's own predictions on images none trained on
 SHARED_SPLIT = "the validation split its members share (held out from every member)"
-
-
-def one_validation_split(members: list[Member]) -> bool:
-    """Every member's split.csv names the same validation images."""
-    vals = []
-    for m in members:
-        split = pd.read_csv(m.path.parent / SPLIT_NAME, dtype=str)
-        vals.append(frozenset(split.loc[split["split"] == "val", "image_id"]))
-    return all(v == vals[0] for v in vals[1:])
 
 
 def member_folds(members: list[Member]) -> set | None:

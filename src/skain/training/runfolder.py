@@ -327,6 +327,18 @@ def write_run_files(out: Path, cfg: Config, prep: Prepared, pre: dict) -> None:
     atomic_write(out / SPLIT_NAME, lambda fh: fh.write(table.to_csv(index=False).encode()))
 
 
+def validation_ids(run: str | Path) -> frozenset[str]:
+    """The images a finished run folder's split.csv puts in its validation split."""
+    split = pd.read_csv(Path(run) / SPLIT_NAME, dtype=str)
+    return frozenset(split.loc[split["split"] == "val", "image_id"])
+
+
+def share_validation(runs: Sequence[str | Path]) -> bool:
+    """Every run folder validated on the same images (runs on one split with different seeds or backbones), so
+    that split is held out from all of them; the folds of a k-fold run are not."""
+    ids = [validation_ids(run) for run in runs]
+    return all(v == ids[0] for v in ids[1:])
+
 
 
 def save_logits(path: Path, frame: pd.DataFrame, logits: dict[str, np.ndarray]) -> None:

@@ -28,7 +28,7 @@ from skain.inference.predictor import Predictor
 from skain.modelfile.bundle import BUNDLE_NAME, atomic_torch_save, load_model
 from skain.modelfile.load import read_bundle
 from skain.training.decide import store_rule_figures
-from skain.training.runfolder import CONFIG_NAME, METRICS_NAME, SPLIT_NAME
+from skain.training.runfolder import CONFIG_NAME, METRICS_NAME, SPLIT_NAME, share_validation
 from skain.trust.calibration import plot_reliability
 from skain.trust.crossfit import (
     HELD_OUT_METHOD,
@@ -298,12 +298,10 @@ def shared_member_split(out: Path, runs: list[Path]) -> tuple[pd.DataFrame, np.n
     """An ensemble folder (`skain ensemble`) whose members were all validated on the same images (runs on one
     split with different seeds or backbones): that split, which no member trained on. Members validated on
     different images (the folds of a k-fold run) leave no image held out from all of them: refused."""
-    splits = [folder_split(run) for run in runs]
-    val_ids = [frozenset(frame["image_id"].iloc[val_idx]) for frame, _, val_idx, _ in splits]
-    if any(ids != val_ids[0] for ids in val_ids[1:]):
+    if not share_validation(runs):
         raise DataError(f"{out}: its members were validated on different images, so no image is held out from all "
                         "of them; fit on a held-out folder instead (skain calibrate needs one shared split)")
-    return splits[0]
+    return folder_split(runs[0])
 
 
 def fit_trust_folder(out: str | Path, cache_dir: str | Path | None = None, device: str = "cpu",
