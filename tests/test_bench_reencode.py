@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-
 from benchmarks.accuracy.reencode_effect import against_original, sample, with_intervals
+
 from skain.data.schema import CLASSES
 from skain.trust.triage import INVESTIGATE, ROUTINE
 
@@ -68,3 +68,16 @@ def test_the_sample_follows_the_frames_order_not_the_predictions(frame):
     pred = predictions(list(frame["image_id"]), list(frame["dx"]), [False] * 12).iloc[::-1]
     s = sample(pred, frame)
     assert np.array_equal(s.pred, s.labels)
+
+
+def test_a_cautious_triage_threshold_keeps_the_target_sensitivitys_lower_bound():
+    """benchmarks/accuracy/triage_heldout.py: at confidence 0.5 about the point estimate; asking for more
+    confidence lowers the threshold, flagging more positives than the target needs."""
+    from benchmarks.accuracy.triage_heldout import cautious_threshold
+    p = np.linspace(0.01, 0.99, 100)
+    positive = np.ones(100, dtype=bool)
+    plain = cautious_threshold(p, positive, 0.90, 0.5)
+    strict = cautious_threshold(p, positive, 0.90, 0.95)
+    assert strict < plain
+    assert 0.86 <= (p >= plain).mean() <= 0.92  # about 90% of the positives flagged
+    assert (p >= strict).mean() >= 0.94         # 100 positives: the 95% lower bound of >= 90% needs about 95 of them
