@@ -30,6 +30,7 @@ from skain.trust.triage import (
     ROUTINE,
     operating_point,
     p_malignant,
+    positives_needed,
     sensitivity_at_specificity,
     threshold_for_sensitivity,
 )
@@ -84,6 +85,28 @@ def test_triage_threshold_meets_the_requested_sensitivity_on_validation(target):
     tighter = np.sort(scores[positive & (scores >= thr)])[0] + 1e-9  # drop one more positive
     assert operating_point(scores, positive, tighter)["sensitivity"] < target
     assert point["specificity"] > 0.3
+
+
+def test_a_cautious_triage_threshold_flags_enough_positives_for_the_lower_confidence_bound():
+    """--triage-confidence C: the fewest k of n positives whose one-sided Clopper-Pearson lower bound at C is >= the
+    target, so one fewer would not do. 196 malignant validation lesions (the shipped recipe's held-out split): 187
+    for the point estimate of 95%, 190 at 0.8, 191 at 0.9, 192 at 0.95; too few positives: all of them."""
+    from scipy.stats import beta
+    assert positives_needed(196, 0.95) == 187
+    for confidence, k in ((0.8, 190), (0.9, 191), (0.95, 192)):
+        assert positives_needed(196, 0.95, confidence) == k
+        assert beta.ppf(1 - confidence, k, 196 - k + 1) >= 0.95 > beta.ppf(1 - confidence, k - 1, 196 - k + 2)
+    assert positives_needed(10, 0.95, 0.9) == 10
+    with pytest.raises(ValueError, match="confidence"):
+        positives_needed(196, 0.95, 1.0)
+    rng = np.random.default_rng(5)
+    positive = rng.random(2000) < 0.2
+    scores = np.clip(rng.normal(np.where(positive, 0.6, 0.3), 0.15), 0, 1)
+    plain = operating_point(scores, positive, threshold_for_sensitivity(scores, positive, 0.95))
+    cautious = operating_point(scores, positive, threshold_for_sensitivity(scores, positive, 0.95, 0.9))
+    n = int(positive.sum())
+    assert cautious["threshold"] < plain["threshold"] and cautious["specificity"] < plain["specificity"]
+    assert round(cautious["sensitivity"] * n) == positives_needed(n, 0.95, 0.9)
 
 
 def test_triage_threshold_refuses_a_split_without_malignant_lesions():
@@ -387,6 +410,32 @@ def test_calibrate_tta_fits_temperature_and_triage_that_predict_tta_applies(trai
 
 
 # ----------------------------------------------------------------------------- time budget and progress
+
+
+def test_calibrate_with_triage_confidence_chooses_a_lower_threshold_and_says_so(trained, tmp_path, capsys):
+    """`skain calibrate --triage-confidence 0.9` flags at least as many validation lesions as the default, stores
+    the confidence with the threshold and names it on the model card; a confidence out of range is refused
+    before anything is written."""
+    import shutil
+
+    from skain.cli import main
+    from skain.modelfile.load import read_bundle
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    before = read_bundle(run)["trust"]["triage"]
+    assert "confidence" not in before
+    untouched = (run / "best_model.pt").read_bytes()
+    assert main(["calibrate", "--model", str(run), "--tta", "2", "--triage-confidence", "1.5", "--device", "cpu"]) == 2
+    assert "triage confidence must be in [0.5, 1)" in capsys.readouterr().err
+    assert (run / "best_model.pt").read_bytes() == untouched
+    assert main(["calibrate", "--model", str(run), "--triage-confidence", "0.9", "--device", "cpu"]) == 0
+    after = read_bundle(run)["trust"]["triage"]
+    assert after["confidence"] == 0.9 and after["threshold"] <= before["threshold"]
+    assert after["sensitivity"] >= before["sensitivity"] and after["positives"] == before["positives"]
+    card = (run / "model_card.md").read_text()
+    assert "Clopper-Pearson lower bound at confidence 0.9" in card
+
+
 def test_budget_sample_keeps_every_class_and_fits_the_budget():
     from skain.training.trust_fit import MIN_OOD_TRAIN, budget_sample
     rng = np.random.default_rng(0)

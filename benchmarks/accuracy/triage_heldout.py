@@ -6,10 +6,11 @@
 VAL.csv and TEST.csv are `skain predict` outputs of one model on its validation split and on its held-out test
 fold (with `p_malignant` and `triage` columns). Reports the malignant (mel + bcc + akiec) sensitivity and the
 specificity of the model's own triage flag on both, per malignant class on the test fold, and what a more
-cautious choice on validation would have given on the test fold: the highest threshold whose one-sided
-Clopper-Pearson lower bound of validation sensitivity is still >= the target (95%) at confidence 0.5 (about the
-point estimate, what skAIn fits), 0.8, 0.9 and 0.95. An experiment: skAIn's trust layer does not choose its
-threshold this way.
+cautious choice on validation would have given on the test fold: the threshold `skain calibrate
+--triage-confidence C` chooses (enough validation positives flagged that the sensitivity's one-sided
+Clopper-Pearson lower bound at confidence C is still >= the target, 95%), at C = 0.5, 0.8, 0.9 and 0.95, here on
+the metadata-as-entered predictions only (calibrate also requires it with every field blank). skAIn's default
+(no C) reaches the target on validation itself.
 
 In benchmarks/results/: triage_heldout_ensemble.json (2026-12-05, the shipped recipe held out: the two-network
 ensemble of `reencode_heldout_ensemble.json`, 8 views; docs/robustness.md).
@@ -20,11 +21,10 @@ import argparse
 
 import numpy as np
 import pandas as pd
-from scipy.stats import beta
 
 from benchmarks.common import DATA_ROOT, what, write_json
 from skain.data.schema import MALIGNANT
-from skain.trust.triage import INVESTIGATE
+from skain.trust.triage import INVESTIGATE, threshold_for_sensitivity
 
 
 def rates(flag: np.ndarray, positive: np.ndarray) -> dict:
@@ -34,16 +34,9 @@ def rates(flag: np.ndarray, positive: np.ndarray) -> dict:
 
 
 def cautious_threshold(p_mal: np.ndarray, positive: np.ndarray, target: float, confidence: float) -> float:
-    """The highest threshold on `p_mal` at which the Clopper-Pearson lower bound (one-sided, `confidence`) of the
-    sensitivity among `positive` rows is >= target."""
-    scores = np.sort(p_mal[positive])
-    n, best = len(scores), float(scores[0])
-    for i, threshold in enumerate(scores):  # threshold = scores[i] flags the n - i highest positives
-        k = n - i
-        bound = beta.ppf(1 - confidence, k, n - k + 1) if k < n else (1 - confidence) ** (1 / n)
-        if bound >= target:
-            best = float(threshold)
-    return best
+    """The threshold `skain calibrate --triage-confidence` chooses on metadata as entered: enough positives flagged
+    that the sensitivity's one-sided Clopper-Pearson lower bound at `confidence` reaches `target`."""
+    return threshold_for_sensitivity(p_mal, positive, target, confidence)
 
 
 def load(path: str, truth: pd.DataFrame) -> pd.DataFrame:

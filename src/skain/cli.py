@@ -402,17 +402,26 @@ def add_calibrate_args(p: argparse.ArgumentParser) -> None:
                    "averaged over this many TTA views (2-8), so `skain predict --tta N` keeps them")
     p.add_argument("--default", action="store_true", help="with --tta N: make N views the model's default inference "
                    "(predict, evaluate, serve and the web app run it unless told --tta 1)")
+    p.add_argument("--triage-confidence", type=float, default=None, metavar="C",
+                   help="choose the triage threshold with margin: flag enough malignant validation lesions that the "
+                   "sensitivity's one-sided Clopper-Pearson lower bound at confidence C (0.5-0.99, e.g. 0.9) still "
+                   "reaches 95%%; costs specificity (default: reach 95%% on validation itself)")
 
 
 def run_calibrate(ns: argparse.Namespace) -> int:
     """Fit temperature, triage threshold and OOD check for a run trained before they existed (or, with --tta N,
     the temperature and triage threshold for N-view test-time augmentation)."""
     from skain.training.trust_fit import fit_trust_folder, fit_views_folder
+    from skain.trust.crossfit import TrustSettings
+    from skain.trust.triage import positives_needed
     if ns.default and ns.tta < 2:
         raise ValueError("--default needs --tta N with N >= 2 (one view is already the fallback)")
+    if ns.triage_confidence is not None:
+        positives_needed(1, 0.95, ns.triage_confidence)  # a confidence out of range fails here, before any work
+    settings = TrustSettings(triage_confidence=ns.triage_confidence)
     if ns.tta > 1:
         block = fit_views_folder(ns.model, ns.tta, cache_dir_from_flag(ns.cache_dir, None), ns.device,
-                                 make_default=ns.default)
+                                 settings, make_default=ns.default)
         c, t = block["calibration"], block["triage"]
         held = t.get("held_out") or {}
         print(f"{ns.tta} TTA views: T={c['temperature']:.3f}  ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f}; "
@@ -420,7 +429,7 @@ def run_calibrate(ns: argparse.Namespace) -> int:
               f"{held.get('specificity')}); stored in {ns.model} for `skain predict --tta {ns.tta}`"
               + (f"; {ns.tta} views are now its default" if ns.default else ""))
         return 0
-    figures = fit_trust_folder(ns.model, cache_dir_from_flag(ns.cache_dir, None), ns.device)
+    figures = fit_trust_folder(ns.model, cache_dir_from_flag(ns.cache_dir, None), ns.device, settings)
     c = figures["calibration"]
     print(f"T={c['temperature']:.3f}  ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f}; bundle, "
           f"model_card.md and reliability.png updated in {ns.model}")

@@ -345,7 +345,10 @@ def _trust_sections(card: dict) -> list[str]:
         out.append(f"- not available: {t.get('reason')}")
     else:
         mel = t.get("melanoma_sensitivity_at_specificity", {})
-        out += [f"- threshold {_n(t['threshold'], 4)} chosen for >= {_pct(t['target_sensitivity'])} malignant sensitivity",
+        margin = (f" with margin (the sensitivity's one-sided Clopper-Pearson lower bound at confidence "
+                  f"{t['confidence']:g} reaches it on validation)" if t.get("confidence") is not None else "")
+        out += [f"- threshold {_n(t['threshold'], 4)} chosen for >= {_pct(t['target_sensitivity'])} malignant "
+                f"sensitivity{margin}",
                 f"- held-out (temperature and threshold chosen on the other half): sensitivity "
                 f"{_pct(ho_t.get('sensitivity'))}{ci_text(iv, 'triage_sensitivity', pct=True)}, specificity "
                 f"{_pct(ho_t.get('specificity'))}{ci_text(iv, 'triage_specificity', pct=True)}",

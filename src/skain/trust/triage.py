@@ -9,6 +9,7 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+from scipy.stats import beta
 from sklearn.metrics import roc_curve
 
 from skain.data.schema import MALIGNANT
@@ -30,10 +31,27 @@ def p_malignant(probs: np.ndarray, classes: Sequence[str]) -> np.ndarray:
     return np.asarray(probs, dtype=np.float64)[:, cols].sum(1)
 
 
-def threshold_for_sensitivity(scores: np.ndarray, positive: np.ndarray, target: float = 0.95) -> float:
-    """A threshold flagging at least `target` of the positives with as few negatives as possible.
+def positives_needed(n: int, target: float, confidence: float | None = None) -> int:
+    """How many of `n` validation positives the threshold must flag: ceil(target * n); with `confidence`, the
+    fewest k whose one-sided Clopper-Pearson lower bound of the sensitivity k / n at that confidence is still
+    >= target (all n when even that falls short), so the promise has margin for new images."""
+    least = max(1, math.ceil(target * n - 1e-9))
+    if confidence is None:
+        return least
+    if not 0.5 <= confidence < 1.0:
+        raise ValueError(f"triage confidence must be in [0.5, 1), got {confidence}")
+    for k in range(least, n):
+        if beta.ppf(1.0 - confidence, k, n - k + 1) >= target:
+            return k
+    return n
 
-    It lies halfway between the k-th highest positive score (k = ceil(target * positives)) and the next
+
+def threshold_for_sensitivity(scores: np.ndarray, positive: np.ndarray, target: float = 0.95,
+                              confidence: float | None = None) -> float:
+    """A threshold flagging at least `target` of the positives with as few negatives as possible (with
+    `confidence`: enough positives that the sensitivity's lower confidence bound reaches `target`).
+
+    It lies halfway between the k-th highest positive score (k = positives_needed) and the next
     lower score of any image: validation decisions are those of the tightest threshold, while new
     borderline lesions get the margin instead of falling just below it."""
     if not 0.0 < target <= 1.0:
@@ -42,7 +60,7 @@ def threshold_for_sensitivity(scores: np.ndarray, positive: np.ndarray, target: 
     pos = np.sort(scores[positive])[::-1]
     if len(pos) == 0:
         raise ValueError("no malignant lesions in the validation split: cannot choose a triage threshold")
-    kth = pos[max(1, math.ceil(target * len(pos) - 1e-9)) - 1]
+    kth = pos[positives_needed(len(pos), target, confidence) - 1]
     below = scores[scores < kth]
     return float((kth + below.max()) / 2) if len(below) else float(kth)
 
