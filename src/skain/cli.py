@@ -413,11 +413,11 @@ def run_calibrate(ns: argparse.Namespace) -> int:
     the temperature and triage threshold for N-view test-time augmentation)."""
     from skain.training.trust_fit import fit_trust_folder, fit_views_folder
     from skain.trust.crossfit import TrustSettings
-    from skain.trust.triage import positives_needed
+    from skain.trust.triage import check_confidence
     if ns.default and ns.tta < 2:
         raise ValueError("--default needs --tta N with N >= 2 (one view is already the fallback)")
     if ns.triage_confidence is not None:
-        positives_needed(1, 0.95, ns.triage_confidence)  # a confidence out of range fails here, before any work
+        check_confidence(ns.triage_confidence)  # out of range: refused before any work
     settings = TrustSettings(triage_confidence=ns.triage_confidence)
     if ns.tta > 1:
         block = fit_views_folder(ns.model, ns.tta, cache_dir_from_flag(ns.cache_dir, None), ns.device,

@@ -31,6 +31,12 @@ def p_malignant(probs: np.ndarray, classes: Sequence[str]) -> np.ndarray:
     return np.asarray(probs, dtype=np.float64)[:, cols].sum(1)
 
 
+def check_confidence(confidence: float) -> None:
+    """A triage confidence must lie in [0.5, 1): below 0.5 the bound would promise less than the estimate."""
+    if not 0.5 <= confidence < 1.0:
+        raise ValueError(f"triage confidence must be in [0.5, 1), got {confidence}")
+
+
 def positives_needed(n: int, target: float, confidence: float | None = None) -> int:
     """How many of `n` validation positives the threshold must flag: ceil(target * n); with `confidence`, the
     fewest k whose one-sided Clopper-Pearson lower bound of the sensitivity k / n at that confidence is still
@@ -38,8 +44,7 @@ def positives_needed(n: int, target: float, confidence: float | None = None) -> 
     least = max(1, math.ceil(target * n - 1e-9))
     if confidence is None:
         return least
-    if not 0.5 <= confidence < 1.0:
-        raise ValueError(f"triage confidence must be in [0.5, 1), got {confidence}")
+    check_confidence(confidence)
     for k in range(least, n):
         if beta.ppf(1.0 - confidence, k, n - k + 1) >= target:
             return k
