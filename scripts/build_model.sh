@@ -23,6 +23,7 @@ EPOCHS=${EPOCHS:-6}               # fine-tuning epochs per network (cosine sched
 PHOTO=${PHOTO:-0.5}               # share of training images re-saved like a phone would (issue 24)
 RULE_FROM=${RULE_FROM:-}          # e.g. src/skain/models/ham10000.safetensors: skip step 1's cross-validation
 CV_MINUTES=${CV_MINUTES:-}        # e.g. 1.5 on a GPU; empty = no budget (epochs and early stopping decide)
+TRIAGE_CONFIDENCE=${TRIAGE_CONFIDENCE:-}  # e.g. 0.9: triage threshold with margin (skain calibrate --triage-confidence)
 TARGET=${TARGET:-src/skain/models/ham10000.safetensors}
 data=(--csv "$CSV" --images $IMAGES --preset cpu --split-seed 42)
 
@@ -50,7 +51,7 @@ if [ -z "$RULE_FROM" ]; then
 else
   $SKAIN decide --rule-from "$RULE_FROM" --model "$OUT/final"
 fi
-$SKAIN calibrate --model "$OUT/final" --tta 8 --default
+$SKAIN calibrate --model "$OUT/final" --tta 8 --default ${TRIAGE_CONFIDENCE:+--triage-confidence "$TRIAGE_CONFIDENCE"}
 # 5. the validation images as a folder (for the parity check and the evaluation), then the file
 python - "$OUT/${runs[0]##*/}" "$OUT/final" "$CSV" $IMAGES <<'PY'
 import sys

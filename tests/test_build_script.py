@@ -58,7 +58,7 @@ def test_two_photo_augmented_networks_become_one_eight_view_model_with_a_taken_o
         assert _value(c, "--photo-augment") == "0.5" and "--no-trust" not in c  # members fit their own OOD check
     assert cmds[2][cmds[2].index("--runs") + 1:cmds[2].index("--runs") + 3] == [str(out / "m42"), str(out / "m7")]
     assert _value(cmds[3], "--rule-from") == "shipped.safetensors" and _value(cmds[3], "--model") == str(out / "final")
-    assert _value(cmds[4], "--tta") == "8" and "--default" in cmds[4]
+    assert _value(cmds[4], "--tta") == "8" and "--default" in cmds[4] and "--triage-confidence" not in cmds[4]
     assert _value(cmds[5], "--dtype") == "float16" and _value(cmds[5], "--output") == str(tmp_path / "model.safetensors")
     val = pd.read_csv(out / "final" / "val_metadata.csv")
     assert val["image_id"].tolist() == ["ISIC_2"]
@@ -72,3 +72,10 @@ def test_without_a_rule_to_take_over_the_rule_is_chosen_on_cross_validation_of_t
     assert "--all-folds" in cmds[0] and _value(cmds[0], "--photo-augment") == "0.5"
     assert _value(cmds[2], "--oof") == str(out / "cv" / "oof_predictions.csv")
     assert (out / "final" / "split.csv").is_file()  # one network: its run folder is the model
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a bash script")
+def test_a_triage_confidence_reaches_the_calibration_of_the_default_inference(tmp_path):
+    cmds, _ = _run(tmp_path, RULE_FROM="shipped.safetensors", TRIAGE_CONFIDENCE="0.9")
+    calibrate = next(c for c in cmds if c[0] == "calibrate")
+    assert _value(calibrate, "--triage-confidence") == "0.9" and _value(calibrate, "--tta") == "8"
