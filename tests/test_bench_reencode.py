@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from benchmarks.accuracy.reencode_effect import against_original, sample, with_intervals
+from benchmarks.accuracy.reencode_effect import against_original, figures_with_intervals, sample
 
 from skain.data.schema import CLASSES
 from skain.trust.triage import INVESTIGATE, ROUTINE
@@ -52,7 +52,7 @@ def test_changed_decisions_and_rejections_are_counted_against_the_original(frame
     assert out["ood_rise_points"]["value"] == pytest.approx(100 / 12, abs=1e-2)
     assert out["triage_sensitivity_change"]["value"] == pytest.approx(-0.5)
     assert out["meets_bar"] == {"same_decision": False, "balanced_accuracy": False, "ood": False}
-    figures = with_intervals(copy, lesions, 200)
+    figures = figures_with_intervals(copy, lesions, 200)
     assert figures["triage_sensitivity"]["value"] == 0.5
     low, high = figures["balanced_accuracy"]["ci"]
     assert low <= figures["balanced_accuracy"]["value"] <= high

@@ -29,10 +29,11 @@ from PIL import Image
 from sklearn.metrics import balanced_accuracy_score
 
 from benchmarks.common import DATA_ROOT, SHIPPED_MODEL, ham10000, split_rows, what, write_json
-from skain.data.degrade import saved_copy
+from skain.data.degrade import encode, saved_copy
 from skain.data.images import open_image, resize_shorter
 from skain.data.split import lesion_split
 from skain.inference.predictor import Predictor
+from skain.trust.probes import to_png
 
 MODES = {"none": None, "c256q75": (256, 75), "c256q90": (256, 90), "c224q60": (224, 60)}
 COPIES = ("phone", "webp")
@@ -43,15 +44,8 @@ def canonical(img: Image.Image, mode: tuple[int, int] | None) -> Image.Image:
     if mode is None:
         return img
     side, quality = mode
-    buf = io.BytesIO()
-    Image.fromarray(resize_shorter(img, side)).save(buf, "JPEG", quality=quality)
-    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
-
-
-def png(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, "PNG", compress_level=1)
-    return buf.getvalue()
+    jpeg = encode(Image.fromarray(resize_shorter(img, side)), "JPEG", quality)
+    return Image.open(io.BytesIO(jpeg)).convert("RGB")
 
 
 def images(ns) -> pd.DataFrame:
@@ -100,7 +94,7 @@ def main() -> None:
         age = None if pd.isna(row.get("age")) else float(row["age"])
         for version, x in versions.items():
             for mode, spec in MODES.items():
-                p = predictor.predict_one(png(canonical(x, spec)), age=age, sex=row.get("sex"),
+                p = predictor.predict_one(to_png(np.asarray(canonical(x, spec))), age=age, sex=row.get("sex"),
                                           site=row.get("localization"))
                 got[(version, mode)].append((p.diagnosis, p.in_distribution is False))
     result = {"what": what(__doc__), "model": ns.model, "images": len(frame), "tta": ns.tta,

@@ -105,7 +105,7 @@ def sample(pred: pd.DataFrame, frame: pd.DataFrame) -> Sample:
     return sample_of(rows, frame["dx"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy())
 
 
-def with_intervals(s: Sample, lesions: np.ndarray, resamples: int) -> dict:
+def figures_with_intervals(s: Sample, lesions: np.ndarray, resamples: int) -> dict:
     """Lesion-resampled 95% intervals of the decided label's balanced accuracy and the triage figures."""
     block = bootstrap(s, lesions, resamples)["metrics"]
     keep = ("balanced_accuracy", "triage_sensitivity", "triage_specificity", "ood_rejection")
@@ -182,7 +182,7 @@ def main() -> None:
     original = predictor.predict_frame(frame, progress=False)
     rows["original JPEG"] = scores(original, frame)
     base = sample(original, frame)
-    paired_rows["original JPEG"] = with_intervals(base, lesions, ns.resamples)
+    paired_rows["original JPEG"] = figures_with_intervals(base, lesions, ns.resamples)
     print("original JPEG", json.dumps({k: round(v, 4) for k, v in rows["original JPEG"].items()}), flush=True)
     for encoding in ns.encodings:
         with tempfile.TemporaryDirectory(prefix="skain-reencode-") as tmp:
@@ -195,7 +195,7 @@ def main() -> None:
                           "same_decision_as_original": float((both["pred"] == both["pred_new"]).mean()),
                           "mean_abs_change_p_mel": float((both["p_mel"] - both["p_mel_new"]).abs().mean())}
         copy = sample(pred, frame)
-        paired_rows[encoding] = {**with_intervals(copy, lesions, ns.resamples),
+        paired_rows[encoding] = {**figures_with_intervals(copy, lesions, ns.resamples),
                                  **against_original(base, copy, lesions, ns.resamples)}
         print(encoding, json.dumps({k: round(v, 4) for k, v in rows[encoding].items() if v is not None}), flush=True)
         print("   ", json.dumps(paired_rows[encoding]), flush=True)

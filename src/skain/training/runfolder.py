@@ -340,7 +340,6 @@ def share_validation(runs: Sequence[str | Path]) -> bool:
     return all(v == ids[0] for v in ids[1:])
 
 
-
 def save_logits(path: Path, frame: pd.DataFrame, logits: dict[str, np.ndarray]) -> None:
     """image_id, dx and one (n, classes) float32 array per scored variant."""
     import io
