@@ -81,3 +81,27 @@ def test_a_cautious_triage_threshold_keeps_the_target_sensitivitys_lower_bound()
     assert strict < plain
     assert 0.86 <= (p >= plain).mean() <= 0.92  # about 90% of the positives flagged
     assert (p >= strict).mean() >= 0.94         # 100 positives: the 95% lower bound of >= 90% needs about 95 of them
+
+
+def test_two_models_kept_decisions_are_compared_on_the_same_resamples(frame, tmp_path):
+    """benchmarks/accuracy/kept_between_models: A keeps 10 of 12 decisions on the copy, B keeps all 12; the paired
+    difference is +2/12 and its interval never crosses zero (B never keeps fewer on any resample)."""
+    from benchmarks.accuracy.kept_between_models import aligned, compare_copy
+    ids, lesions, truth = list(frame["image_id"]), frame["lesion_id"].to_numpy(), list(frame["dx"])
+    changed = list(truth)
+    changed[6] = changed[7] = "nv"  # one melanoma lesion's two images
+    for folder, copy in (("a", changed), ("b", truth)):
+        (tmp_path / folder).mkdir()
+        predictions(ids, truth, [False] * 12).to_csv(tmp_path / folder / "original.csv", index=False)
+        predictions(ids, copy, [False] * 12).sample(frac=1, random_state=1).to_csv(
+            tmp_path / folder / "phone.csv", index=False)  # row order must not matter
+    a, b = (aligned(tmp_path / f, "original", frame) for f in ("a", "b"))
+    out = compare_copy(a, aligned(tmp_path / "a", "phone", frame), b, aligned(tmp_path / "b", "phone", frame),
+                       lesions, 500)
+    assert out["kept_a"]["value"] == round(10 / 12, 4) and out["kept_b"] == {"value": 1.0, "ci": [1.0, 1.0]}
+    assert out["kept_difference"]["value"] == round(2 / 12, 4)
+    assert 0 <= out["kept_difference"]["ci"][0] <= 2 / 12 <= out["kept_difference"]["ci"][1]
+    assert out["balanced_accuracy"]["difference"]["value"] == pytest.approx(0.5 / 3, abs=1e-4)
+    with pytest.raises(SystemExit, match="lacks 1 images"):
+        pd.read_csv(tmp_path / "a" / "phone.csv").iloc[1:].to_csv(tmp_path / "a" / "phone.csv", index=False)
+        aligned(tmp_path / "a", "phone", frame)

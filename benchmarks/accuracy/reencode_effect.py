@@ -136,6 +136,14 @@ def against_original(a: Sample, b: Sample, lesions: np.ndarray, resamples: int) 
 SUFFIX = {"phone": ".jpg", "webp": ".webp", "screenshot": ".png"}
 
 
+def keep_predictions(folder: str | None, name: str, pred: pd.DataFrame) -> None:
+    """With --predictions: one set's per-image predictions as <folder>/<name>.csv (':' and '@' made '_')."""
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        pred.drop(columns=["path"], errors="ignore").to_csv(
+            Path(folder) / f"{name.replace(':', '_').replace('@', '_')}.csv", index=False)
+
+
 def held_out_images(ns, data: Path) -> tuple[pd.DataFrame, dict]:
     """The images to copy: a run folder's test fold, or the validation part of a fresh lesion-grouped split."""
     frame = ham10000(data, full=True)
@@ -168,6 +176,8 @@ def main() -> None:
     ap.add_argument("--resamples", type=int, default=2000, help="lesion resamples for the 95%% intervals")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/out/reencode_effect.json")
+    ap.add_argument("--predictions", help="also write each set's per-image predictions here (original.csv, "
+                    "<copy>.csv), for benchmarks.accuracy.kept_between_models")
     ns = ap.parse_args()
     for e in ns.encodings:
         parse(e)
@@ -180,6 +190,7 @@ def main() -> None:
     rows, paired_rows, started = {}, {}, time.perf_counter()
     lesions = frame["lesion_id"].astype(str).to_numpy()
     original = predictor.predict_frame(frame, progress=False)
+    keep_predictions(ns.predictions, "original", original)
     rows["original JPEG"] = scores(original, frame)
     base = sample(original, frame)
     paired_rows["original JPEG"] = figures_with_intervals(base, lesions, ns.resamples)
@@ -190,6 +201,7 @@ def main() -> None:
             with ProcessPoolExecutor(ns.workers) as pool:
                 list(pool.map(reencode, [(p, encoding, t) for p, t in zip(frame["path"], targets)], chunksize=32))
             pred = predictor.predict_frame(frame.assign(path=targets), progress=False)
+        keep_predictions(ns.predictions, encoding, pred)
         both = original.merge(pred, on="image_id", suffixes=("", "_new"))
         rows[encoding] = {**scores(pred, frame),
                           "same_decision_as_original": float((both["pred"] == both["pred_new"]).mean()),

@@ -91,6 +91,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--photo-augment", type=float,
                    help="training: share of images first re-saved as a phone would (downscale, JPEG/WebP, "
                         "blur/sharpen, border; default 0.5; 0 disables)")
+    t.add_argument("--consistency", type=float,
+                   help="training: pair every image with a re-saved copy (same crop and colours; always re-encoded) "
+                        "and add this weight times the Jensen-Shannon divergence of their predictions to the loss, "
+                        "so answers stay when a phone re-saves the photo (about twice the training time; "
+                        "default 0 = off)")
     t.add_argument("--max-minutes", type=float, help="stop after this much training time")
     t.add_argument("--seed", type=int)
     t.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"],
@@ -118,7 +123,7 @@ def config_from_args(ns: argparse.Namespace):
                            "holdout", "inner_folds", "all_folds", "with_image_only", "split_seed"]),
         "model": model,
         "train": _pick(ns, ["epochs", "frozen_epochs", "lr", "lr_frozen", "unfreeze_fraction", "batch_size",
-                            "patience", "balance", "meta_dropout", "photo_augment", "max_minutes", "seed", "amp",
+                            "patience", "balance", "meta_dropout", "photo_augment", "consistency", "max_minutes", "seed", "amp",
                             "compile", "progress", "fit_trust", "test_tta", "output", "resume", "overwrite"]),
     }
     return build_config(preset, ns.config, flags)

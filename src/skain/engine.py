@@ -74,23 +74,54 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
 def to_device(batch: dict, device: torch.device, channels_last: bool = False) -> dict:
     out = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     if channels_last:
-        out["image"] = out["image"].contiguous(memory_format=torch.channels_last)
+        for key in ("image", "resaved"):
+            if key in out:
+                out[key] = out[key].contiguous(memory_format=torch.channels_last)
     return out
+
+
+def js_divergence(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
+    """Mean Jensen-Shannon divergence (nats, 0 to ln 2) between the softmax distributions of matching rows."""
+    p, q = logits_a.softmax(1), logits_b.softmax(1)
+    log_mix = (0.5 * (p + q)).clamp_min(1e-7).log()
+    kl = nn.functional.kl_div
+    return 0.5 * (kl(log_mix, p, reduction="batchmean") + kl(log_mix, q, reduction="batchmean"))
+
+
+def batch_loss(model: nn.Module, batch: dict, criterion: nn.Module, device: torch.device,
+               dtype: torch.dtype | None, consistency: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training loss of one batch -> (loss, its consistency term).
+
+    A batch with `resaved` images (`transforms.PairedAugment`) runs both views in one forward pass: the loss is
+    the mean of the two views' criteria plus `consistency` times the Jensen-Shannon divergence between their
+    predictions, so the network learns to answer the same whatever re-save the image went through."""
+    meta = (batch["age"], batch["sex"], batch["site"])
+    if "resaved" not in batch:
+        with autocast(device, dtype):
+            logits = model(batch["image"], *meta)
+        return criterion(logits.float(), batch["label"]), torch.zeros((), device=device)
+    with autocast(device, dtype):
+        logits = model(torch.cat([batch["image"], batch["resaved"]]), *(torch.cat([x, x]) for x in meta))
+    first, second = logits.float().chunk(2)
+    js = js_divergence(first, second)
+    ce = 0.5 * (criterion(first, batch["label"]) + criterion(second, batch["label"]))
+    return ce + consistency * js, js.detach()
 
 
 def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
                     criterion: nn.Module, device: torch.device, dtype: torch.dtype | None,
                     scheduler: Callable[[], None] | None = None, ema: ModelEma | None = None,
-                    channels_last: bool = False, desc: str = "train", progress: bool = True) -> dict:
+                    channels_last: bool = False, desc: str = "train", progress: bool = True,
+                    consistency: float = 0.0) -> dict:
+    """One pass over `loader`; with paired batches (see `batch_loss`) `consistency` weighs the agreement term,
+    whose mean comes back as `consistency_js`."""
     model.train()
     scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
-    total, count, start = 0.0, 0, time.perf_counter()
+    total, js_total, count, start = 0.0, 0.0, 0, time.perf_counter()
     bar = tqdm(loader, desc=desc, leave=False, disable=None if progress else True, dynamic_ncols=True)
     for batch in bar:
         batch = to_device(batch, device, channels_last)
-        with autocast(device, dtype):
-            logits = model(batch["image"], batch["age"], batch["sex"], batch["site"])
-        loss = criterion(logits.float(), batch["label"])
+        loss, js = batch_loss(model, batch, criterion, device, dtype, consistency)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss became {loss.item()}; lower the learning rate")
         optimizer.zero_grad(set_to_none=True)
@@ -102,11 +133,11 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
         if ema is not None:
             ema.update(model)
         n = batch["label"].shape[0]
-        total, count = total + loss.item() * n, count + n
+        total, js_total, count = total + loss.item() * n, js_total + js.item() * n, count + n
         bar.set_postfix(loss=f"{total / count:.3f}")
     seconds = time.perf_counter() - start
-    return {"loss": total / max(count, 1), "images": count, "seconds": seconds,
-            "images_per_s": count / max(seconds, 1e-9)}
+    return {"loss": total / max(count, 1), "consistency_js": js_total / max(count, 1), "images": count,
+            "seconds": seconds, "images_per_s": count / max(seconds, 1e-9)}
 
 
 class SplitNet(Protocol):

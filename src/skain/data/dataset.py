@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 
 
 class LesionDataset(Dataset):
-    """Items are dicts: image, age, sex, site, label (-1 when unknown), index.
+    """Items are dicts: image, age, sex, site, label (-1 when unknown), index; with a transform that returns pairs
+    (`transforms.PairedAugment`) also `resaved`, the same view of a re-saved copy.
 
     With `on_error="skip"` an unreadable image yields a zero image and `ok=False` so batch prediction can
     report it by name and go on; training uses "raise".
@@ -40,19 +41,24 @@ class LesionDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        ok = True
+        ok, resaved = True, None
         try:
             image = self.transform(self.loader(self.paths[i]))
         except ImageError:
             if self.on_error == "raise":
                 raise
             ok, image = False, self._blank_like()
+        if isinstance(image, tuple):  # a PairedAugment: the view and its re-saved copy (consistency training)
+            image, resaved = image
         age, sex, site = self.age[i], self.sex[i], self.site[i]
         if self.meta_dropout is not None:
             age, sex, site = self.meta_dropout(age, sex, site)
-        return {"image": image, "age": torch.from_numpy(np.array(age, dtype=np.float32)),
+        item = {"image": image, "age": torch.from_numpy(np.array(age, dtype=np.float32)),
                 "sex": torch.tensor(sex), "site": torch.tensor(site), "label": torch.tensor(self.labels[i]),
                 "index": torch.tensor(i), "ok": torch.tensor(ok)}
+        if resaved is not None:
+            item["resaved"] = resaved
+        return item
 
     def _blank_like(self) -> torch.Tensor:
         if self._blank is None:

@@ -114,6 +114,12 @@ class PhotoDegrade:
         return framed
 
 
+def always_resaved() -> PhotoDegrade:
+    """A `PhotoDegrade` that re-encodes every image (and more often shrinks or frames it): the re-saved copies the
+    OOD fit treats as in distribution and `--consistency` training pairs with each original."""
+    return PhotoDegrade(p=1.0, p_encode=1.0, p_scale=0.7, p_border=0.2)
+
+
 class ResavedLoader:
     """Wraps an image loader (path -> resized uint8 array): returns a randomly re-saved copy of the image instead,
     always the same copy for the same file name and seed, whatever order or process asks (the OOD fit's
@@ -121,7 +127,7 @@ class ResavedLoader:
 
     def __init__(self, loader, seed: int = 0, degrade: PhotoDegrade | None = None):
         self.loader, self.seed = loader, int(seed)
-        self.degrade = degrade or PhotoDegrade(p=1.0, p_encode=1.0, p_scale=0.7, p_border=0.2)
+        self.degrade = degrade or always_resaved()
 
     @property
     def cache_dir(self):

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from skain.data.degrade import PhotoDegrade
+from skain.data.degrade import PhotoDegrade, always_resaved
 from skain.data.images import MAX_PIXELS, load_resized
 
 
@@ -156,31 +156,63 @@ class DermoscopyAugment:
         return colour_affine(_uniform(1 - b, 1 + b), _uniform(1 - c, 1 + c), _uniform(1 - s, 1 + s),
                              _uniform(-h, h), mean_rgb, order)
 
-    def oriented_crop(self, arr: np.ndarray) -> torch.Tensor:
-        """A random crop in one of the 8 orientations -> uint8 (1, 3, h, w)."""
-        left, top, right, bottom = self.crop_box(*arr.shape[:2])
+    def draw_geometry(self, height: int, width: int) -> tuple[tuple[int, int, int, int], int, bool]:
+        """A random crop box, number of quarter turns and mirror flag (the 8 orientations)."""
+        box = self.crop_box(height, width)
+        return box, int(torch.randint(0, 4, ())), bool(torch.randint(0, 2, ()))
+
+    def oriented_crop(self, arr: np.ndarray, geometry=None) -> torch.Tensor:
+        """A crop in one of the 8 orientations (random unless `geometry` is given) -> uint8 (1, 3, h, w)."""
+        (left, top, right, bottom), k, flip = geometry or self.draw_geometry(*arr.shape[:2])
         crop = arr[top:bottom, left:right]
-        k, flip = int(torch.randint(0, 4, ())), bool(torch.randint(0, 2, ()))
         crop = np.rot90(crop, k) if k else crop
         crop = crop[:, ::-1] if flip else crop  # 4 rotations x optional mirror = all 8
         return torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1)[None]
 
+    def resized(self, arr: np.ndarray, geometry) -> torch.Tensor:
+        """The oriented crop `geometry` of `arr`, resized to the square input -> float 0-255 (3, size, size)."""
+        crop = self.oriented_crop(arr, geometry)
+        return torch.nn.functional.interpolate(crop, size=(self.size, self.size), mode="bilinear", antialias=True,
+                                               align_corners=False)[0].float()
+
+    def colour_for(self, img: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """A random colour jitter (M, c) for this resized view (identity without jitter)."""
+        if not any(self.jitter):
+            return np.eye(3), np.zeros(3)
+        return self.draw_colour(img.mean((1, 2)).double().numpy() / 255.0)
+
     def __call__(self, arr: np.ndarray) -> torch.Tensor:
         if self.photo is not None:
             arr = self.photo(arr)
-        crop = self.oriented_crop(arr)
-        img = torch.nn.functional.interpolate(crop, size=(self.size, self.size), mode="bilinear", antialias=True,
-                                              align_corners=False)[0].float()
-        m, c = np.eye(3), np.zeros(3)
-        if any(self.jitter):
-            m, c = self.draw_colour(img.mean((1, 2)).double().numpy() / 255.0)
-        return apply_colour(img, m, c, self.pre)
+        img = self.resized(arr, self.draw_geometry(*arr.shape[:2]))
+        return apply_colour(img, *self.colour_for(img), self.pre)
 
 
-def train_transform(pre: dict[str, Any], strength: float = 1.0,
-                    photo: float = 0.0) -> Callable[[np.ndarray], torch.Tensor]:
-    """The training augmentation; `photo` is the share of images first re-saved as a phone would (degrade.py)."""
-    return DermoscopyAugment(pre, strength, photo=photo)
+class PairedAugment(DermoscopyAugment):
+    """The training augmentation of an image and of a re-saved copy of it (`degrade.always_resaved`), with the same
+    crop, orientation and colour jitter, so the two views differ only by how the image was saved: the pair that
+    `--consistency` training asks to agree (`engine.pair_loss`). Returns (view, re-saved view)."""
+
+    def __init__(self, pre: dict[str, Any], strength: float = 1.0, photo: float = 0.0,
+                 resave: PhotoDegrade | None = None):
+        super().__init__(pre, strength, photo=photo)
+        self.resave = resave or always_resaved()
+
+    def __call__(self, arr: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        if self.photo is not None:
+            arr = self.photo(arr)
+        saved = self.resave(arr)  # same shape as arr, so the same crop box fits both
+        geometry = self.draw_geometry(*arr.shape[:2])
+        img = self.resized(arr, geometry)
+        m, c = self.colour_for(img)
+        return apply_colour(img, m, c, self.pre), apply_colour(self.resized(saved, geometry), m, c, self.pre)
+
+
+def train_transform(pre: dict[str, Any], strength: float = 1.0, photo: float = 0.0,
+                    paired: bool = False) -> Callable[[np.ndarray], Any]:
+    """The training augmentation; `photo` is the share of images first re-saved as a phone would (degrade.py);
+    `paired` returns (view, re-saved view) pairs for consistency training (`PairedAugment`)."""
+    return PairedAugment(pre, strength, photo=photo) if paired else DermoscopyAugment(pre, strength, photo=photo)
 
 
 def tta_views(batch: torch.Tensor, n: int) -> list[torch.Tensor]:

@@ -59,6 +59,7 @@ class TrainConfig:
     test_tta: int = 8                # with --holdout: the test fold is also scored with this many TTA views
     meta_dropout: float = 0.0        # blank all metadata fields (else each one) at this rate during training
     photo_augment: float = 0.5       # share of training images re-saved as a phone would first (data/degrade.py)
+    consistency: float = 0.0         # >0: train each image beside a re-saved copy, weighing their disagreement (JS)
     ema_decay: float = 0.0           # 0 disables the weight EMA
     warmup_epochs: float = 0.0
     schedule: str = "constant"       # constant | cosine (within each phase)

@@ -100,8 +100,8 @@ def build_loaders(cfg: Config, prep: Prepared, pre: dict, loader_fn: ImageLoader
     tr = prep.frame.iloc[prep.train_idx].reset_index(drop=True)
     va = prep.frame.iloc[prep.val_idx].reset_index(drop=True)
     dropout = MetadataDropout(prep.encoder, cfg.train.meta_dropout) if cfg.train.meta_dropout > 0 else None
-    train_ds = LesionDataset(tr, prep.encoder, loader_fn, train_transform(pre, photo=cfg.train.photo_augment),
-                            meta_dropout=dropout)
+    augment = train_transform(pre, photo=cfg.train.photo_augment, paired=cfg.train.consistency > 0)
+    train_ds = LesionDataset(tr, prep.encoder, loader_fn, augment, meta_dropout=dropout)
     val_ds = LesionDataset(va, prep.encoder, loader_fn, eval_transform(pre))
     # no persistent_workers: a DataLoader seeds its workers from the main process's RNG each time an epoch's
     # iterator starts, which run_epoch seeds from (seed, epoch, rank); persistent workers keep one seed for the

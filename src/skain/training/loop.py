@@ -165,8 +165,10 @@ def run_epoch(cfg: Config, run: Run, phase: Phase, epoch: int, optimizer, sched,
     ctx["train_dl"].sampler.set_epoch(epoch)
     total, progress = t.frozen_epochs + t.epochs, t.progress and info.main
     stats = train_one_epoch(ctx["net"], ctx["train_dl"], optimizer, ctx["criterion"], ctx["device"], ctx["dtype"],
-                            sched, run.ema, ctx["channels_last"], f"epoch {epoch}/{total} {phase.name}", progress)
+                            sched, run.ema, ctx["channels_last"], f"epoch {epoch}/{total} {phase.name}", progress,
+                            consistency=t.consistency)
     stats["loss"] = reduce_mean(info, stats["loss"] * stats["images"], stats["images"])
+    stats["consistency_js"] = reduce_mean(info, stats["consistency_js"] * stats["images"], stats["images"])
     stats["images_per_s"] *= info.world
     sync_buffers(info, run.scored())
     # validation in float32 whatever trains in bf16/fp16: the figures stored with the best bundle are those of
@@ -181,6 +183,7 @@ def run_epoch(cfg: Config, run: Run, phase: Phase, epoch: int, optimizer, sched,
     run.elapsed += time.perf_counter() - started
     run.history.append({"epoch": epoch, "phase": phase.name, "lr": optimizer.param_groups[0]["lr"],
                         "train_loss": stats["loss"], "val_loss": val_loss, **history_row(metrics),
+                        **({"train_consistency_js": stats["consistency_js"]} if t.consistency > 0 else {}),
                         "train_images_per_s": stats["images_per_s"], "elapsed_s": run.elapsed})
     if info.main:
         write_history(ctx["out"], run.history)
@@ -188,8 +191,9 @@ def run_epoch(cfg: Config, run: Run, phase: Phase, epoch: int, optimizer, sched,
         bundle = make_bundle(run.scored(), metrics={**metrics, "epoch": epoch, "val_loss": val_loss},
                              classes=list(CLASSES), **ctx["bundle"])
         atomic_torch_save(bundle, ctx["out"] / BUNDLE_NAME)
-    log.info("epoch %d/%d %-8s loss %.3f val_loss %.3f bal_acc %.3f acc %.3f f1 %.3f auc %.3f%s  %.0fs "
-             "(%.1f img/s)", epoch, total, phase.name, stats["loss"], val_loss, metrics["balanced_accuracy"],
+    log.info("epoch %d/%d %-8s loss %.3f%s val_loss %.3f bal_acc %.3f acc %.3f f1 %.3f auc %.3f%s  %.0fs "
+             "(%.1f img/s)", epoch, total, phase.name, stats["loss"],
+             f" (js {stats['consistency_js']:.4f})" if t.consistency > 0 else "", val_loss, metrics["balanced_accuracy"],
              metrics["accuracy"], metrics["macro_f1"], metrics["macro_auc"],
              " *best*" if run.stopper.improved else "", time.perf_counter() - started, stats["images_per_s"])
     run.next_epoch = epoch + 1

@@ -92,6 +92,8 @@ def fit(cfg: Config) -> dict:
     out = Path(cfg.train.output)
     if not 1 <= cfg.train.test_tta <= 8:
         raise ValueError(f"test_tta must be between 1 and 8 views (got {cfg.train.test_tta})")
+    if not 0 <= cfg.train.consistency < float("inf"):
+        raise ValueError(f"--consistency must be a weight >= 0 (got {cfg.train.consistency})")
     info = init_distributed()
     try:
         error = None

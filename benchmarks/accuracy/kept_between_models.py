@@ -1,0 +1,101 @@
+"""Do two models keep their decisions equally often when the same images are saved again? Paired, per copy.
+
+    python -m benchmarks.accuracy.kept_between_models --run outputs/exp/photo \\
+        --a outputs/exp/pred_photo --b outputs/exp/pred_cons [--names photo consistency] [--out FILE]
+
+`--a` and `--b` are folders written by `benchmarks.accuracy.reencode_effect --predictions DIR` for two models on
+the same images (a `--run`'s held-out test fold): `original.csv` and one CSV per copy. For every copy both
+models have, this reports each model's share of decisions equal to its own decision on the original, the
+difference B - A, balanced accuracy on the copy and its difference, and the share turned away, each with a 95%
+interval from resampling lesions within their diagnosis, the same resamples for both models (so the interval is
+of the paired difference). The truth (dx, lesion_id) comes from the shared HAM10000 metadata.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from benchmarks.common import DATA_ROOT, ham10000, split_rows, what, write_json
+from skain.data.schema import CLASSES
+from skain.evaluation.bootstrap import Sample, image_weights, interval, lesion_counts, paired
+from skain.evaluation.compare import sample_of
+
+
+def aligned(folder: Path, name: str, frame: pd.DataFrame) -> Sample:
+    """`folder/name.csv` in `frame`'s row order as a Sample (decision, triage, OOD)."""
+    pred = pd.read_csv(folder / f"{name}.csv", dtype={"image_id": str})
+    rows = frame[["image_id"]].merge(pred.drop_duplicates("image_id"), on="image_id", how="left")
+    if rows["p_nv"].isna().any():
+        missing = rows.loc[rows["p_nv"].isna(), "image_id"].head().tolist()
+        raise SystemExit(f"{folder / name}.csv lacks {int(rows['p_nv'].isna().sum())} images (first: {missing})")
+    return sample_of(rows, frame["dx"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy())
+
+
+def kept_share(original: Sample, copy: Sample) -> np.ndarray:
+    """Per image: 1 where the copy's decision equals the original's."""
+    return (original.pred == copy.pred).astype(np.float64)
+
+
+def with_ci(point: float, draws: np.ndarray) -> dict:
+    return {"value": round(float(point), 4), "ci": [round(v, 4) for v in interval(draws)]}
+
+
+def compare_copy(orig_a: Sample, copy_a: Sample, orig_b: Sample, copy_b: Sample, lesions: np.ndarray,
+                 resamples: int) -> dict:
+    """Decisions kept by A and by B and B - A, with the balanced-accuracy and turned-away figures on the copy."""
+    ka, kb = kept_share(orig_a, copy_a), kept_share(orig_b, copy_b)
+    counts, lesion_of = lesion_counts(orig_a.labels, lesions, resamples)
+    w = image_weights(counts, lesion_of)
+    da, db = w @ ka / w.sum(1), w @ kb / w.sum(1)
+    out = {"kept_a": with_ci(ka.mean(), da), "kept_b": with_ci(kb.mean(), db),
+           "kept_difference": with_ci(kb.mean() - ka.mean(), db - da)}
+    diff = paired(copy_a, copy_b, lesions, resamples)["metrics"]
+    for key in ("balanced_accuracy", "ood_rejection", "triage_sensitivity"):
+        if key in diff:
+            d = diff[key]
+            out[key] = {"a": round(d["a"], 4), "b": round(d["b"], 4),
+                        "difference": {"value": round(d["difference"], 4), "ci": [round(v, 4) for v in d["ci"]]}}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", required=True, help="the `skain train --holdout` run whose test fold both scored")
+    ap.add_argument("--a", required=True, help="predictions folder of model A (reencode_effect --predictions)")
+    ap.add_argument("--b", required=True, help="predictions folder of model B")
+    ap.add_argument("--names", nargs=2, default=["a", "b"], help="what to call A and B in the output")
+    ap.add_argument("--data-root", default=str(DATA_ROOT))
+    ap.add_argument("--resamples", type=int, default=2000)
+    ap.add_argument("--out", default="benchmarks/out/kept_between_models.json")
+    ns = ap.parse_args()
+    frame = split_rows(ham10000(Path(ns.data_root), full=True), ns.run, "test")
+    if frame.empty:
+        raise SystemExit(f"{ns.run}: no test fold in split.csv (train it with --holdout)")
+    a, b = Path(ns.a), Path(ns.b)
+    copies = sorted({p.stem for p in a.glob("*.csv")} & {p.stem for p in b.glob("*.csv")} - {"original"})
+    if not copies:
+        raise SystemExit(f"{a} and {b} share no copy besides original.csv")
+    lesions = frame["lesion_id"].astype(str).to_numpy()
+    orig_a, orig_b = aligned(a, "original", frame), aligned(b, "original", frame)
+    result = {"what": what(__doc__), "a": {"name": ns.names[0], "predictions": str(a)},
+              "b": {"name": ns.names[1], "predictions": str(b)}, "images": len(frame),
+              "lesions": int(len(np.unique(lesions))), "resamples": ns.resamples, "copies": {}}
+    original = paired(orig_a, orig_b, lesions, ns.resamples)["metrics"]
+    result["original"] = {k: {"a": round(original[k]["a"], 4), "b": round(original[k]["b"], 4),
+                              "difference": {"value": round(original[k]["difference"], 4),
+                                             "ci": [round(v, 4) for v in original[k]["ci"]]}}
+                          for k in ("balanced_accuracy", "macro_auc", "ood_rejection", "triage_sensitivity",
+                                    "triage_specificity") if k in original}
+    print("original", result["original"], flush=True)
+    for name in copies:
+        result["copies"][name] = compare_copy(orig_a, aligned(a, name, frame), orig_b, aligned(b, name, frame),
+                                              lesions, ns.resamples)
+        print(name, result["copies"][name], flush=True)
+    write_json(ns.out, result, indent=1)
+
+
+if __name__ == "__main__":
+    main()
