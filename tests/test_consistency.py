@@ -160,3 +160,13 @@ def test_the_cli_passes_the_flag(tmp_path):
     ns = build_parser().parse_args(["train", "--data", str(tmp_path), "--preset", "cpu"])
     assert config_from_args(ns).train.consistency == 0.0
 
+
+
+def test_the_model_card_says_how_the_network_was_taught_to_ignore_resaves():
+    from skain.trust.modelcard import resave_line, resave_training
+    training = {"config": {"train": {"photo_augment": 0.0, "consistency": 10.0, "seed": 1}}}
+    assert resave_training(training) == {"photo_augment": 0.0, "consistency": 10.0}
+    line = resave_line(resave_training(training))[0]
+    assert "0.0% of training images" in line and "consistency weight 10" in line
+    assert "consistency" not in resave_line(resave_training({"config": {"train": {"photo_augment": 0.5}}}))[0]
+    assert resave_line(resave_training({})) == []  # bundles that did not record it say nothing

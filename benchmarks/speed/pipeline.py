@@ -11,6 +11,8 @@
    in memory (the model's own limit). Target: the pipeline reaches >= 90% of the model's limit.
 3. The cost of the re-save augmentation (`--photo-augment`, data/degrade.py: downscale, JPEG/WebP, blur, border)
    at the configured share: input pipeline images/s and training images/s with it against without it.
+4. The cost of `--consistency` training (each image beside a re-saved copy, both through the network): input
+   pipeline and training images/s (unique images) against the plain pipeline.
 
 Writes --out (default benchmarks/out/pipeline.json). benchmarks/results/photo_augment_cost.json is that file from
 `--presets cpu` (400 images, 2026-12-05; docs/robustness.md, "Cost of the augmentation"); the input-pipeline
@@ -65,6 +67,7 @@ def pipeline_ratio(paths: list[str], pre: dict, cache_dir: Path) -> dict:
     from PIL import Image
     notebook, ours = notebook_transform(pre), train_transform(pre)
     photo = train_transform(pre, photo=TrainConfig().photo_augment)
+    paired = train_transform(pre, paired=True)
     loader = ImageLoader(pre["resize"], cache_dir)
     for p in paths:  # fill the cache once (what `skain train` does before epoch 1)
         loader(p)
@@ -72,9 +75,11 @@ def pipeline_ratio(paths: list[str], pre: dict, cache_dir: Path) -> dict:
     cache_only = time_pipeline(paths, lambda p: notebook(Image.fromarray(loader(p))))
     skain = time_pipeline(paths, lambda p: ours(loader(p)))
     with_photo = time_pipeline(paths, lambda p: photo(loader(p)))
+    pairs = time_pipeline(paths, lambda p: paired(loader(p)))
     return {"naive_img_s": naive, "cache_notebook_aug_img_s": cache_only, "skain_img_s": skain,
             "ratio": skain / naive, "skain_photo_augment_img_s": with_photo,
-            "photo_augment_cost_ratio": skain / with_photo}
+            "photo_augment_cost_ratio": skain / with_photo, "skain_consistency_pairs_img_s": pairs,
+            "consistency_pairs_cost_ratio": skain / pairs}
 
 
 class Synthetic(torch.utils.data.Dataset):
@@ -91,7 +96,8 @@ class Synthetic(torch.utils.data.Dataset):
                 "ok": torch.tensor(True)}
 
 
-def train_speed(preset: str, frame: pd.DataFrame, steps: int, cache_dir: Path, compiled: bool = False) -> dict:
+def train_speed(preset: str, frame: pd.DataFrame, steps: int, cache_dir: Path, compiled: bool = False,
+                consistency: float = 10.0) -> dict:
     cfg = build_config(preset, flags={"model": {"pretrained": "none"}})
     device = resolve_device()
     dtype = amp_dtype(device, "auto")
@@ -107,6 +113,8 @@ def train_speed(preset: str, frame: pd.DataFrame, steps: int, cache_dir: Path, c
                          train_transform(pre))
     photo = LesionDataset(frame.iloc[:n].reset_index(drop=True), enc, ImageLoader(pre["resize"], cache_dir),
                           train_transform(pre, photo=cfg.train.photo_augment))
+    pairs = LesionDataset(frame.iloc[:n].reset_index(drop=True), enc, ImageLoader(pre["resize"], cache_dir),
+                          train_transform(pre, paired=True))
     for i in range(len(real)):  # warm the cache, as training does before its first epoch
         real.loader(real.paths[i])
     n_workers = workers(cfg, device)
@@ -114,13 +122,17 @@ def train_speed(preset: str, frame: pd.DataFrame, steps: int, cache_dir: Path, c
     loss = torch.nn.CrossEntropyLoss()
     out = {}
     synthetic = Synthetic(n, pre["input_size"], enc.age_width)
-    for name, ds in (("synthetic", synthetic), ("pipeline", real), ("pipeline_photo", photo)):
+    for name, ds in (("synthetic", synthetic), ("pipeline", real), ("pipeline_photo", photo),
+                     ("pipeline_consistency", pairs)):
         dl = DataLoader(ds, bs, shuffle=False, num_workers=n_workers, pin_memory=device.type == "cuda")
-        train_one_epoch(model, [next(iter(dl))], opt, loss, device, dtype, channels_last=True, progress=False)
-        out[name] = train_one_epoch(model, dl, opt, loss, device, dtype, channels_last=True,
-                                    progress=False)["images_per_s"]
+        weight = consistency if name == "pipeline_consistency" else 0.0
+        train_one_epoch(model, [next(iter(dl))], opt, loss, device, dtype, channels_last=True, progress=False,
+                        consistency=weight)
+        out[name] = train_one_epoch(model, dl, opt, loss, device, dtype, channels_last=True, progress=False,
+                                    consistency=weight)["images_per_s"]  # unique images: a pair counts once
     out["pipeline_share"] = out["pipeline"] / out["synthetic"]
     out["photo_augment_share"] = out["pipeline_photo"] / out["pipeline"]
+    out["consistency_share"] = out["pipeline_consistency"] / out["pipeline"]
     if compiled:  # opt-in torch.compile of the training step, on the same synthetic tensors
         net = torch.compile(model)
         dl = DataLoader(Synthetic(n, pre["input_size"], enc.age_width), bs, shuffle=False, num_workers=n_workers)
@@ -158,14 +170,16 @@ def main() -> None:
             print(f"input pipeline {preset} ({pre['input_size']} px, one process): naive {r['naive_img_s']:.0f} img/s, "
                   f"cache + notebook augmentation {r['cache_notebook_aug_img_s']:.0f} img/s, "
                   f"skAIn {r['skain_img_s']:.0f} img/s -> {r['ratio']:.1f}x; with the re-save augmentation "
-                  f"{r['skain_photo_augment_img_s']:.0f} img/s")
+                  f"{r['skain_photo_augment_img_s']:.0f} img/s; consistency pairs "
+                  f"{r['skain_consistency_pairs_img_s']:.0f} img/s")
         for preset in [] if args.skip_training else args.presets:
             s = result["training"][preset] = train_speed(preset, frame, args.steps, Path(tmp) / preset,
                                                          preset in args.compile)
             print(f"training {preset} ({s['input']} px, batch {s['batch']}, {s['device']}, {s['amp']}, "
                   f"{s['workers']} workers): synthetic tensors {s['synthetic']:.1f} img/s, with the data pipeline "
                   f"{s['pipeline']:.1f} img/s -> {100 * s['pipeline_share']:.0f}% of the model's limit; with the "
-                  f"re-save augmentation {s['pipeline_photo']:.1f} img/s ({100 * s['photo_augment_share']:.0f}%)")
+                  f"re-save augmentation {s['pipeline_photo']:.1f} img/s ({100 * s['photo_augment_share']:.0f}%); "
+                  f"--consistency pairs {s['pipeline_consistency']:.1f} img/s ({100 * s['consistency_share']:.0f}%)")
             if "compile_speedup" in s:
                 print(f"  torch.compile: {s['compile_seconds']:.0f} s to compile, then {s['synthetic_compiled']:.1f} img/s "
                       f"on synthetic tensors = {s['compile_speedup']:.2f}x eager")

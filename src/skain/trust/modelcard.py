@@ -166,6 +166,22 @@ def interval_note(summary: dict | None) -> str:
             f"of {summary['resampled']}, seed {summary['seed']}.")
 
 
+def resave_training(training: dict) -> dict:
+    """How the network was taught to ignore re-saves: `--photo-augment` and `--consistency`, where recorded."""
+    train = (training.get("config") or {}).get("train") or {}
+    return {k: train[k] for k in ("photo_augment", "consistency") if train.get(k) is not None}
+
+
+def resave_line(r: dict | None) -> list[str]:
+    """The card's line on re-save training (none for bundles that did not record it)."""
+    if not r:
+        return []
+    parts = [f"{_pct(float(r.get('photo_augment') or 0))} of training images re-saved as a phone would (`--photo-augment`)"]
+    if r.get("consistency"):
+        parts.append(f"every image paired with a re-saved copy, consistency weight {r['consistency']:g} (`--consistency`)")
+    return ["- trained against re-saves: " + "; ".join(parts)]
+
+
 def build_card(bundle: dict, figures: dict) -> dict:
     """A JSON-safe dict of the facts; numbers are copied from the bundle and the trust figures, not typed."""
     training, metrics = bundle.get("training", {}), bundle.get("metrics", {})
@@ -173,7 +189,8 @@ def build_card(bundle: dict, figures: dict) -> dict:
         "model": {"backbone": bundle["model_args"]["backbone"], "image_only": bool(bundle["model_args"].get("image_only")),
                   "input_size": bundle["preprocess"]["input_size"], "classes": list(bundle["classes"]),
                   "skain_version": bundle.get("skain_version"), "pretrained": public_pretrained(training.get("pretrained")),
-                  "preset": training.get("preset"), "created": datetime.now(timezone.utc).strftime("%Y-%m-%d")},
+                  "preset": training.get("preset"), "created": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+                  "resave_training": resave_training(training)},
         "data": {k: training.get(k) for k in ("source", "synthetic", "images", "lesions", "train_images",
                                                "val_images", "class_counts", "folds", "fold")}
         | {"split": "lesion-grouped, class-stratified: no lesion in both training and validation"},
@@ -216,7 +233,7 @@ def to_markdown(card: dict) -> str:
     lines += ["## Intended use", card["intended_use"], "",
               "## Model", f"- backbone `{m['backbone']}` ({'image only' if m['image_only'] else 'image + age/sex/site'}), "
               f"input {m['input_size']} px, pretrained weights: {public_pretrained(m['pretrained'])}, preset: {m['preset']}",
-              f"- skAIn {m['skain_version']}, card written {m['created']}", ""]
+              *resave_line(m.get("resave_training")), f"- skAIn {m['skain_version']}, card written {m['created']}", ""]
     lines += _data_section(d) + _decision_section(card.get("decision"), list(m["classes"])) + _metrics_section(card["metrics"])
     lines += _metadata_section(card.get("metadata_ablation"))
     lines += _trust_sections(card)
