@@ -94,7 +94,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--consistency", type=float,
                    help="training: pair every image with a re-saved copy (same crop and colours; always re-encoded) "
                         "and add this weight times the Jensen-Shannon divergence of their predictions to the loss, "
-                        "so answers stay when a phone re-saves the photo (about twice the training time; "
+                        "so answers stay when a phone re-saves the photo (about 1.8x the training time; "
                         "default 0 = off)")
     t.add_argument("--max-minutes", type=float, help="stop after this much training time")
     t.add_argument("--seed", type=int)
