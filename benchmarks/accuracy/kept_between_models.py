@@ -4,7 +4,8 @@
         --a outputs/exp/pred_photo --b outputs/exp/pred_cons [--names photo consistency] [--out FILE]
 
 `--a` and `--b` are folders written by `benchmarks.accuracy.reencode_effect --predictions DIR` for two models on
-the same images (a `--run`'s held-out test fold): `original.csv` and one CSV per copy. For every copy both
+the same images (a `--run`'s held-out test fold): `original.csv` and one CSV per copy (an `original.csv` alone
+compares the originals only). For every copy both
 models have, this reports each model's share of decisions equal to its own decision on the original, the
 difference B - A, balanced accuracy on the copy and its difference, and the share turned away, each with a 95%
 interval from resampling lesions within their diagnosis, the same resamples for both models (so the interval is
@@ -76,8 +77,6 @@ def main() -> None:
         raise SystemExit(f"{ns.run}: no test fold in split.csv (train it with --holdout)")
     a, b = Path(ns.a), Path(ns.b)
     copies = sorted({p.stem for p in a.glob("*.csv")} & {p.stem for p in b.glob("*.csv")} - {"original"})
-    if not copies:
-        raise SystemExit(f"{a} and {b} share no copy besides original.csv")
     lesions = frame["lesion_id"].astype(str).to_numpy()
     orig_a, orig_b = aligned(a, "original", frame), aligned(b, "original", frame)
     result = {"what": what(__doc__), "a": {"name": ns.names[0], "predictions": str(a)},
