@@ -102,6 +102,6 @@ def test_two_models_kept_decisions_are_compared_on_the_same_resamples(frame, tmp
     assert out["kept_difference"]["value"] == round(2 / 12, 4)
     assert 0 <= out["kept_difference"]["ci"][0] <= 2 / 12 <= out["kept_difference"]["ci"][1]
     assert out["balanced_accuracy"]["difference"]["value"] == pytest.approx(0.5 / 3, abs=1e-4)
-    with pytest.raises(SystemExit, match="lacks 1 images"):
+    with pytest.raises(SystemExit, match="1 images were not predicted"):
         pd.read_csv(tmp_path / "a" / "phone.csv").iloc[1:].to_csv(tmp_path / "a" / "phone.csv", index=False)
         aligned(tmp_path / "a", "phone", frame)

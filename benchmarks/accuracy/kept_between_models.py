@@ -19,20 +19,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from benchmarks.accuracy.reencode_effect import sample
 from benchmarks.common import DATA_ROOT, ham10000, split_rows, what, write_json
-from skain.data.schema import CLASSES
 from skain.evaluation.bootstrap import Sample, image_weights, interval, lesion_counts, paired
-from skain.evaluation.compare import sample_of
 
 
 def aligned(folder: Path, name: str, frame: pd.DataFrame) -> Sample:
-    """`folder/name.csv` in `frame`'s row order as a Sample (decision, triage, OOD)."""
-    pred = pd.read_csv(folder / f"{name}.csv", dtype={"image_id": str})
-    rows = frame[["image_id"]].merge(pred.drop_duplicates("image_id"), on="image_id", how="left")
-    if rows["p_nv"].isna().any():
-        missing = rows.loc[rows["p_nv"].isna(), "image_id"].head().tolist()
-        raise SystemExit(f"{folder / name}.csv lacks {int(rows['p_nv'].isna().sum())} images (first: {missing})")
-    return sample_of(rows, frame["dx"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy())
+    """`folder/name.csv` in `frame`'s row order as a Sample (decision, triage, OOD), as reencode_effect reads its
+    own predictions."""
+    return sample(pd.read_csv(folder / f"{name}.csv", dtype={"image_id": str}), frame)
 
 
 def kept_share(original: Sample, copy: Sample) -> np.ndarray:
@@ -42,6 +37,13 @@ def kept_share(original: Sample, copy: Sample) -> np.ndarray:
 
 def with_ci(point: float, draws: np.ndarray) -> dict:
     return {"value": round(float(point), 4), "ci": [round(v, 4) for v in interval(draws)]}
+
+
+def paired_figures(diff: dict, keys: tuple[str, ...]) -> dict:
+    """`bootstrap.paired`'s metrics -> {key: {a, b, difference: {value, ci}}} for the keys it has, rounded."""
+    return {k: {"a": round(diff[k]["a"], 4), "b": round(diff[k]["b"], 4),
+                "difference": {"value": round(diff[k]["difference"], 4), "ci": [round(v, 4) for v in diff[k]["ci"]]}}
+            for k in keys if k in diff}
 
 
 def compare_copy(orig_a: Sample, copy_a: Sample, orig_b: Sample, copy_b: Sample, lesions: np.ndarray,
@@ -54,12 +56,7 @@ def compare_copy(orig_a: Sample, copy_a: Sample, orig_b: Sample, copy_b: Sample,
     out = {"kept_a": with_ci(ka.mean(), da), "kept_b": with_ci(kb.mean(), db),
            "kept_difference": with_ci(kb.mean() - ka.mean(), db - da)}
     diff = paired(copy_a, copy_b, lesions, resamples)["metrics"]
-    for key in ("balanced_accuracy", "ood_rejection", "triage_sensitivity"):
-        if key in diff:
-            d = diff[key]
-            out[key] = {"a": round(d["a"], 4), "b": round(d["b"], 4),
-                        "difference": {"value": round(d["difference"], 4), "ci": [round(v, 4) for v in d["ci"]]}}
-    return out
+    return {**out, **paired_figures(diff, ("balanced_accuracy", "ood_rejection", "triage_sensitivity"))}
 
 
 def main() -> None:
@@ -83,11 +80,8 @@ def main() -> None:
               "b": {"name": ns.names[1], "predictions": str(b)}, "images": len(frame),
               "lesions": int(len(np.unique(lesions))), "resamples": ns.resamples, "copies": {}}
     original = paired(orig_a, orig_b, lesions, ns.resamples)["metrics"]
-    result["original"] = {k: {"a": round(original[k]["a"], 4), "b": round(original[k]["b"], 4),
-                              "difference": {"value": round(original[k]["difference"], 4),
-                                             "ci": [round(v, 4) for v in original[k]["ci"]]}}
-                          for k in ("balanced_accuracy", "macro_auc", "ood_rejection", "triage_sensitivity",
-                                    "triage_specificity") if k in original}
+    result["original"] = paired_figures(original, ("balanced_accuracy", "macro_auc", "ood_rejection",
+                                                   "triage_sensitivity", "triage_specificity"))
     print("original", result["original"], flush=True)
     for name in copies:
         result["copies"][name] = compare_copy(orig_a, aligned(a, name, frame), orig_b, aligned(b, name, frame),

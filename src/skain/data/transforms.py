@@ -191,7 +191,7 @@ class DermoscopyAugment:
 class PairedAugment(DermoscopyAugment):
     """The training augmentation of an image and of a re-saved copy of it (`degrade.always_resaved`), with the same
     crop, orientation and colour jitter, so the two views differ only by how the image was saved: the pair that
-    `--consistency` training asks to agree (`engine.pair_loss`). Returns (view, re-saved view)."""
+    `--consistency` training asks to agree (`engine.batch_loss`). Returns (view, re-saved view)."""
 
     def __init__(self, pre: dict[str, Any], strength: float = 1.0, photo: float = 0.0,
                  resave: PhotoDegrade | None = None):
