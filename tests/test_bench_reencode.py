@@ -105,3 +105,18 @@ def test_two_models_kept_decisions_are_compared_on_the_same_resamples(frame, tmp
     with pytest.raises(SystemExit, match="1 images were not predicted"):
         pd.read_csv(tmp_path / "a" / "phone.csv").iloc[1:].to_csv(tmp_path / "a" / "phone.csv", index=False)
         aligned(tmp_path / "a", "phone", frame)
+
+
+def test_a_rule_redecides_the_predictions_from_their_own_probabilities():
+    """kept_between_models --rule-a/--rule-b: the same predictions named by another rule. A borderline nv/mel
+    image (p 0.55 / 0.40) is nv at arg-max and mel once the nv prior weighs against it; triage and OOD stay."""
+    from benchmarks.accuracy.kept_between_models import redecided
+    pred = predictions(["I0", "I1"], ["nv", "mel"], [False, True])
+    pred.loc[0, [f"p_{c}" for c in CLASSES]] = [0.01, 0.01, 0.01, 0.01, 0.40, 0.55, 0.01]
+    prior = np.log([0.03, 0.05, 0.11, 0.01, 0.11, 0.67, 0.02])
+    assert redecided(pred, None) is pred
+    assert list(redecided(pred, {"tau": 0.0})["pred"]) == ["nv", "mel"]
+    rule = {"tau": 0.5, "log_prior": prior.tolist(), "classes": list(CLASSES)}
+    out = redecided(pred, rule)
+    assert list(out["pred"]) == ["mel", "mel"]
+    assert out[["ood", "triage"]].equals(pred[["ood", "triage"]]) and list(pred["pred"]) == ["nv", "mel"]

@@ -3,6 +3,10 @@
     python -m benchmarks.accuracy.kept_between_models --run outputs/exp/photo \\
         --a outputs/exp/pred_photo --b outputs/exp/pred_cons [--names photo consistency] [--out FILE]
 
+With `--rule-a MODEL` / `--rule-b MODEL` a side's predictions are decided by MODEL's stored decision rule
+instead of the one that wrote them (the same predictions under two rules: e.g. the tau taken over from the shipped
+file against the tau `skain decide --validation` chose).
+
 `--a` and `--b` are folders written by `benchmarks.accuracy.reencode_effect --predictions DIR` for two models on
 the same images (a `--run`'s held-out test fold): `original.csv` and one CSV per copy (an `original.csv` alone
 compares the originals only). For every copy both
@@ -21,13 +25,32 @@ import pandas as pd
 
 from benchmarks.accuracy.reencode_effect import sample
 from benchmarks.common import DATA_ROOT, ham10000, split_rows, what, write_json
+from skain.data.schema import CLASSES
 from skain.evaluation.bootstrap import Sample, image_weights, interval, lesion_counts, paired
+from skain.inference.decision import Decision
+from skain.modelfile.load import read_bundle, resolve_path
 
 
-def aligned(folder: Path, name: str, frame: pd.DataFrame) -> Sample:
+def redecided(pred: pd.DataFrame, rule: dict | None) -> pd.DataFrame:
+    """`pred` with its `pred` column named by `rule` (a bundle's decision rule: tau and log prior) from its own
+    calibrated probabilities; triage and OOD verdicts, which do not depend on the rule, unchanged. No rule: as is."""
+    if rule is None:
+        return pred
+    probs = pred[[f"p_{c}" for c in CLASSES]].to_numpy(np.float64)
+    return pred.assign(pred=np.asarray(CLASSES)[Decision(rule, CLASSES)(probs)])
+
+
+def aligned(folder: Path, name: str, frame: pd.DataFrame, rule: dict | None = None) -> Sample:
     """`folder/name.csv` in `frame`'s row order as a Sample (decision, triage, OOD), as reencode_effect reads its
-    own predictions."""
-    return sample(pd.read_csv(folder / f"{name}.csv", dtype={"image_id": str}), frame)
+    own predictions; with `rule`, decided by that rule instead of the one that wrote them."""
+    return sample(redecided(pd.read_csv(folder / f"{name}.csv", dtype={"image_id": str}), rule), frame)
+
+
+def rule_of(model: str | None) -> dict | None:
+    """The decision rule stored in `model` (bundle or output folder); a model without one decides by arg-max."""
+    if model is None:
+        return None
+    return read_bundle(resolve_path(model)).get("decision") or {"tau": 0.0}
 
 
 def kept_share(original: Sample, copy: Sample) -> np.ndarray:
@@ -65,6 +88,9 @@ def main() -> None:
     ap.add_argument("--a", required=True, help="predictions folder of model A (reencode_effect --predictions)")
     ap.add_argument("--b", required=True, help="predictions folder of model B")
     ap.add_argument("--names", nargs=2, default=["a", "b"], help="what to call A and B in the output")
+    ap.add_argument("--rule-a", metavar="MODEL", help="decide A's predictions by MODEL's decision rule (tau and log "
+                    "prior) instead of the rule that wrote them: two rules on one model's predictions, paired")
+    ap.add_argument("--rule-b", metavar="MODEL", help="the same for B")
     ap.add_argument("--data-root", default=str(DATA_ROOT))
     ap.add_argument("--resamples", type=int, default=2000)
     ap.add_argument("--out", default="benchmarks/out/kept_between_models.json")
@@ -75,17 +101,20 @@ def main() -> None:
     a, b = Path(ns.a), Path(ns.b)
     copies = sorted({p.stem for p in a.glob("*.csv")} & {p.stem for p in b.glob("*.csv")} - {"original"})
     lesions = frame["lesion_id"].astype(str).to_numpy()
-    orig_a, orig_b = aligned(a, "original", frame), aligned(b, "original", frame)
-    result = {"what": what(__doc__), "a": {"name": ns.names[0], "predictions": str(a)},
-              "b": {"name": ns.names[1], "predictions": str(b)}, "images": len(frame),
+    rules = rule_of(ns.rule_a), rule_of(ns.rule_b)
+    orig_a, orig_b = aligned(a, "original", frame, rules[0]), aligned(b, "original", frame, rules[1])
+    side = lambda name, folder, model, rule: {"name": name, "predictions": str(folder), **(  # noqa: E731
+        {"rule_from": str(model), "tau": float(rule.get("tau", 0.0))} if model else {})}
+    result = {"what": what(__doc__), "a": side(ns.names[0], a, ns.rule_a, rules[0]),
+              "b": side(ns.names[1], b, ns.rule_b, rules[1]), "images": len(frame),
               "lesions": int(len(np.unique(lesions))), "resamples": ns.resamples, "copies": {}}
     original = paired(orig_a, orig_b, lesions, ns.resamples)["metrics"]
     result["original"] = paired_figures(original, ("balanced_accuracy", "macro_auc", "ood_rejection",
                                                    "triage_sensitivity", "triage_specificity"))
     print("original", result["original"], flush=True)
     for name in copies:
-        result["copies"][name] = compare_copy(orig_a, aligned(a, name, frame), orig_b, aligned(b, name, frame),
-                                              lesions, ns.resamples)
+        result["copies"][name] = compare_copy(orig_a, aligned(a, name, frame, rules[0]), orig_b,
+                                              aligned(b, name, frame, rules[1]), lesions, ns.resamples)
         print(name, result["copies"][name], flush=True)
     write_json(ns.out, result, indent=1)
 

@@ -546,11 +546,18 @@ def add_decide_args(p: argparse.ArgumentParser) -> None:
                                       "(<output>/oof_predictions.csv)")
     source.add_argument("--rule-from", metavar="MODEL", help="take over MODEL's rule unchanged (tau and log prior; "
                         "for a model without out-of-fold predictions of its own); needs --model")
+    source.add_argument("--validation", action="store_true", help="choose tau for --model (a training or ensemble "
+                        "output folder) on its own validation split, through the inference it runs by default; "
+                        "reports a cross-fitted estimate (halves of the split) beside the in-sample figures")
     p.add_argument("--model", help="bundle or output folder to store the rule in (else only report it)")
+    p.add_argument("--device", default="auto", help="with --validation: where to run the model")
+    p.add_argument("--cache-dir", default=None, help="with --validation: pre-resized image cache (as in training)")
 
 
 def run_decide(ns: argparse.Namespace) -> int:
     from skain.training.decide import fit_from_oof, take_rule
+    if ns.validation:
+        return decide_on_validation(ns)
     if ns.rule_from:
         if not ns.model:
             raise ValueError("--rule-from needs --model (the model to store the rule in)")
@@ -565,8 +572,24 @@ def run_decide(ns: argparse.Namespace) -> int:
     return 0
 
 
+def decide_on_validation(ns: argparse.Namespace) -> int:
+    from skain.training.decide_validation import fit_on_validation
+    if not ns.model:
+        raise ValueError("--validation needs --model (the output folder whose validation split chooses tau)")
+    rule = fit_on_validation(ns.model, cache_dir_from_flag(ns.cache_dir, None), ns.device)
+    v, held = rule["validation"], rule.get("cross_fitted_balanced_accuracy")
+    taus = ", ".join(f"{h['tau']:.2f}" for h in held["halves"]) if held else ""
+    print(f"tau = {rule['tau']:.2f} (chosen on {v['n']} validation images, {v['views']} view(s)); stored in {ns.model}. "
+          f"Validation balanced accuracy {v['balanced_accuracy']:.4f} with the rule, "
+          f"{v['argmax']['balanced_accuracy']:.4f} at arg-max (in-sample for tau)"
+          + (f"; cross-fitted halves: {held['adjusted']['mean']:.4f} with the rule, {held['argmax']['mean']:.4f} at "
+             f"arg-max (taus {taus})" if held else ""))
+    return 0
+
+
 COMMANDS["decide"] = (add_decide_args, run_decide,
-                      "fit the balanced-accuracy decision rule (prior adjustment) on out-of-fold predictions")
+                      "fit the balanced-accuracy decision rule (prior adjustment) on out-of-fold predictions, or "
+                      "on a model's own validation split")
 
 
 def add_cv_report_args(p: argparse.ArgumentParser) -> None:

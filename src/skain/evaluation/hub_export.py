@@ -88,7 +88,8 @@ def hf_config(bundle: dict, mid: str) -> dict:
 def _decision(state: dict | None) -> dict:
     if not state or not float(state.get("tau", 0.0)):
         return {"rule": "argmax"}
-    return {k: _plain(state.get(k)) for k in ("rule", "tau", "fit_on", "nested_balanced_accuracy")}
+    return {k: _plain(state[k]) for k in ("rule", "tau", "fit_on", "nested_balanced_accuracy",
+                                          "cross_fitted_balanced_accuracy") if k in state}
 
 
 def licence(bundle: dict) -> str:
@@ -127,13 +128,15 @@ def held_out_figures(bundle: dict) -> list[dict]:
             span = ci_range(iv, key, shown=float(value))
             out.append({"type": kind, "name": name, "value": round(float(value), 4), "held_out": where,
                         **({"ci": span, "ci_note": interval_note(iv)} if span else {})})
-    nested = rule.get("nested_balanced_accuracy") or {}
+    nested, halves = rule.get("nested_balanced_accuracy") or {}, rule.get("cross_fitted_balanced_accuracy") or {}
     if float(rule.get("tau", 0.0)):
         add("balanced_accuracy", "balanced accuracy, decision rule (prior-adjusted)",
             (nested.get("adjusted") or {}).get("mean"),
             "nested k-fold cross-validation: each fold scored with the rule chosen on the other folds")
         add("balanced_accuracy", "balanced accuracy, arg-max", (nested.get("argmax") or {}).get("mean"),
             "the same k-fold cross-validation")
+        add("balanced_accuracy", "balanced accuracy, decision rule (prior-adjusted)",
+            (halves.get("adjusted") or {}).get("mean"), f"cross-fitted on the validation split: {halves.get('how')}")
         _rule_figures(add, rule.get("validation") or {}, classes)
     add("balanced_accuracy", "balanced accuracy, arg-max", m.get("balanced_accuracy"), val, beside, "balanced_accuracy")
     add("accuracy", "accuracy, arg-max", m.get("accuracy"), val)

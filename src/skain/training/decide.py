@@ -24,6 +24,8 @@ MEASURED_ON = {
     "test": "test fold: lesions held out of training that chose nothing (not the epoch, temperature or tau)",
     "validation": "validation split: lesions held out of training; they chose the epoch and the temperature the "
                   "rule applies to (tau was chosen on other predictions), so these figures flatter the model a little",
+    "validation_tau": "validation split: lesions held out of training; they chose the epoch, the temperature and "
+                      "tau itself, so these figures flatter the model (the cross-fitted estimate does not)",
 }
 
 log = logging.getLogger(__name__)
@@ -90,25 +92,33 @@ def store_rule_figures(bundle: dict, logits: np.ndarray, labels: np.ndarray, spl
     """Put the figures of the decision the bundle makes (its rule, arg-max beside it) on held-out rows into
     `bundle["decision"]["validation"]` and the model card, from raw logits of `views` TTA views and the
     temperature fit for that many views (what the Predictor does), with their 95% intervals (`rule_intervals`;
-    `groups`: each row's lesion id, else images are resampled). No decision rule: nothing to do (the bundle's
+    `groups`: each row's lesion id, else images are resampled). `split` names the rows (a key of MEASURED_ON;
+    "validation_tau": validation rows that also chose tau). No decision rule: nothing to do (the bundle's
     metrics are already arg-max figures)."""
     if not bundle.get("decision"):
         return None
     classes = list(bundle["classes"])
-    trust = bundle.get("trust") or {}
-    block = trust.get("views", {}).get(str(int(views))) if views > 1 else None
-    if views > 1 and block is None:
-        raise ValueError(f"no trust block fitted for {views} TTA views: skain calibrate --tta {views} first")
-    temperature = float((block or trust).get("temperature", 1.0))
+    temperature = views_temperature(bundle, views)
     probs = (torch.from_numpy(np.asarray(logits, dtype=np.float64)) / temperature).softmax(1).numpy()
     decision = Decision(bundle["decision"], classes)
-    result = {**figures(probs, labels, decision, classes), "split": split,
+    rows = "validation" if split == "validation_tau" else split
+    result = {**figures(probs, labels, decision, classes), "split": rows,
               "temperature": temperature, "views": int(views), "measured_on": MEASURED_ON[split],
-              "intervals": rule_intervals(probs, labels, decision(probs), classes, split, int(views), groups)}
+              "intervals": rule_intervals(probs, labels, decision(probs), classes, rows, int(views), groups)}
     bundle["decision"]["validation"] = result
     if bundle.get("model_card"):
         bundle["model_card"]["decision"] = result
     return result
+
+
+def views_temperature(bundle: dict, views: int) -> float:
+    """The temperature the Predictor applies to `views` TTA views averaged: the single-view trust block's for one
+    view, else the block `skain calibrate --tta N` fitted (refused when there is none)."""
+    trust = bundle.get("trust") or {}
+    block = trust.get("views", {}).get(str(int(views))) if views > 1 else None
+    if views > 1 and block is None:
+        raise ValueError(f"no trust block fitted for {views} TTA views: skain calibrate --tta {views} first")
+    return float((block or trust).get("temperature", 1.0))
 
 
 def rule_intervals(probs: np.ndarray, labels: np.ndarray, pred: np.ndarray, classes: list[str], split: str,

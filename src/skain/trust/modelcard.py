@@ -66,7 +66,8 @@ def decision_validation(bundle: dict) -> dict:
     """The validation figures of the decision the model makes, for the page, `GET /api/model` and the card:
     the prior-adjusted rule's (arg-max beside them) where the bundle has a rule and its figures, else arg-max.
     `figures_of` says which; `measured_on` how the rows were held out; `cross_validated` the rule's nested
-    cross-validation estimate (the recipe's folds, not this file's validation split); `intervals` the 95%
+    cross-validation estimate (the recipe's folds, not this file's validation split) or, for a tau chosen on this
+    model's validation split (`skain decide --validation`), its cross-fitted halves; `intervals` the 95%
     intervals of the figures shown (the rule's decisions where they are the rule's), where the bundle has them."""
     metrics, rule = bundle.get("metrics") or {}, bundle.get("decision") or {}
     argmax = {"balanced_accuracy": metrics.get("balanced_accuracy"), "accuracy": metrics.get("accuracy"),
@@ -81,10 +82,16 @@ def decision_validation(bundle: dict) -> dict:
     if not rule or float(rule.get("tau", 0.0)) == 0.0:
         return {"figures_of": "argmax", "decision": "argmax", **common, **argmax, "measured_on": held}
     out = {"decision": rule.get("rule"), "tau": rule.get("tau"), **common}
-    nested = rule.get("nested_balanced_accuracy")
+    nested, halves = rule.get("nested_balanced_accuracy"), rule.get("cross_fitted_balanced_accuracy")
     if nested:
         out["cross_validated"] = {"how": f"nested: tau chosen on the other folds ({rule.get('fit_on')})",
+                                  "shown": "test folds of the same recipe that chose nothing; tau chosen on the other folds",
                                   "argmax": nested.get("argmax"), "rule": nested.get("adjusted")}
+    elif halves:  # `skain decide --validation`: tau chosen on this model's validation split, cross-fitted halves
+        out["cross_validated"] = {"how": f"cross-fitted: {halves.get('how')} ({rule.get('fit_on')})",
+                                  "shown": "each half of this model's validation lesions, with the tau the other "
+                                           "half chose",
+                                  "argmax": halves.get("argmax"), "rule": halves.get("adjusted")}
     if stored:
         riv = interval_summary(stored.get("intervals"), list(bundle.get("classes") or []))
         auc = ((riv or {}).get("figures") or {}).get("macro_auc", {}).get("value")
