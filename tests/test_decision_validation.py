@@ -18,6 +18,7 @@ from skain.inference.predictor import Predictor
 from skain.modelfile.bundle import BUNDLE_NAME
 from skain.modelfile.load import read_bundle
 from skain.training.decide_validation import cross_fitted, require_every_class
+from skain.training.runfolder import TEST_PREDICTIONS, VAL_PREDICTIONS
 from skain.training.trust_fit import fit_views_folder, folder_split
 from skain.trust.crossfit import halves
 from skain.trust.modelcard import decision_validation
@@ -40,6 +41,25 @@ def _copy(trained: Path, tmp: Path, nv_shift: float = 0.0) -> Path:
         bundle["state_dict"][last][CLASSES.index("nv")] += nv_shift
         bundle["trust"]["temperature"] = 5.0
         torch.save(bundle, out / BUNDLE_NAME)
+        for name in (TEST_PREDICTIONS, VAL_PREDICTIONS):  # the run's own per-image logits, shifted the same way
+            if (out / name).is_file():
+                table = pd.read_csv(out / name)
+                table["logit_nv"] += nv_shift
+                table.to_csv(out / name, index=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def holdout_run(synth_root, tmp_path_factory) -> Path:
+    """A tiny `--holdout` run (a test fold that chose nothing) with a validation split large enough to hold
+    every class."""
+    from dataclasses import replace
+
+    from conftest import tiny_config
+    from skain.training.train import fit
+    out = tmp_path_factory.mktemp("holdout")
+    cfg = tiny_config(synth_root / "dataset_train", out, epochs=2, seed=1, test_tta=1)
+    fit(replace(cfg, data=replace(cfg.data, holdout=True, folds=4, inner_folds=3)))
     return out
 
 
@@ -143,3 +163,19 @@ def test_decide_validation_refuses_what_it_cannot_fit_and_changes_nothing(traine
     assert main(["decide", "--validation", "--model", str(out)]) != 0
     assert "skain calibrate --tta 4" in capsys.readouterr().err
     assert (out / BUNDLE_NAME).read_bytes() == before
+
+
+def test_a_holdout_run_shows_its_test_folds_figures_under_the_tau_its_validation_chose(holdout_run, tmp_path):
+    """tau from the validation split; the figures beside it from the test fold, which chose nothing (not tau)."""
+    out = _copy(holdout_run, tmp_path, nv_shift=5.0)
+    tau, _ = _own_choice(out, views=1)
+    assert main(["decide", "--validation", "--model", str(out), "--device", "cpu"]) == 0
+    rule = read_bundle(out / BUNDLE_NAME)["decision"]
+    test = pd.read_csv(out / TEST_PREDICTIONS)
+    assert rule["tau"] == tau and rule["validation"]["split"] == "test" and rule["validation"]["n"] == len(test)
+    assert "chose nothing" in rule["validation"]["measured_on"]
+    logits = test[[f"logit_{c}" for c in CLASSES]].to_numpy(np.float64)
+    probs = torch.from_numpy(logits / 5.0).softmax(1).numpy()
+    truth = test["dx"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
+    want = balanced_accuracy_score(truth, adjusted_pred(probs, np.asarray(rule["log_prior"]), tau))
+    assert rule["validation"]["balanced_accuracy"] == pytest.approx(want)

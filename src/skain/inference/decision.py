@@ -9,7 +9,9 @@ balanced accuracy weighs equally. The adjusted decision is
 out the training prior completely. Probabilities are never changed: only which class is named.
 
 tau is chosen on out-of-fold predictions of k-fold training, and its effect is estimated by nested
-cross-validation (chosen on k-1 folds' predictions, scored on the k-th), so the reported gain is held out.
+cross-validation (chosen on k-1 folds' predictions, scored on the k-th), so the reported gain is held out. A model
+without them gets its tau from its own validation split (`training.decide_validation`), its gain estimated on
+cross-fitted halves of that split.
 """
 from __future__ import annotations
 

@@ -140,20 +140,28 @@ def rule_figures_from_run(bundle: dict, run_dir: Path) -> dict | None:
     (chose nothing) where there is one, else the validation split's, lesions resampled for the intervals where
     the table or the run's split.csv names them. None when neither file is there."""
     for name, split in ((TEST_PREDICTIONS, "test"), (VAL_PREDICTIONS, "validation")):
-        table = run_dir / name
-        if not table.is_file():
-            continue
-        frame = pd.read_csv(table)
-        columns = [f"logit_{c}" for c in bundle["classes"]]
-        if "dx" not in frame.columns or any(c not in frame.columns for c in columns):
-            continue
-        frame = frame.dropna(subset=["dx", *columns])
-        index = {c: i for i, c in enumerate(bundle["classes"])}
-        frame = frame[frame["dx"].isin(index)]
-        if frame.empty:
-            continue
-        lesions = (frame["lesion_id"].astype(str).to_numpy() if "lesion_id" in frame
-                   else oof_lesions([run_dir], frame["image_id"]) if "image_id" in frame else None)
-        return store_rule_figures(bundle, frame[columns].to_numpy(), frame["dx"].map(index).to_numpy(), split,
-                                  groups=lesions)
+        stored = rule_figures_from_table(bundle, run_dir, name, split)
+        if stored is not None:
+            return stored
     return None
+
+
+def rule_figures_from_table(bundle: dict, run_dir: Path, name: str, split: str) -> dict | None:
+    """store_rule_figures from one per-image predictions table of the run (single-view logits, as `skain train`
+    writes them); None when it is not there or holds no labelled rows with logits."""
+    table = run_dir / name
+    if not table.is_file():
+        return None
+    frame = pd.read_csv(table)
+    columns = [f"logit_{c}" for c in bundle["classes"]]
+    if "dx" not in frame.columns or any(c not in frame.columns for c in columns):
+        return None
+    frame = frame.dropna(subset=["dx", *columns])
+    index = {c: i for i, c in enumerate(bundle["classes"])}
+    frame = frame[frame["dx"].isin(index)]
+    if frame.empty:
+        return None
+    lesions = (frame["lesion_id"].astype(str).to_numpy() if "lesion_id" in frame
+               else oof_lesions([run_dir], frame["image_id"]) if "image_id" in frame else None)
+    return store_rule_figures(bundle, frame[columns].to_numpy(), frame["dx"].map(index).to_numpy(), split,
+                              groups=lesions)

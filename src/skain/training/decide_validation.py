@@ -8,9 +8,10 @@ docs/robustness.md an ensemble of `--consistency 10` networks scored balanced ac
 the shipped file's tau 0.45 and 0.753 with the tau 0.75 its validation split chose (the photo-augment ensemble's
 validation split chose 0.50, beside the 0.45 its recipe's out-of-fold predictions chose).
 
-The validation split also chose the epoch and the temperature, and now tau: the figures stored beside the rule
-are therefore in-sample for tau. The estimate that is not is cross-fitted: each lesion-grouped half of the
-validation split scored with the tau the other half chooses.
+The validation split also chose the epoch and the temperature, and now tau: figures of it stored beside the rule
+are therefore in-sample for tau, and say so. The estimate that is not is cross-fitted: each lesion-grouped half of
+the validation split scored with the tau the other half chooses. A `--holdout` run answering with one view stores
+its test fold's figures instead (chose nothing).
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ from skain.inference.decision import adjusted_pred, fit_tau, log_prior_from_coun
 from skain.inference.predictor import Predictor, default_views
 from skain.modelfile.bundle import BUNDLE_NAME, atomic_torch_save
 from skain.modelfile.load import read_bundle
-from skain.training.decide import store_rule_figures, views_temperature
+from skain.training.decide import rule_figures_from_table, store_rule_figures, views_temperature
+from skain.training.runfolder import TEST_PREDICTIONS
 from skain.training.trust_fit import folder_split, lesion_ids, tta_outputs
 from skain.trust.crossfit import TrustSettings, halves
 from skain.trust.modelcard import write_card
@@ -108,13 +110,16 @@ def fit_on_validation(model: str | Path, cache_dir: str | Path | None = None, de
                                     f"{'a single view' if views == 1 else f'{views} TTA views'} (the inference it "
                                     "runs by default); prior from its training split's labels",
                           **({"cross_fitted_balanced_accuracy": held} if held else {})}
-    store_rule_figures(bundle, logits, labels, "validation_tau", views=views, groups=lesion_ids(frame, val_idx))
+    # a --holdout run's test fold chose nothing, tau included: its figures where they are of the same inference
+    # (the single view the run scored it with), else the validation split's, which say they chose tau
+    if not (views == 1 and rule_figures_from_table(bundle, out, TEST_PREDICTIONS, "test")):
+        store_rule_figures(bundle, logits, labels, "validation_tau", views=views, groups=lesion_ids(frame, val_idx))
     atomic_torch_save(bundle, out / BUNDLE_NAME)
     if bundle.get("model_card"):
         write_card(out, bundle["model_card"])
     stored = bundle["decision"]["validation"]
-    log.info("decision rule tau=%.2f stored in %s (validation balanced accuracy %.4f with it, %.4f at arg-max, "
-             "in-sample for tau%s)", tau, out / BUNDLE_NAME, stored["balanced_accuracy"],
-             stored["argmax"]["balanced_accuracy"],
+    log.info("decision rule tau=%.2f stored in %s (%s balanced accuracy %.4f with it, %.4f at arg-max%s%s)", tau,
+             out / BUNDLE_NAME, stored["split"], stored["balanced_accuracy"], stored["argmax"]["balanced_accuracy"],
+             ", in-sample for tau" if stored["split"] == "validation" else ", chose nothing",
              f"; cross-fitted {held['adjusted']['mean']:.4f} against {held['argmax']['mean']:.4f}" if held else "")
     return bundle["decision"]
