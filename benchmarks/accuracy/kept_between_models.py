@@ -82,6 +82,30 @@ def compare_copy(orig_a: Sample, copy_a: Sample, orig_b: Sample, copy_b: Sample,
     return {**out, **paired_figures(diff, ("balanced_accuracy", "ood_rejection", "triage_sensitivity"))}
 
 
+def compare_folders(frame: pd.DataFrame, a: Path, b: Path, names=("a", "b"), rule_models=(None, None),
+                    resamples: int = 2000) -> dict:
+    """A against B on `frame`'s images: the originals' paired figures and, for every copy both folders hold,
+    compare_copy; each side decided by the rule of its `rule_models` entry where given."""
+    copies = sorted({p.stem for p in a.glob("*.csv")} & {p.stem for p in b.glob("*.csv")} - {"original"})
+    lesions = frame["lesion_id"].astype(str).to_numpy()
+    rules = tuple(rule_of(m) for m in rule_models)
+    orig_a, orig_b = aligned(a, "original", frame, rules[0]), aligned(b, "original", frame, rules[1])
+    side = lambda name, folder, model, rule: {"name": name, "predictions": str(folder), **(  # noqa: E731
+        {"rule_from": str(model), "tau": float(rule.get("tau", 0.0))} if model else {})}
+    result = {"what": what(__doc__), "a": side(names[0], a, rule_models[0], rules[0]),
+              "b": side(names[1], b, rule_models[1], rules[1]), "images": len(frame),
+              "lesions": int(len(np.unique(lesions))), "resamples": resamples, "copies": {}}
+    original = paired(orig_a, orig_b, lesions, resamples)["metrics"]
+    result["original"] = paired_figures(original, ("balanced_accuracy", "macro_auc", "ood_rejection",
+                                                   "triage_sensitivity", "triage_specificity"))
+    print("original", result["original"], flush=True)
+    for name in copies:
+        result["copies"][name] = compare_copy(orig_a, aligned(a, name, frame, rules[0]), orig_b,
+                                              aligned(b, name, frame, rules[1]), lesions, resamples)
+        print(name, result["copies"][name], flush=True)
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True, help="the `skain train --holdout` run whose test fold both scored")
@@ -98,24 +122,7 @@ def main() -> None:
     frame = split_rows(ham10000(Path(ns.data_root), full=True), ns.run, "test")
     if frame.empty:
         raise SystemExit(f"{ns.run}: no test fold in split.csv (train it with --holdout)")
-    a, b = Path(ns.a), Path(ns.b)
-    copies = sorted({p.stem for p in a.glob("*.csv")} & {p.stem for p in b.glob("*.csv")} - {"original"})
-    lesions = frame["lesion_id"].astype(str).to_numpy()
-    rules = rule_of(ns.rule_a), rule_of(ns.rule_b)
-    orig_a, orig_b = aligned(a, "original", frame, rules[0]), aligned(b, "original", frame, rules[1])
-    side = lambda name, folder, model, rule: {"name": name, "predictions": str(folder), **(  # noqa: E731
-        {"rule_from": str(model), "tau": float(rule.get("tau", 0.0))} if model else {})}
-    result = {"what": what(__doc__), "a": side(ns.names[0], a, ns.rule_a, rules[0]),
-              "b": side(ns.names[1], b, ns.rule_b, rules[1]), "images": len(frame),
-              "lesions": int(len(np.unique(lesions))), "resamples": ns.resamples, "copies": {}}
-    original = paired(orig_a, orig_b, lesions, ns.resamples)["metrics"]
-    result["original"] = paired_figures(original, ("balanced_accuracy", "macro_auc", "ood_rejection",
-                                                   "triage_sensitivity", "triage_specificity"))
-    print("original", result["original"], flush=True)
-    for name in copies:
-        result["copies"][name] = compare_copy(orig_a, aligned(a, name, frame, rules[0]), orig_b,
-                                              aligned(b, name, frame, rules[1]), lesions, ns.resamples)
-        print(name, result["copies"][name], flush=True)
+    result = compare_folders(frame, Path(ns.a), Path(ns.b), ns.names, (ns.rule_a, ns.rule_b), ns.resamples)
     write_json(ns.out, result, indent=1)
 
 
