@@ -120,3 +120,33 @@ def test_a_rule_redecides_the_predictions_from_their_own_probabilities():
     out = redecided(pred, rule)
     assert list(out["pred"]) == ["mel", "mel"]
     assert out[["ood", "triage"]].equals(pred[["ood", "triage"]]) and list(pred["pred"]) == ["nv", "mel"]
+
+
+def test_tau_on_validation_pairs_one_models_predictions_under_two_rules(frame, trained, tmp_path):
+    """benchmarks/accuracy/tau_on_validation: the stored predictions (arg-max here) against the same probabilities
+    under the rule a `skain decide --validation` bundle holds; a bundle without such a rule is refused."""
+    import shutil
+
+    import torch
+    from benchmarks.accuracy.tau_on_validation import chosen, entry
+    ids, truth = list(frame["image_id"]), list(frame["dx"])
+    (tmp_path / "pred").mkdir()
+    pred = predictions(ids, truth, [False] * 12)
+    pred.loc[6, [f"p_{c}" for c in CLASSES]] = [0.01, 0.01, 0.01, 0.01, 0.40, 0.55, 0.01]  # a melanoma called nv
+    pred.loc[6, "pred"] = "nv"
+    pred.to_csv(tmp_path / "pred" / "original.csv", index=False)
+    own = tmp_path / "own"
+    shutil.copytree(trained, own)
+    with pytest.raises(SystemExit, match="skain decide --validation"):
+        chosen(str(own))
+    bundle = torch.load(own / "best_model.pt", map_location="cpu", weights_only=True)
+    bundle["decision"] = {"rule": "argmax log p - tau * log prior", "tau": 0.5, "classes": list(CLASSES),
+                          "log_prior": np.log([0.03, 0.05, 0.11, 0.01, 0.11, 0.67, 0.02]).tolist(),
+                          "cross_fitted_balanced_accuracy": {"adjusted": {"mean": 0.7}}}
+    torch.save(bundle, own / "best_model.pt")
+    out = entry(frame, "m", tmp_path / "pred", str(own), ("ref", tmp_path / "pred"), 200)
+    assert out["own_rule"]["tau"] == 0.5 and out["own_rule"]["cross_fitted"]["adjusted"]["mean"] == 0.7
+    ba = out["same_predictions_two_taus"]["original"]["balanced_accuracy"]
+    assert ba["a"] == pytest.approx((1 + 0.75 + 1) / 3, abs=1e-4) and ba["b"] == 1.0  # the rule names it mel
+    against = out["against_reference"]["original"]["balanced_accuracy"]
+    assert against["difference"]["value"] == pytest.approx(ba["b"] - ba["a"], abs=1e-4)

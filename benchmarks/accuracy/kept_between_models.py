@@ -82,6 +82,14 @@ def compare_copy(orig_a: Sample, copy_a: Sample, orig_b: Sample, copy_b: Sample,
     return {**out, **paired_figures(diff, ("balanced_accuracy", "ood_rejection", "triage_sensitivity"))}
 
 
+def test_fold(run: str | Path, data_root: str | Path) -> pd.DataFrame:
+    """The shared HAM10000 rows of `run`'s held-out test fold (dx, lesion_id); refused when it has none."""
+    frame = split_rows(ham10000(Path(data_root), full=True), run, "test")
+    if frame.empty:
+        raise SystemExit(f"{run}: no test fold in split.csv (train it with --holdout)")
+    return frame
+
+
 def compare_folders(frame: pd.DataFrame, a: Path, b: Path, names=("a", "b"), rule_models=(None, None),
                     resamples: int = 2000) -> dict:
     """A against B on `frame`'s images: the originals' paired figures and, for every copy both folders hold,
@@ -119,9 +127,7 @@ def main() -> None:
     ap.add_argument("--resamples", type=int, default=2000)
     ap.add_argument("--out", default="benchmarks/out/kept_between_models.json")
     ns = ap.parse_args()
-    frame = split_rows(ham10000(Path(ns.data_root), full=True), ns.run, "test")
-    if frame.empty:
-        raise SystemExit(f"{ns.run}: no test fold in split.csv (train it with --holdout)")
+    frame = test_fold(ns.run, ns.data_root)
     result = compare_folders(frame, Path(ns.a), Path(ns.b), ns.names, (ns.rule_a, ns.rule_b), ns.resamples)
     write_json(ns.out, result, indent=1)
 

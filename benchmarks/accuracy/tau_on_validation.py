@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmarks.accuracy.kept_between_models import compare_folders
-from benchmarks.common import DATA_ROOT, ham10000, split_rows, what, write_json
+from benchmarks.accuracy.kept_between_models import compare_folders, test_fold
+from benchmarks.common import DATA_ROOT, what, write_json
 from skain.modelfile.load import read_bundle, resolve_path
 
 
@@ -61,9 +61,7 @@ def main() -> None:
     ap.add_argument("--resamples", type=int, default=2000)
     ap.add_argument("--out", default="benchmarks/out/tau_on_validation.json")
     ns = ap.parse_args()
-    frame = split_rows(ham10000(Path(ns.data_root), full=True), ns.run, "test")
-    if frame.empty:
-        raise SystemExit(f"{ns.run}: no test fold in split.csv (train it with --holdout)")
+    frame = test_fold(ns.run, ns.data_root)
     reference = (ns.reference[0], Path(ns.reference[1])) if ns.reference else None
     result = {"what": what(__doc__), "run": ns.run, "reference": ns.reference,
               "entries": {name: entry(frame, name, Path(pred), own, reference, ns.resamples)
