@@ -155,6 +155,8 @@ def test_decide_validation_refuses_what_it_cannot_fit_and_changes_nothing(traine
     assert "needs --model" in capsys.readouterr().err
     assert main(["decide", "--validation", "--model", str(out / BUNDLE_NAME)]) != 0
     assert "output folder" in capsys.readouterr().err
+    assert main(["decide", "--validation", "--model", str(tmp_path)]) != 0  # a folder, but no run in it
+    assert "not a training or ensemble output folder" in capsys.readouterr().err
     assert (out / BUNDLE_NAME).read_bytes() == before
     bundle = read_bundle(out / BUNDLE_NAME)
     bundle["inference"] = {"tta": 4}  # a default of 4 views with no temperature fitted for them

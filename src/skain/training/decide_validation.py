@@ -32,7 +32,7 @@ from skain.inference.predictor import Predictor, default_views
 from skain.modelfile.bundle import BUNDLE_NAME, atomic_torch_save
 from skain.modelfile.load import read_bundle
 from skain.training.decide import rule_figures_from_table, store_rule_figures, views_temperature
-from skain.training.runfolder import TEST_PREDICTIONS
+from skain.training.runfolder import CONFIG_NAME, METRICS_NAME, SPLIT_NAME, TEST_PREDICTIONS
 from skain.training.trust_fit import folder_split, lesion_ids, tta_outputs
 from skain.trust.crossfit import TrustSettings, halves
 from skain.trust.modelcard import write_card
@@ -53,7 +53,7 @@ def require_every_class(labels: pd.Series, classes: list[str]) -> None:
                         "`skain decide --oof`")
 
 
-def validation_probs(bundle: dict, frame: pd.DataFrame, loader: ImageLoader, device: torch.device, views: int,
+def validation_logits(bundle: dict, frame: pd.DataFrame, loader: ImageLoader, device: torch.device, views: int,
                      progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Raw logits of the validation rows under the model's default inference (`views` TTA views averaged as
     `skain predict --tta` does), with metadata as entered, and the labels."""
@@ -92,6 +92,9 @@ def fit_on_validation(model: str | Path, cache_dir: str | Path | None = None, de
     out = Path(model)
     if not out.is_dir():
         raise ValueError(f"{model}: --validation needs a training or ensemble output folder (its split), not a file")
+    if not (out / BUNDLE_NAME).is_file() or not ((out / CONFIG_NAME).is_file() or (out / METRICS_NAME).is_file()):
+        raise ValueError(f"{model}: not a training or ensemble output folder ({BUNDLE_NAME} beside {CONFIG_NAME} and "
+                         f"{SPLIT_NAME}, or an ensemble's {METRICS_NAME}): --validation needs the split it was trained on")
     frame, train_idx, val_idx, cfg = folder_split(out)
     bundle = read_bundle(out / BUNDLE_NAME)
     classes = list(bundle["classes"])
@@ -99,7 +102,7 @@ def fit_on_validation(model: str | Path, cache_dir: str | Path | None = None, de
     views = default_views(bundle)
     temperature = views_temperature(bundle, views)  # refused here, before inference, when none is fitted
     log.info("decision rule: %d validation images x %d view(s), temperature %.3f", len(val_idx), views, temperature)
-    logits, labels = validation_probs(bundle, frame.iloc[val_idx], ImageLoader(cfg["preprocess"]["resize"], cache_dir),
+    logits, labels = validation_logits(bundle, frame.iloc[val_idx], ImageLoader(cfg["preprocess"]["resize"], cache_dir),
                                       resolve_device(device), views, progress)
     probs = torch.from_numpy(logits / temperature).softmax(1).numpy()
     log_prior = log_prior_from_counts(frame.iloc[train_idx]["dx"].value_counts().to_dict(), classes)
