@@ -116,6 +116,7 @@ def test_decide_validation_stores_the_tau_its_validation_split_chooses(trained, 
     bundle = read_bundle(out / BUNDLE_NAME)
     rule = bundle["decision"]
     assert rule["tau"] == tau and f"tau = {tau:.2f}" in printed
+    assert f"{len(folder_split(out)[2])} images, in-sample for tau" in printed
     frame, train_idx, val_idx, _ = folder_split(out)
     assert rule["log_prior"] == pytest.approx(list(log_prior_from_counts(frame.iloc[train_idx]["dx"].value_counts().to_dict())))
     stored = rule["validation"]
@@ -167,13 +168,16 @@ def test_decide_validation_refuses_what_it_cannot_fit_and_changes_nothing(traine
     assert (out / BUNDLE_NAME).read_bytes() == before
 
 
-def test_a_holdout_run_shows_its_test_folds_figures_under_the_tau_its_validation_chose(holdout_run, tmp_path):
+def test_a_holdout_run_shows_its_test_folds_figures_under_the_tau_its_validation_chose(holdout_run, tmp_path, capsys):
     """tau from the validation split; the figures beside it from the test fold, which chose nothing (not tau)."""
     out = _copy(holdout_run, tmp_path, nv_shift=5.0)
     tau, _ = _own_choice(out, views=1)
     assert main(["decide", "--validation", "--model", str(out), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
     rule = read_bundle(out / BUNDLE_NAME)["decision"]
     test = pd.read_csv(out / TEST_PREDICTIONS)
+    _, _, val_idx, _ = folder_split(out)
+    assert f"chosen on {len(val_idx)} validation images" in printed and "Test-fold balanced accuracy" in printed
     assert rule["tau"] == tau and rule["validation"]["split"] == "test" and rule["validation"]["n"] == len(test)
     assert "chose nothing" in rule["validation"]["measured_on"]
     logits = test[[f"logit_{c}" for c in CLASSES]].to_numpy(np.float64)

@@ -579,11 +579,12 @@ def decide_on_validation(ns: argparse.Namespace) -> int:
     rule = fit_on_validation(ns.model, cache_dir_from_flag(ns.cache_dir, None), ns.device)
     v, held = rule["validation"], rule.get("cross_fitted_balanced_accuracy")
     taus = ", ".join(f"{h['tau']:.2f}" for h in held["halves"]) if held else ""
-    print(f"tau = {rule['tau']:.2f} (chosen on {v['n']} validation images, {v['views']} view(s)); stored in {ns.model}. "
-          f"Validation balanced accuracy {v['balanced_accuracy']:.4f} with the rule, "
-          f"{v['argmax']['balanced_accuracy']:.4f} at arg-max (in-sample for tau)"
-          + (f"; cross-fitted halves: {held['adjusted']['mean']:.4f} with the rule, {held['argmax']['mean']:.4f} at "
-             f"arg-max (taus {taus})" if held else ""))
+    where = ("test-fold", "chose nothing") if v["split"] == "test" else ("validation", "in-sample for tau")
+    print(f"tau = {rule['tau']:.2f}, chosen on {rule['fit_on']}; stored in {ns.model}. "
+          f"{where[0].capitalize()} balanced accuracy {v['balanced_accuracy']:.4f} with the rule, "
+          f"{v['argmax']['balanced_accuracy']:.4f} at arg-max ({v['n']} images, {where[1]})"
+          + (f"; cross-fitted halves of the validation split: {held['adjusted']['mean']:.4f} with the rule, "
+             f"{held['argmax']['mean']:.4f} at arg-max (taus {taus})" if held else ""))
     return 0
 
 
