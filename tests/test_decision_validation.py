@@ -13,6 +13,7 @@ from sklearn.metrics import balanced_accuracy_score
 
 from skain.cli import main
 from skain.data.schema import CLASSES, DataError
+from skain.evaluation.hub_export import held_out_figures
 from skain.inference.decision import adjusted_pred, fit_tau, log_prior_from_counts
 from skain.inference.predictor import Predictor
 from skain.modelfile.bundle import BUNDLE_NAME
@@ -135,6 +136,8 @@ def test_decide_validation_stores_the_tau_its_validation_split_chooses(trained, 
     want = np.array(CLASSES)[adjusted_pred(preds[P_COLUMNS].to_numpy(np.float64), np.asarray(rule["log_prior"]), tau)]
     assert (preds["pred"].to_numpy() == want).all()
     assert f"tau = {tau:.2f}" in (out / "model_card.md").read_text()
+    listed = [f for f in held_out_figures(bundle) if "cross-fitted on the validation split" in f["held_out"]]
+    assert [f["value"] for f in listed] == [round(held["adjusted"]["mean"], 4)]  # the Hugging Face card's figures
     page = create_app({"TESTING": True}, service=Service.load(out)).test_client().get("/").get_data(as_text=True)
     assert "each half of this model&#39;s validation lesions" in page or "each half of this model's validation lesions" in page
 
