@@ -3,6 +3,7 @@ inference it runs by default, with a cross-fitted estimate that never scores a h
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 import torch
 from sklearn.metrics import balanced_accuracy_score
 
+from conftest import tiny_config
 from skain.cli import main
 from skain.data.schema import CLASSES, DataError
 from skain.evaluation.hub_export import held_out_figures
@@ -20,6 +22,7 @@ from skain.modelfile.bundle import BUNDLE_NAME
 from skain.modelfile.load import read_bundle
 from skain.training.decide_validation import cross_fitted, require_every_class
 from skain.training.runfolder import TEST_PREDICTIONS, VAL_PREDICTIONS
+from skain.training.train import fit
 from skain.training.trust_fit import fit_views_folder, folder_split
 from skain.trust.crossfit import halves
 from skain.trust.modelcard import decision_validation
@@ -54,10 +57,6 @@ def _copy(trained: Path, tmp: Path, nv_shift: float = 0.0) -> Path:
 def holdout_run(synth_root, tmp_path_factory) -> Path:
     """A tiny `--holdout` run (a test fold that chose nothing) with a validation split large enough to hold
     every class."""
-    from dataclasses import replace
-
-    from conftest import tiny_config
-    from skain.training.train import fit
     out = tmp_path_factory.mktemp("holdout")
     cfg = tiny_config(synth_root / "dataset_train", out, epochs=2, seed=1, test_tta=1)
     fit(replace(cfg, data=replace(cfg.data, holdout=True, folds=4, inner_folds=3)))

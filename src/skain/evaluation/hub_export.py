@@ -88,8 +88,10 @@ def hf_config(bundle: dict, mid: str) -> dict:
 def _decision(state: dict | None) -> dict:
     if not state or not float(state.get("tau", 0.0)):
         return {"rule": "argmax"}
-    return {k: _plain(state[k]) for k in ("rule", "tau", "fit_on", "nested_balanced_accuracy",
-                                          "cross_fitted_balanced_accuracy") if k in state}
+    out = {k: _plain(state.get(k)) for k in ("rule", "tau", "fit_on", "nested_balanced_accuracy")}
+    if state.get("cross_fitted_balanced_accuracy"):  # a tau chosen on the model's own validation split
+        out["cross_fitted_balanced_accuracy"] = _plain(state["cross_fitted_balanced_accuracy"])
+    return out
 
 
 def licence(bundle: dict) -> str:

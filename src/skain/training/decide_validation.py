@@ -26,9 +26,8 @@ from sklearn.metrics import balanced_accuracy_score
 from skain.data.images import ImageLoader
 from skain.data.schema import DataError
 from skain.engine import resolve_device
-from skain.evaluation.variants import variant_logits
 from skain.inference.decision import adjusted_pred, fit_tau, log_prior_from_counts
-from skain.inference.predictor import Predictor, default_views
+from skain.inference.predictor import default_views
 from skain.modelfile.bundle import BUNDLE_NAME, atomic_torch_save
 from skain.modelfile.load import read_bundle
 from skain.training.decide import rule_figures_from_table, store_rule_figures, views_temperature
@@ -54,16 +53,11 @@ def require_every_class(labels: pd.Series, classes: list[str]) -> None:
 
 
 def validation_logits(bundle: dict, frame: pd.DataFrame, loader: ImageLoader, device: torch.device, views: int,
-                     progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                      progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Raw logits of the validation rows under the model's default inference (`views` TTA views averaged as
-    `skain predict --tta` does), with metadata as entered, and the labels."""
-    if views > 1:
-        va = tta_outputs(bundle, frame, loader, device, views, TrustSettings(), progress)
-        return va.logits, va.labels
-    frame = frame.reset_index(drop=True)
-    z = variant_logits(Predictor(bundle, device=device.type), frame, {"present": set()}, progress=progress,
-                       cache_dir=loader.cache_dir)
-    return z["present"].astype(np.float64), frame["dx"].map({c: i for i, c in enumerate(bundle["classes"])}).to_numpy()
+    `skain predict --tta` does), with metadata as entered, and the labels: the trust fit's own path."""
+    va = tta_outputs(bundle, frame, loader, device, views, TrustSettings(), progress)
+    return va.logits, va.labels
 
 
 def cross_fitted(probs: np.ndarray, labels: np.ndarray, log_prior: np.ndarray, parts: list[np.ndarray] | None) -> dict | None:

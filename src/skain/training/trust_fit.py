@@ -166,7 +166,8 @@ def held_out_intervals(va: Outputs, held: HeldOut, classes: list[str], lesions: 
 def tta_outputs(bundle: dict, frame: pd.DataFrame, loader_fn: ImageLoader, device: torch.device, views: int,
                 s: TrustSettings, progress: bool = False) -> Outputs:
     """Validation predictions averaged over `views` TTA views (log of the mean probabilities, as `skain predict
-    --tta` computes them), with metadata as entered and, for a multimodal network, with every field blank."""
+    --tta` computes them; one view: the identity view), with metadata as entered and, for a multimodal network,
+    with every field blank."""
     frame = frame.reset_index(drop=True)
     labels = frame["dx"].map({c: i for i, c in enumerate(bundle["classes"])}).to_numpy()
     predictor = Predictor(bundle, device=device.type)
@@ -175,8 +176,9 @@ def tta_outputs(bundle: dict, frame: pd.DataFrame, loader_fn: ImageLoader, devic
         variants["all_blank"] = set(FIELDS)
     z = variant_logits(predictor, frame, variants, s.batch_size, progress=progress, cache_dir=loader_fn.cache_dir,
                        views=views, tta=tuple(variants))
-    blank = z.get(f"all_blank_tta{views}")
-    return Outputs(z[f"present_tta{views}"].astype(np.float64), labels, None,
+    suffix = f"_tta{views}" if views > 1 else ""  # one view: variant_logits' plain keys
+    blank = z.get(f"all_blank{suffix}")
+    return Outputs(z[f"present{suffix}"].astype(np.float64), labels, None,
                    None if blank is None else blank.astype(np.float64))
 
 
