@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 EXTRAS ?= dev
-DEMO_EXTRAS ?= web
+DEMO_EXTRAS ?= web,openvino  # openvino: the web app's default "fast" path (docs/performance.md, "Web latency and load")
 SYNTHETIC_DEMO := outputs/demo-synthetic
 
 .PHONY: setup demo demo-synthetic test test-fast model clean

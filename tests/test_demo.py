@@ -102,6 +102,7 @@ def test_serve_start_up_log_says_which_model_answers(fresh, default_model, monke
         assert cli.main(["serve", "--port", "5999"]) == 0
     line = next(r.getMessage() for r in caplog.records if "skAIn web app on" in r.getMessage())
     assert default_model.name in line and "shipped with skAIn" in line
+    assert "through openvino fp32" in line  # the web app's default: the fast path (OpenVINO with the dev extras)
 
 
 def test_predict_without_model_uses_the_shipped_model(fresh, synth_root, caplog):

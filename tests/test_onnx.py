@@ -8,7 +8,7 @@ import pytest
 
 from skain.cli import main
 from skain.data.schema import CLASSES
-from skain.inference.predictor import GRAPH_RUNTIMES, Predictor, prediction_table
+from skain.inference.predictor import GRAPH_RUNTIMES, Predictor, fast_choice, prediction_table
 from skain.modelfile.bundle import BundleError, atomic_torch_save
 from skain.modelfile.load import read_bundle
 
@@ -104,6 +104,37 @@ def test_fast_precision_runs_the_graph_with_the_same_probabilities_and_features(
         p.predict_one(frame["path"][0], 40, "male", "back")
         handle.remove()
     np.testing.assert_allclose(seen["onnx"].numpy(), seen["torch"].numpy(), atol=1e-4)
+
+
+def test_fast_precision_falls_back_to_pytorch_when_the_runtime_cannot_start(trained, exported, synth_root,
+                                                                          monkeypatch, caplog):
+    """The web app serves "fast" by default: a runtime that fails to start (broken install, unsupported CPU)
+    must give the reference answers and a warning, not a server that cannot start. Asked for by name, it fails."""
+    from skain.inference import runners
+
+    def broken(source):
+        raise RuntimeError("compile_model failed")
+
+    monkeypatch.setitem(runners.RUNTIMES, "openvino", broken)
+    with caplog.at_level("WARNING", logger="skain.inference.predictor"):
+        fast = Predictor.from_bundle(trained, precision="fast")
+    assert (fast.backend, fast.precision, fast.info["inference"]["backend"]) == ("torch", "fp32", "torch")
+    assert "could not start" in caplog.text and "compile_model failed" in caplog.text
+    image = next((synth_root / "dataset_test" / "image").glob("*.jpg")).read_bytes()
+    ref = Predictor.from_bundle(trained)
+    assert fast.predict_one(image, 50, "male", "back").probabilities == ref.predict_one(
+        image, 50, "male", "back").probabilities
+    with pytest.raises(RuntimeError, match="compile_model failed"):
+        Predictor.from_bundle(exported, backend="openvino")
+
+
+def test_fast_precision_skips_openvino_under_a_preloaded_tcmalloc(monkeypatch):
+    """OpenVINO aborts in compile_model under tcmalloc (skain.runtime_env): an abort no fallback can catch."""
+    import torch
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
+    assert fast_choice(torch.device("cpu")) == ("onnx", "fp32")
+    monkeypatch.setenv("LD_PRELOAD", "")
+    assert fast_choice(torch.device("cpu")) == ("openvino", "fp32")
 
 
 def test_the_graph_backends_see_the_same_pixel_spread_and_turn_flat_frames_away(trained):

@@ -331,6 +331,16 @@ def test_serve_command_accepts_demo_namespace_and_flags(trained, monkeypatch):
     assert seen["threads"] == 2
 
 
+def test_the_web_app_answers_from_the_fast_path_unless_told_fp32(trained):
+    """Issue 24's time to a diagnosis: `skain serve`, `skain demo`, `python app.py` and create_app run "fast"
+    (OpenVINO here, installed with the dev extras); fp32, bit-identical to `skain predict`, when told."""
+    from skain import cli
+    assert cli.build_parser().parse_args(["serve"]).precision == "fast" == cli._serve_defaults()["precision"]
+    backend = {p: create_app({"TESTING": True, "MODEL": str(trained), **({"PRECISION": p} if p else {})})
+               .extensions["skain"].predictor.backend for p in (None, "fp32")}
+    assert backend == {None: "openvino", "fp32": "torch"}
+
+
 def test_app_py_runs_the_serve_command(tmp_path):
     root = Path(__file__).resolve().parents[1]
     res = subprocess.run([sys.executable, str(root / "app.py"), "--model", str(tmp_path)], capture_output=True,

@@ -182,7 +182,7 @@ def run_demo(ns: argparse.Namespace) -> int:
 
 
 def _serve_defaults() -> dict:
-    return {"max_mb": None, "cors": None, "threads": None, "precision": "fp32", "tta": None}
+    return {"max_mb": None, "cors": None, "threads": None, "precision": "fast", "tta": None}
 
 
 def run_check_gpu(ns: argparse.Namespace) -> int:
@@ -375,7 +375,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-mb", type=float, help="largest accepted upload in MB (default 10)")
     p.add_argument("--cors", metavar="ORIGIN", help="allow browser calls to /api from ORIGIN ('*' = any); off by default")
     p.add_argument("--threads", type=int, help="waitress worker threads (default 4)")
-    p.add_argument("--precision", choices=["fp32", "fast", "channels_last"], default="fp32", help=PRECISION_HELP)
+    p.add_argument("--precision", choices=["fp32", "fast", "channels_last"], default="fast",
+                   help=PRECISION_HELP + "; default here: fast (the web app's time to a diagnosis; fp32 for "
+                   "probabilities bit-identical to `skain predict`)")
     p.add_argument("--tta", type=int, help=TTA_HELP)
 
 

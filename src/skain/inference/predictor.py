@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,9 +52,12 @@ def fast_choice(device: torch.device) -> tuple[str, str]:
     """(backend, precision) that `precision="fast"` means: the fastest variant that still agrees with fp32
     (benchmarks/speed/infer_speed.py, 512 real held-out images: top-1 agreement >= 99.5%, max probability difference
     <= 0.02). On CPU that is the exported graph in OpenVINO (fp32), else in ONNX Runtime; bf16 autocast was
-    faster than fp32 eager but moved probabilities by up to 0.18, so it is only used when asked for by name."""
+    faster than fp32 eager but moved probabilities by up to 0.18, so it is only used when asked for by name.
+    Under a preloaded tcmalloc (SKAIN_ALLOCATOR=tcmalloc) OpenVINO aborts in compile_model, a crash no fallback
+    can catch (skain.runtime_env), so there only ONNX Runtime is tried."""
     if device.type == "cpu":
-        for backend in ("openvino", "onnx"):
+        tcmalloc = "tcmalloc" in os.environ.get("LD_PRELOAD", "")
+        for backend in ("onnx",) if tcmalloc else ("openvino", "onnx"):
             if importlib.util.find_spec(GRAPH_RUNTIMES[backend]) is not None:
                 return backend, "fp32"
     return "torch", "channels_last"
@@ -94,18 +98,30 @@ class Predictor:
         self.tta = _check_tta(default_views(bundle) if tta is None else tta)  # None: the model's own default
         # temperature, OOD scorer, triage threshold (all optional); under TTA only the OOD check applies
         self.trust = TrustLayer.from_bundle(bundle).for_views(self.tta)
-        replace_stale = precision == "fast" and backend == "torch"  # the user asked for speed, not for a file
-        if precision == "fast" and backend == "torch":
+        chosen = precision == "fast" and backend == "torch"  # the user asked for speed, not for a file or runtime
+        if chosen:
             backend, precision = fast_choice(self.device)
         self.backend = _check_choice("backend", backend, BACKENDS)
         self.precision = "fp32" if precision == "fast" else precision
         self.dtype, self.channels_last = PRECISIONS[_check_choice("precision", self.precision, PRECISIONS)]
+        self.model = self._network(onnx_path, fallback=chosen)
+
+    def _network(self, onnx_path: str | Path | None, fallback: bool) -> torch.nn.Module:
+        """The network this Predictor runs. With `fallback` (precision "fast" chose the runtime), a graph runtime
+        that cannot start (broken install, unsupported CPU) gives PyTorch fp32 and a warning, not an error."""
         if self.backend != "torch":
-            self.model = self._onnx_model(onnx_path, replace_stale)
-            self.dtype, self.channels_last, self.precision = None, False, "fp32"
-        else:
-            model = load_model(bundle).to(self.device)
-            self.model = model.to(memory_format=torch.channels_last) if self.channels_last else model
+            try:
+                model = self._onnx_model(onnx_path, replace_stale=fallback)
+                self.dtype, self.channels_last, self.precision = None, False, "fp32"
+                return model
+            except Exception as exc:  # noqa: BLE001 - any runtime failure: "fast" still has an answer to give
+                if not fallback:
+                    raise
+                log.warning("the fast path (%s) could not start (%s: %s); answering in PyTorch fp32 instead",
+                            self.backend, type(exc).__name__, exc)
+                self.backend, self.precision, self.dtype, self.channels_last = "torch", "fp32", None, False
+        model = load_model(self.bundle).to(self.device)
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
 
     @classmethod
     def from_bundle(cls, model: str | Path | ModelChoice, **kwargs: Any) -> Predictor:

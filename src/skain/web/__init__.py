@@ -18,7 +18,8 @@ DEFAULTS = {
     "MODEL": None,                   # output folder, .pt bundle or .safetensors file; None: outputs/ if a
                                      # model was trained there, else the HAM10000 model shipped with skAIn
     "DEVICE": "auto",
-    "PRECISION": "fp32",             # "fast": the fastest inference path measured to agree with fp32
+    "PRECISION": "fast",             # the fastest inference path measured to agree with fp32 (OpenVINO on CPU
+                                     # where installed; PyTorch fp32 if it cannot start); "fp32": the reference
     "TTA": None,                     # views per image; None: the model's own default (1 = the fast setting)
     "MAX_CONTENT_LENGTH": 10 * 2**20,  # bytes; larger uploads get 413
     "MAX_PIXELS": 12_000_000,        # decoded size limit for uploads (files: 40 Mpx); larger images get 413
