@@ -150,3 +150,24 @@ def test_tau_on_validation_pairs_one_models_predictions_under_two_rules(frame, t
     assert ba["a"] == pytest.approx((1 + 0.75 + 1) / 3, abs=1e-4) and ba["b"] == 1.0  # the rule names it mel
     against = out["against_reference"]["original"]["balanced_accuracy"]
     assert against["difference"]["value"] == pytest.approx(ba["b"] - ba["a"], abs=1e-4)
+
+
+def test_fast_parity_counts_each_disagreement_and_the_largest_differences():
+    """benchmarks/accuracy/fast_parity.py, behind the web app's "fast" default: one changed decision out of four is
+    75% kept; the largest probability, p(malignant) and relative OOD-score differences are the worst image's."""
+    from benchmarks.accuracy.fast_parity import agreement
+
+    from skain.inference.predictor import Prediction
+
+    def answer(dx: str, p_mel: float, ood: float, in_dist: bool = True) -> Prediction:
+        probs = {c: 0.0 for c in CLASSES} | {"mel": p_mel, "nv": 1 - p_mel}
+        return Prediction(dx, probs[dx], probs, p_malignant=p_mel, triage=INVESTIGATE if p_mel > 0.3 else ROUTINE,
+                          ood_score=ood, in_distribution=in_dist)
+
+    ref = [answer("nv", 0.1, 0.5), answer("mel", 0.6, 0.8), answer("nv", 0.2, 2.0, False), answer("nv", 0.29, 1.0)]
+    fast = [answer("nv", 0.1, 0.5), answer("mel", 0.6, 0.8), answer("nv", 0.2, 2.2, False), answer("mel", 0.31, 1.0)]
+    got = agreement(ref, fast)
+    assert got["same_decision"] == got["same_triage"] == 0.75 and got["same_in_distribution"] == 1.0
+    assert got["max_probability_difference"] == pytest.approx(0.02)
+    assert got["max_p_malignant_difference"] == pytest.approx(0.02)
+    assert got["max_relative_ood_score_difference"] == pytest.approx(0.1)
