@@ -53,6 +53,17 @@ def split_rows(frame, run: str | Path, part: str = "val"):
     return frame[frame["image_id"].isin(wanted)].reset_index(drop=True)
 
 
+def shipped_validation(frame, root: str | Path = DATA_ROOT):
+    """The rows of `frame` (all 10,015 images, `ham10000(full=True)`) in the shipped model's validation split:
+    lesion-grouped, 10 folds, fold 0, split seed 42 (the images that chose its epochs and thresholds)."""
+    import pandas as pd
+
+    from skain.data.split import lesion_split
+    meta = pd.read_csv(Path(root) / "HAM10000_metadata.csv")
+    _, val = lesion_split(meta, folds=10, fold=0, seed=42)
+    return frame[frame["image_id"].isin(set(meta.iloc[val]["image_id"]))].reset_index(drop=True)
+
+
 # ----------------------------------------------------------------------------------------------- timing
 def best_of(fn: Callable[[], Any], rounds: int) -> float:
     """The fastest of `rounds` calls of fn(), in seconds (the least disturbed by a shared machine's load)."""

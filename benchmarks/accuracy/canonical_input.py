@@ -28,10 +28,9 @@ import pandas as pd
 from PIL import Image
 from sklearn.metrics import balanced_accuracy_score
 
-from benchmarks.common import DATA_ROOT, SHIPPED_MODEL, ham10000, split_rows, what, write_json
+from benchmarks.common import DATA_ROOT, SHIPPED_MODEL, ham10000, shipped_validation, split_rows, what, write_json
 from skain.data.degrade import encode, saved_copy
 from skain.data.images import open_image, resize_shorter
-from skain.data.split import lesion_split
 from skain.inference.predictor import Predictor
 from skain.trust.probes import to_png
 
@@ -50,12 +49,7 @@ def canonical(img: Image.Image, mode: tuple[int, int] | None) -> Image.Image:
 
 def images(ns) -> pd.DataFrame:
     frame = ham10000(Path(ns.data_root), full=True)
-    if ns.run:
-        frame = split_rows(frame, ns.run, "test")
-    else:
-        meta = pd.read_csv(Path(ns.data_root) / "HAM10000_metadata.csv")
-        _, val = lesion_split(meta, folds=10, fold=0, seed=42)
-        frame = frame[frame["image_id"].isin(set(meta.iloc[val]["image_id"]))]
+    frame = split_rows(frame, ns.run, "test") if ns.run else shipped_validation(frame, ns.data_root)
     return frame.sample(n=min(ns.limit, len(frame)), random_state=0).reset_index(drop=True)
 
 

@@ -23,8 +23,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from benchmarks.common import DATA_ROOT, SHIPPED_MODEL, ham10000, load_average, percentiles_ms, what, write_json
-from skain.data.split import lesion_split
+from benchmarks.common import (
+    DATA_ROOT,
+    SHIPPED_MODEL,
+    ham10000,
+    load_average,
+    percentiles_ms,
+    shipped_validation,
+    what,
+    write_json,
+)
 from skain.inference.predictor import Prediction, Predictor
 
 PRECISIONS = ("fp32", "fast")
@@ -32,10 +40,7 @@ PRECISIONS = ("fp32", "fast")
 
 def validation_sample(root: Path, limit: int) -> pd.DataFrame:
     """A seeded sample of the shipped model's validation images (10 folds, fold 0, split seed 42)."""
-    meta = pd.read_csv(root / "HAM10000_metadata.csv")
-    _, val = lesion_split(meta, folds=10, fold=0, seed=42)
-    frame = ham10000(root, full=True)
-    frame = frame[frame["image_id"].isin(set(meta.iloc[val]["image_id"]))]
+    frame = shipped_validation(ham10000(root, full=True), root)
     return frame.sample(n=min(limit, len(frame)), random_state=0).reset_index(drop=True)
 
 

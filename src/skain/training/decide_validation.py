@@ -52,14 +52,6 @@ def require_every_class(labels: pd.Series, classes: list[str]) -> None:
                         "`skain decide --oof`")
 
 
-def validation_logits(bundle: dict, frame: pd.DataFrame, loader: ImageLoader, device: torch.device, views: int,
-                      progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Raw logits of the validation rows under the model's default inference (`views` TTA views averaged as
-    `skain predict --tta` does), with metadata as entered, and the labels: the trust fit's own path."""
-    va = tta_outputs(bundle, frame, loader, device, views, TrustSettings(), progress)
-    return va.logits, va.labels
-
-
 def cross_fitted(probs: np.ndarray, labels: np.ndarray, log_prior: np.ndarray, parts: list[np.ndarray] | None) -> dict | None:
     """Balanced accuracy of each half under the tau the other half chose (and at arg-max): {argmax, rule} as
     {mean, std} over the two halves (the shape of the nested estimate), with each half's tau and size."""
@@ -96,8 +88,10 @@ def fit_on_validation(model: str | Path, cache_dir: str | Path | None = None, de
     views = default_views(bundle)
     temperature = views_temperature(bundle, views)  # refused here, before inference, when none is fitted
     log.info("decision rule: %d validation images x %d view(s), temperature %.3f", len(val_idx), views, temperature)
-    logits, labels = validation_logits(bundle, frame.iloc[val_idx], ImageLoader(cfg["preprocess"]["resize"], cache_dir),
-                                      resolve_device(device), views, progress)
+    # the views the model answers with, metadata as entered: the trust fit's own path (`skain predict --tta`'s mean)
+    va = tta_outputs(bundle, frame.iloc[val_idx], ImageLoader(cfg["preprocess"]["resize"], cache_dir),
+                     resolve_device(device), views, TrustSettings(), progress)
+    logits, labels = va.logits, va.labels
     probs = torch.from_numpy(logits / temperature).softmax(1).numpy()
     log_prior = log_prior_from_counts(frame.iloc[train_idx]["dx"].value_counts().to_dict(), classes)
     tau = fit_tau(probs, labels, log_prior)
@@ -109,7 +103,8 @@ def fit_on_validation(model: str | Path, cache_dir: str | Path | None = None, de
                           **({"cross_fitted_balanced_accuracy": held} if held else {})}
     # a --holdout run's test fold chose nothing, tau included: its figures where they are of the same inference
     # (the single view the run scored it with), else the validation split's, which say they chose tau
-    if not (views == 1 and rule_figures_from_table(bundle, out, TEST_PREDICTIONS, "test")):
+    on_test = rule_figures_from_table(bundle, out, TEST_PREDICTIONS, "test") if views == 1 else None
+    if on_test is None:
         store_rule_figures(bundle, logits, labels, "validation_tau", views=views, groups=lesion_ids(frame, val_idx))
     atomic_torch_save(bundle, out / BUNDLE_NAME)
     if bundle.get("model_card"):
