@@ -1,15 +1,16 @@
 """Load test of `POST /api/predict` against the real server (`skain serve`, waitress) in its own process.
 
     python -m benchmarks.speed.web_load [--model /tmp/bench/out/multimodal] [--requests 200] [--concurrency 8]
-                                        [--precision fast] [--heatmap]
+                                        [--precision fast] [--heatmap] [--out benchmarks/results/web_load.json]
 
 Sends real HAM10000 images (with their age/sex/site) from --images at the given concurrency, and prints
 p50/p90/p99/max latency, throughput, the error count and the server's resident memory (RSS) before and after
 the measured run (after a warm-up run of the same size, so allocator warm-up is not counted as growth).
 Without a trained cpu-preset bundle it builds an UNTRAINED one with the same architecture
 (tf_efficientnet_lite0 @ 224 + metadata branch): latency does not depend on the weights' values.
-Exit status 1 when any request failed or RSS grew by more than --max-growth-mb. Writes no results file
-(docs/performance.md, "Web latency and load", quotes the printed figures).
+Exit status 1 when any request failed or RSS grew by more than --max-growth-mb. With --out, the printed figures
+are also added to that JSON under "<precision> c<concurrency>[ heatmap]" (so one file collects several runs;
+docs/performance.md, "Web latency and load", quotes them).
 """
 from __future__ import annotations
 
@@ -28,11 +29,13 @@ from benchmarks.common import (
     DATA_ROOT,
     free_port,
     http_request,
+    load_average,
     multipart,
     percentiles_ms,
     proc_memory_mb,
     start_server,
     untrained_cpu_bundle,
+    write_json,
 )
 
 DEFAULT_MODEL = Path("/tmp/bench/out/multimodal")
@@ -64,6 +67,13 @@ def run_load(port: int, payloads: list, n: int, concurrency: int) -> tuple[np.nd
     return np.array([r[0] for r in results]), [r[1] for r in results if r[1]], wall
 
 
+def record_run(path: Path, key: str, figures: dict) -> None:
+    """Add one run's figures to a results JSON under `key`, keeping the other runs already there."""
+    runs = json.loads(path.read_text()) if path.exists() else {}
+    runs[key] = figures
+    write_json(path, runs, indent=1)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help=f"bundle folder (default {DEFAULT_MODEL} if it exists)")
@@ -76,6 +86,7 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=50, help="distinct images cycled through")
     ap.add_argument("--max-growth-mb", type=float, default=25.0)
     ap.add_argument("--heatmap", action="store_true", help="ask for the Grad-CAM heatmap too (what the page does)")
+    ap.add_argument("--out", default=None, help="JSON to add this run's figures to (kept: other runs' entries)")
     args = ap.parse_args()
 
     tmp = tempfile.TemporaryDirectory()
@@ -92,6 +103,7 @@ def main() -> int:
               f"{server.pid}, waitress threads {args.threads}, {args.requests} requests at concurrency "
               f"{args.concurrency}, {len(payloads)} distinct real images{', with heatmaps' if args.heatmap else ''}")
         idle = proc_memory_mb(server.pid)
+        load_before = load_average()
         run_load(port, payloads, args.requests, args.concurrency)  # warm-up: same size as the measured run
         before = proc_memory_mb(server.pid)
         lat, errors, wall = run_load(port, payloads, args.requests, args.concurrency)
@@ -110,6 +122,15 @@ def main() -> int:
         print("  error:", e)
     ok = not errors and after - before <= args.max_growth_mb
     print("PASS" if ok else "FAIL")
+    if args.out:
+        figures = {**{k: round(v, 1) for k, v in q.items()}, "max_ms": round(float(ms.max()), 1),
+                   "requests_per_s": round(len(ms) / wall, 2), "requests": args.requests,
+                   "concurrency": args.concurrency, "threads": args.threads, "errors": len(errors),
+                   "rss_mb": {"idle": round(idle), "before": round(before), "after": round(after)},
+                   "load_before": load_before, "model": str(args.model or model), "model_id": info["model_id"],
+                   "inference": info.get("inference"), "passed": ok}
+        record_run(Path(args.out), f"{args.precision} c{args.concurrency}{' heatmap' if args.heatmap else ''}",
+                   figures)
     return 0 if ok else 1
 
 
