@@ -1,7 +1,7 @@
 """Load test of `POST /api/predict` against the real server (`skain serve`, waitress) in its own process.
 
     python -m benchmarks.speed.web_load [--model /tmp/bench/out/multimodal] [--requests 200] [--concurrency 8]
-                                        [--precision fast] [--heatmap] [--out benchmarks/results/web_load.json]
+                                        [--precision fast] [--heatmap] [--out benchmarks/results/web_load_shipped.json]
 
 Sends real HAM10000 images (with their age/sex/site) from --images at the given concurrency, and prints
 p50/p90/p99/max latency, throughput, the error count and the server's resident memory (RSS) before and after
@@ -127,7 +127,7 @@ def main() -> int:
                    "requests_per_s": round(len(ms) / wall, 2), "requests": args.requests,
                    "concurrency": args.concurrency, "threads": args.threads, "errors": len(errors),
                    "rss_mb": {"idle": round(idle), "before": round(before), "after": round(after)},
-                   "load_before": load_before, "model": str(args.model or model), "model_id": info["model_id"],
+                   "load_before": load_before, "model": str(model), "model_id": info["model_id"],
                    "inference": info.get("inference"), "passed": ok}
         record_run(Path(args.out), f"{args.precision} c{args.concurrency}{' heatmap' if args.heatmap else ''}",
                    figures)
